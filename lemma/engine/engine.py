@@ -1,0 +1,222 @@
+"""Engine: load a model directory, admit requests into the static KV pool, prefill, decode, stream."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lemma.engine.pool import PAGE_SIZE, KVPool
+from lemma.engine.runner import ModelRunner
+from lemma.engine.sampler import Sampler, SamplingParams
+from lemma.engine.sequence import Chunk, Output, Sequence, Stats
+from lemma.errors import LemmaError
+from lemma.models.loader import load_model
+from lemma.models.tokenizer import StreamingDetokenizer, Tokenizer
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+CPU_KV_BYTES = 1 << 30  # default pool on CPU: 1 GiB
+CUDA_KV_FRACTION = 0.85  # default pool on CUDA: this share of the memory free after loading weights
+
+Prompt = str | list[int]
+
+
+def _resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise LemmaError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+class Engine:
+    """A decode engine over one model.
+
+    Engine(model_dir, device=None, dtype=None, kv_cache_tokens=None, max_batch=32, prefill_chunk=512)
+    """
+
+    def __init__(self, model_dir: str | Path, device: str | torch.device | None = None,
+                 dtype: str | torch.dtype | None = None, kv_cache_tokens: int | None = None,
+                 max_batch: int = 32, prefill_chunk: int = 512):
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.dtype = _resolve_dtype(dtype, self.device)
+        self.model_dir = Path(model_dir)
+        self.model = load_model(self.model_dir, self.device, self.dtype)
+        self.config = self.model.config
+        self.tokenizer = Tokenizer(self.model_dir)
+        self.eos_ids = sorted(set(self.tokenizer.eos_ids) | set(self.config.eos_token_id))
+        if max_batch < 1:
+            raise LemmaError(f"max_batch must be >= 1, got {max_batch}")
+        self.max_batch = max_batch
+        c = self.config
+        page_bytes = KVPool.bytes_per_page(c.num_layers, c.num_kv_heads, c.head_dim, self.dtype)
+        num_pages = self._pool_pages(kv_cache_tokens, page_bytes)
+        self.pool = KVPool(c.num_layers, c.num_kv_heads, c.head_dim, num_pages, self.dtype, self.device)
+        self.runner = ModelRunner(self.model, self.pool, prefill_chunk)
+        self.sampler = Sampler(self.device)
+
+    def _pool_pages(self, kv_cache_tokens: int | None, page_bytes: int) -> int:
+        if kv_cache_tokens is not None:
+            if kv_cache_tokens < 1:
+                raise LemmaError(f"kv_cache_tokens must be positive, got {kv_cache_tokens}")
+            return -(-kv_cache_tokens // PAGE_SIZE)
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            budget = int(free * CUDA_KV_FRACTION)
+        else:
+            budget = CPU_KV_BYTES
+        return max(1, budget // page_bytes)
+
+    # ---- requests ---------------------------------------------------------------------------------
+    def _prompt_ids(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise LemmaError("prompt is empty")
+            ids = self.tokenizer.encode(prompt, add_special_tokens=True)
+        else:
+            ids = list(prompt)
+        if not ids:
+            raise LemmaError("prompt is empty (no tokens)")
+        bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < self.config.vocab_size]
+        if bad:
+            raise LemmaError(f"prompt token id {bad[0]!r} is outside the vocabulary [0, {self.config.vocab_size})")
+        return ids
+
+    def _new_sequence(self, index: int, prompt: Prompt, params: SamplingParams) -> Sequence:
+        ids = self._prompt_ids(prompt)
+        need = len(ids) + params.max_tokens
+        if self.pool.pages_for(need) > self.pool.num_pages:
+            raise LemmaError(
+                f"request needs {need} tokens of KV cache (prompt {len(ids)} + max_tokens {params.max_tokens}) "
+                f"but the whole pool holds {self.pool.capacity_tokens}; lower max_tokens or raise kv_cache_tokens"
+            )
+        detok = StreamingDetokenizer(self.tokenizer)
+        return Sequence(index, ids, params, detok, self.eos_ids)
+
+    def _run(self, prompts: list[Prompt], params: list[SamplingParams]) -> Iterator[tuple[Sequence, str, list[int]]]:
+        """The loop. Yields (sequence, released text, new token ids) after every token of every sequence;
+        a sequence is finished when its finish_reason is set. Requests that fail validation finish at
+        once with finish_reason "error"; the others run on."""
+        waiting: deque[Sequence] = deque()
+        for i, (prompt, p) in enumerate(zip(prompts, params)):
+            try:
+                waiting.append(self._new_sequence(i, prompt, p))
+            except LemmaError as exc:
+                failed = Sequence(i, [], p, StreamingDetokenizer(self.tokenizer), [])
+                failed.finish_reason, failed.error = "error", str(exc)
+                yield failed, "", []
+        running: list[Sequence] = []
+        generators: dict[int, torch.Generator] = {}
+        try:
+            while waiting or running:
+                while waiting and len(running) < self.max_batch:
+                    seq = waiting[0]
+                    need = self.pool.pages_for(seq.num_tokens + seq.params.max_tokens)
+                    if not self.pool.can_reserve(need):
+                        break
+                    waiting.popleft()
+                    self.pool.reserve(need)
+                    seq.reserved_pages = need
+                    generators[seq.index] = self.sampler.generator_for(seq.params.seed)
+                    start = time.perf_counter()
+                    logits = self.runner.prefill(seq)
+                    token = self._sample(logits[None], [seq], generators)[0]
+                    seq.stats.prefill_seconds = time.perf_counter() - start
+                    yield self._advance(seq, token)
+                    if seq.finish_reason:
+                        self._release(seq)
+                    else:
+                        running.append(seq)
+                if not running:
+                    continue
+                start = time.perf_counter()
+                logits = self.runner.decode(running)
+                tokens = self._sample(logits, running, generators)
+                elapsed = time.perf_counter() - start
+                for seq, token in zip(running, tokens):
+                    seq.stats.decode_seconds += elapsed
+                    yield self._advance(seq, token)
+                for seq in [s for s in running if s.finish_reason]:
+                    running.remove(seq)
+                    self._release(seq)
+        finally:  # an exception or an abandoned stream must still return every page
+            for seq in running:
+                self._release(seq)
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence], generators: dict[int, torch.Generator]) -> list[int]:
+        params = [s.params for s in seqs]
+        history = torch.empty(0)
+        if any(p.repetition_penalty != 1.0 for p in params):
+            width = max(s.num_tokens for s in seqs)
+            rows = [s.prompt_ids + s.output_ids + [-1] * (width - s.num_tokens) for s in seqs]
+            history = torch.tensor(rows, dtype=torch.int64, device=logits.device)
+        return self.sampler(logits, params, [generators[s.index] for s in seqs], history).tolist()
+
+    def _advance(self, seq: Sequence, token: int) -> tuple[Sequence, str, list[int]]:
+        piece = seq.append(token)
+        pages = len(seq.pages)
+        seq.stats.peak_kv_pages = max(seq.stats.peak_kv_pages, pages)
+        seq.stats.peak_kv_bytes = seq.stats.peak_kv_pages * self.pool.page_bytes
+        if seq.finish_reason:
+            seq.stats.jct_seconds = time.perf_counter() - seq.started
+        return seq, piece, [token]
+
+    def _release(self, seq: Sequence) -> None:
+        self.pool.release(seq.pages, seq.reserved_pages)
+        seq.pages, seq.reserved_pages = [], 0
+
+    # ---- public API --------------------------------------------------------------------------------
+    def generate(self, prompts: Prompt | list[Prompt], params: SamplingParams | list[SamplingParams] | None = None) -> list[Output]:
+        """Run a batch of prompts (text or token ids) to completion; one Output per prompt, in order."""
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        plist = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
+        if len(plist) != len(prompts):
+            raise LemmaError(f"got {len(prompts)} prompts but {len(plist)} SamplingParams")
+        done: dict[int, Sequence] = {}
+        for seq, _, _ in self._run(prompts, plist):
+            if seq.finish_reason:
+                done[seq.index] = seq
+        return [self._output(done[i]) for i in range(len(prompts))]
+
+    def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[Chunk]:
+        """Yield the reply piece by piece; the last Chunk carries finish_reason and stats."""
+        for seq, piece, ids in self._run([prompt], [params or SamplingParams()]):
+            if seq.finish_reason == "error":
+                raise LemmaError(seq.error)
+            if piece or seq.finish_reason:
+                yield Chunk(piece, ids, seq.finish_reason, seq.stats if seq.finish_reason else None)
+
+    def logits(self, prompt: Prompt) -> torch.Tensor:
+        """Next-token logits [T, V] (fp32) at every position of a prompt, through the paged pool."""
+        seq = self._new_sequence(0, prompt, SamplingParams(max_tokens=1))
+        need = self.pool.pages_for(seq.num_tokens)
+        self.pool.reserve(need)
+        seq.reserved_pages = need
+        try:
+            return self.runner.prefill(seq, all_logits=True)
+        finally:
+            self._release(seq)
+
+    def chat_prompt(self, messages: list[dict[str, Any]]) -> list[int]:
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def chat(self, messages: list[dict[str, Any]], params: SamplingParams | None = None) -> Output:
+        """One assistant reply to a conversation, rendered with the model's chat template."""
+        out = self.generate([self.chat_prompt(messages)], params)[0]
+        if out.finish_reason == "error":
+            raise LemmaError(out.error)
+        return out
+
+    @staticmethod
+    def _output(seq: Sequence) -> Output:
+        return Output(seq.text, list(seq.output_ids), seq.finish_reason, seq.stats, list(seq.prompt_ids), seq.error)

@@ -1,0 +1,113 @@
+"""Per-request state and what a request gives back."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from lemma.engine.sampler import SamplingParams
+from lemma.models.tokenizer import StreamingDetokenizer
+
+
+@dataclass
+class Stats:
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    jct_seconds: float = 0.0  # job completion time: admission to finish
+    peak_kv_pages: int = 0
+    peak_kv_bytes: int = 0
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        # the first token comes from prefill; the rest from decode steps
+        steps = max(self.generated_tokens - 1, 0)
+        return steps / self.decode_seconds if self.decode_seconds > 0 else 0.0
+
+    def as_dict(self) -> dict[str, float | int]:
+        return {**self.__dict__, "decode_tokens_per_second": self.decode_tokens_per_second}
+
+
+@dataclass
+class Output:
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop" (EOS or stop string), "length" (max_tokens) or "error"
+    stats: Stats
+    prompt_token_ids: list[int] = field(default_factory=list)
+    error: str | None = None
+
+
+@dataclass
+class Chunk:
+    """One streamed piece of a reply; the last chunk carries the finish reason and stats."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None
+    stats: Stats | None = None
+
+    def __str__(self) -> str:
+        return self.text
+
+
+class Sequence:
+    def __init__(self, index: int, prompt_ids: list[int], params: SamplingParams,
+                 detokenizer: StreamingDetokenizer, eos_ids: list[int]):
+        self.index = index
+        self.prompt_ids = prompt_ids
+        self.params = params
+        self.detok = detokenizer
+        self.eos_ids = set() if params.ignore_eos else set(eos_ids)
+        self.output_ids: list[int] = []
+        self.pages: list[int] = []  # page ids in logical order: slot s holds positions s*P ... s*P+P-1
+        self.reserved_pages = 0  # reserved at admission, not yet taken from the pool
+        self.finish_reason: str | None = None
+        self.error: str | None = None
+        self.text = ""  # text released so far (stop strings never appear in it)
+        self.pending = ""  # detokenized text held back because it may start a stop string
+        self.stats = Stats(prompt_tokens=len(prompt_ids))
+        self.started = time.perf_counter()
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def last_token(self) -> int:
+        return self.output_ids[-1] if self.output_ids else self.prompt_ids[-1]
+
+    def append(self, token_id: int) -> str:
+        """Record a sampled token; return the text that can be released now."""
+        self.output_ids.append(token_id)
+        self.stats.generated_tokens = len(self.output_ids)
+        if token_id in self.eos_ids:
+            self.finish_reason = "stop"
+            return self._release(self.pending + self.detok.flush(), final=True)
+        piece = self.detok.add(token_id)
+        if len(self.output_ids) >= self.params.max_tokens:
+            self.finish_reason = "length"
+            piece += self.detok.flush()
+        return self._release(self.pending + piece, final=self.finish_reason is not None)
+
+    def _release(self, text: str, final: bool) -> str:
+        # Text that could begin a stop string is held back, so a match always lies inside `text`.
+        stops = self.params.stop
+        hits = [at for at in (text.find(stop) for stop in stops) if at >= 0]
+        if hits:
+            self.finish_reason, self.pending = "stop", ""
+            self.text += text[: min(hits)]
+            return text[: min(hits)]
+        hold = 0 if final else max((_overlap(text, stop) for stop in stops), default=0)
+        released, self.pending = text[: len(text) - hold], text[len(text) - hold :]
+        self.text += released
+        return released
+
+
+def _overlap(text: str, stop: str) -> int:
+    """Length of the longest suffix of text that is a proper prefix of stop."""
+    for n in range(min(len(text), len(stop) - 1), 0, -1):
+        if stop.startswith(text[-n:]):
+            return n
+    return 0

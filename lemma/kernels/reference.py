@@ -1,0 +1,93 @@
+"""Torch reference of every attention kernel: the CPU path and the oracle the Triton kernels must match.
+
+Cache layout, per layer: K and V are [num_pages, num_kv_heads, page_size, head_dim]; a page of one KV
+head is one contiguous block. A page table row lists page ids per (sequence, KV head), -1 for an empty
+slot, with how many tokens of each page are valid. Slot order does not matter for decode attention
+(positions are already in the keys through RoPE), so a policy may put any pages in any slots.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def store_kv(
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    page_ids: torch.Tensor,
+    offsets: torch.Tensor,
+) -> None:
+    """Write k/v [N, Hkv, D] of N new tokens into page page_ids[n, h] (shape [N, Hkv]) at row offsets[n]."""
+    heads = torch.arange(k.shape[1], device=k.device)[None, :]
+    k_cache[page_ids, heads, offsets[:, None]] = k.to(k_cache.dtype)
+    v_cache[page_ids, heads, offsets[:, None]] = v.to(v_cache.dtype)
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    page_ids: torch.Tensor,
+    fill: torch.Tensor,
+    scale: float,
+    return_mass: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """One query token per sequence attends the listed pages of its KV head group.
+
+    q [B, Hq, D]; page_ids, fill [B, Hkv, S] -> out [B, Hq, D] (q's dtype); with return_mass also the
+    attention mass per page [B, Hkv, S] (softmax weights summed over the page, averaged over the
+    group's query heads; 0 for empty slots).
+    """
+    batch, num_heads, dim = q.shape
+    num_kv_heads, slots = page_ids.shape[1], page_ids.shape[2]
+    page_size = k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    heads = torch.arange(num_kv_heads, device=q.device)[None, :, None]
+    safe_ids = page_ids.clamp(min=0)
+    keys = k_cache[safe_ids, heads].float().reshape(batch, num_kv_heads, slots * page_size, dim)
+    values = v_cache[safe_ids, heads].float().reshape(batch, num_kv_heads, slots * page_size, dim)
+    rows = torch.arange(page_size, device=q.device)
+    valid = (rows[None, None, None, :] < fill[..., None]) & (page_ids[..., None] >= 0)
+    valid = valid.reshape(batch, num_kv_heads, 1, slots * page_size)
+
+    qg = q.float().view(batch, num_kv_heads, group, dim)
+    scores = torch.einsum("bhgd,bhtd->bhgt", qg, keys) * scale
+    scores = scores.masked_fill(~valid, float("-inf"))
+    weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a row with nothing valid attends nothing
+    out = torch.einsum("bhgt,bhtd->bhgd", weights, values).reshape(batch, num_heads, dim).to(q.dtype)
+    if not return_mass:
+        return out
+    mass = weights.view(batch, num_kv_heads, group, slots, page_size).sum(-1).mean(2)
+    return out, mass
+
+
+def prefill_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    page_ids: torch.Tensor,
+    q_positions: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Causal attention of one sequence's chunk of queries over its pages in logical order.
+
+    q [T, Hq, D]; page_ids [Hkv, S], slot s holding positions s*page_size ...; q_positions [T].
+    Key j is visible to query t when j <= q_positions[t].
+    """
+    tokens, num_heads, dim = q.shape
+    num_kv_heads, slots = page_ids.shape
+    page_size = k_cache.shape[2]
+    heads = torch.arange(num_kv_heads, device=q.device)[:, None]
+    keys = k_cache[page_ids, heads].reshape(num_kv_heads, slots * page_size, dim)
+    values = v_cache[page_ids, heads].reshape(num_kv_heads, slots * page_size, dim)
+    key_positions = torch.arange(slots * page_size, device=q.device)
+    mask = key_positions[None, :] <= q_positions[:, None]  # [T, S*page]
+    group = num_heads // num_kv_heads
+    keys = keys.repeat_interleave(group, dim=0)
+    values = values.repeat_interleave(group, dim=0)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(0, 1), keys.to(q.dtype), values.to(q.dtype), attn_mask=mask[None], scale=scale
+    )
+    return out.transpose(0, 1)
