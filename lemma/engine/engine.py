@@ -189,11 +189,14 @@ class Engine:
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[Chunk]:
         """Yield the reply piece by piece; the last Chunk carries finish_reason and stats."""
+        held: list[int] = []  # token ids whose text is not released yet (partial UTF-8, maybe a stop string)
         for seq, piece, ids in self._run([prompt], [params or SamplingParams()]):
             if seq.finish_reason == "error":
                 raise LemmaError(seq.error)
+            held += ids
             if piece or seq.finish_reason:
-                yield Chunk(piece, ids, seq.finish_reason, seq.stats if seq.finish_reason else None)
+                yield Chunk(piece, held, seq.finish_reason, seq.stats if seq.finish_reason else None)
+                held = []
 
     def logits(self, prompt: Prompt) -> torch.Tensor:
         """Next-token logits [T, V] (fp32) at every position of a prompt, through the paged pool."""

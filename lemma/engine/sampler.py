@@ -49,8 +49,10 @@ class SamplingParams:
 def apply_repetition_penalty(logits: torch.Tensor, history: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
     """history [B, T] token ids (-1 = padding); penalty [B]. As transformers: positive logits are
     divided by the penalty, negative ones multiplied."""
-    seen = torch.zeros_like(logits, dtype=torch.bool)
-    seen.scatter_(1, history.clamp(min=0), history >= 0)
+    vocab = logits.shape[-1]
+    seen = torch.zeros(logits.shape[0], vocab + 1, dtype=torch.bool, device=logits.device)
+    seen.scatter_(1, torch.where(history >= 0, history, vocab), True)  # padding lands in the extra column
+    seen = seen[:, :vocab]
     pen = penalty[:, None].expand_as(logits)
     penalised = torch.where(logits > 0, logits / pen, logits * pen)
     return torch.where(seen, penalised, logits)

@@ -1,0 +1,138 @@
+"""Batched generation against transformers' greedy generate, pages accounting, streaming, seeds."""
+
+import pytest
+import torch
+import transformers
+from transformers import GenerationConfig
+
+from conftest import TINY_CONFIGS
+from lemma import Engine, SamplingParams
+
+PROMPTS = [
+    "The quick brown fox",
+    "Name three primes: 2, 3, 5, 7, 11, 13. Tell me a story about a robot and a dog and a fox, please.",
+    "def",
+]
+
+
+def hf_greedy(model, ids: list[int], n: int) -> list[int]:
+    config = GenerationConfig(max_new_tokens=n, min_new_tokens=0, do_sample=False, eos_token_id=None, pad_token_id=0)
+    out = model.generate(torch.tensor([ids]), generation_config=config)
+    return out[0, len(ids):].tolist()
+
+
+@pytest.mark.parametrize("kind", list(TINY_CONFIGS))
+def test_greedy_batch_matches_transformers(kind, tiny_models):
+    engine = Engine(tiny_models[kind], kv_cache_tokens=1024)
+    outs = engine.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=64, ignore_eos=True))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tiny_models[kind]).eval()
+    for prompt, out in zip(PROMPTS, outs):
+        ids = engine.tokenizer.encode(prompt)
+        assert out.prompt_token_ids == ids
+        assert out.token_ids == hf_greedy(hf, ids, 64), prompt
+        assert out.finish_reason == "length"
+        assert out.stats.generated_tokens == 64 and out.stats.prompt_tokens == len(ids)
+        assert out.stats.peak_kv_pages == engine.pool.pages_for(len(ids) + 63)
+        assert out.stats.peak_kv_bytes == out.stats.peak_kv_pages * engine.pool.page_bytes
+        assert out.stats.decode_tokens_per_second > 0 and out.stats.prefill_seconds > 0
+    assert engine.pool.all_free
+
+
+def test_batch_larger_than_max_batch_and_pool_waits(tiny_dir):
+    """More requests than fit at once: they queue, run as room frees, and match a one-by-one run."""
+    engine = Engine(tiny_dir, kv_cache_tokens=160, max_batch=2)  # 10 pages: two requests at a time
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    prompts = [f"story {i}: once upon a time" for i in range(5)]
+    batched = engine.generate(prompts, params)
+    single = [engine.generate([p], params)[0] for p in prompts]
+    assert [o.token_ids for o in batched] == [o.token_ids for o in single]
+    assert engine.pool.all_free
+
+
+def test_failing_request_does_not_disturb_the_batch(tiny_dir):
+    engine = Engine(tiny_dir, kv_cache_tokens=256)
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    alone = engine.generate(["The quick brown fox"], params)[0]
+    outs = engine.generate(["The quick brown fox", "", [1, 2, 10**6], "x " * 300], params)
+    assert outs[0].token_ids == alone.token_ids and outs[0].finish_reason == "length"
+    assert [o.finish_reason for o in outs[1:]] == ["error"] * 3
+    assert "prompt is empty" in outs[1].error
+    assert "outside the vocabulary" in outs[2].error
+    assert "the whole pool holds 256" in outs[3].error
+    assert engine.pool.all_free
+
+
+def test_pages_return_when_the_step_raises(tiny_dir, monkeypatch):
+    engine = Engine(tiny_dir, kv_cache_tokens=256)
+    calls = {"n": 0}
+    decode = engine.runner.decode
+
+    def flaky(seqs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("boom")
+        return decode(seqs)
+
+    monkeypatch.setattr(engine.runner, "decode", flaky)
+    with pytest.raises(RuntimeError, match="boom"):
+        engine.generate(["a b c", "d e f"], SamplingParams(max_tokens=10, ignore_eos=True))
+    assert engine.pool.all_free
+
+
+def test_abandoned_stream_returns_pages(tiny_dir):
+    engine = Engine(tiny_dir, kv_cache_tokens=256)
+    stream = engine.stream("Tell me a story", SamplingParams(max_tokens=50, ignore_eos=True, temperature=0))
+    next(stream)
+    stream.close()
+    assert engine.pool.all_free
+
+
+def test_stream_equals_generate(tiny_dir):
+    engine = Engine(tiny_dir, kv_cache_tokens=512)
+    params = SamplingParams(temperature=0.8, top_p=0.9, max_tokens=48, seed=7, ignore_eos=True)
+    chunks = list(engine.stream("Tell me a story", params))
+    out = engine.generate(["Tell me a story"], params)[0]
+    assert "".join(c.text for c in chunks) == out.text
+    assert [t for c in chunks for t in c.token_ids] == out.token_ids
+    assert chunks[-1].finish_reason == "length" and chunks[-1].stats.generated_tokens == 48
+    assert all(c.finish_reason is None for c in chunks[:-1])
+
+
+def test_seed_is_deterministic_and_independent_of_the_batch(tiny_dir):
+    engine = Engine(tiny_dir, kv_cache_tokens=1024)
+    seeded = SamplingParams(temperature=1.0, max_tokens=30, seed=123, ignore_eos=True)
+    a = engine.generate(["Tell me a story"], seeded)[0].token_ids
+    b = engine.generate(["Tell me a story"], seeded)[0].token_ids
+    other = SamplingParams(temperature=1.0, max_tokens=30, ignore_eos=True)
+    c = engine.generate(["Name three primes", "Tell me a story"], [other, seeded])[1].token_ids
+    d = engine.generate(["Tell me a story"], SamplingParams(temperature=1.0, max_tokens=30, seed=124, ignore_eos=True))[0]
+    assert a == b == c
+    assert d.token_ids != a
+
+
+def test_eos_stops_generation(tiny_dir):
+    engine = Engine(tiny_dir, kv_cache_tokens=512)
+    greedy = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    tokens = engine.generate(["The quick brown fox"], greedy)[0].token_ids
+    engine.eos_ids = [tokens[5]]  # pretend the sixth generated token is the model's EOS
+    out = engine.generate(["The quick brown fox"], SamplingParams(temperature=0, max_tokens=30))[0]
+    assert out.finish_reason == "stop"
+    assert out.token_ids == tokens[: tokens.index(tokens[5]) + 1]
+
+
+def test_chat_renders_template_and_generates(tiny_dir):
+    engine = Engine(tiny_dir, kv_cache_tokens=512)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
+    out = engine.chat(messages, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    prompt = engine.tokenizer.decode(out.prompt_token_ids, skip_special_tokens=False)
+    assert prompt == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    assert len(out.token_ids) == 8
+
+
+def test_repetition_penalty_matches_transformers(tiny_dir):
+    engine = Engine(tiny_dir, kv_cache_tokens=512)
+    out = engine.generate(["The quick brown fox"], SamplingParams(temperature=0, max_tokens=24, repetition_penalty=1.3, ignore_eos=True))[0]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tiny_dir).eval()
+    ids = out.prompt_token_ids
+    config = GenerationConfig(max_new_tokens=24, do_sample=False, repetition_penalty=1.3, eos_token_id=None, pad_token_id=0)
+    assert out.token_ids == hf.generate(torch.tensor([ids]), generation_config=config)[0, len(ids):].tolist()

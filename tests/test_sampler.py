@@ -1,0 +1,112 @@
+"""Sampler masks against a direct computation, seeds, penalties, and stop strings across tokens."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lemma import Engine, SamplingParams
+from lemma.engine.sampler import Sampler, apply_repetition_penalty, filter_logits
+
+
+def direct_keep(logits: torch.Tensor, top_k: int, top_p: float, min_p: float) -> set[int]:
+    """The kept token set for one row, computed the slow obvious way."""
+    order = sorted(range(len(logits)), key=lambda i: -logits[i].item())
+    kept = order[:top_k] if top_k > 0 else order
+    probs = torch.softmax(torch.tensor([logits[i].item() for i in kept]), 0).tolist()
+    out, mass = [], 0.0
+    for i, p in zip(kept, probs):
+        if mass >= top_p:
+            break
+        out.append((i, p))
+        mass += p
+    best = out[0][1]
+    return {i for i, p in out if p >= min_p * best} | {order[0]}
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    top_k=st.integers(0, 12),
+    top_p=st.floats(0.05, 1.0),
+    min_p=st.floats(0.0, 0.5),
+)
+def test_filter_masks_match_direct_computation(seed, top_k, top_p, min_p):
+    logits = torch.randn(3, 40, generator=torch.Generator().manual_seed(seed)) * 3
+    masked = filter_logits(logits, torch.tensor([top_k] * 3), torch.tensor([top_p] * 3), torch.tensor([min_p] * 3))
+    for row in range(3):
+        kept = set(torch.nonzero(masked[row] > float("-inf")).flatten().tolist())
+        assert kept == direct_keep(logits[row], top_k, top_p, min_p)
+        assert torch.equal(masked[row][list(kept)], logits[row][list(kept)])
+
+
+def test_top_p_keeps_the_token_that_crosses_p():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    masked = filter_logits(logits, torch.tensor([0]), torch.tensor([0.6]), torch.tensor([0.0]))
+    assert (masked > float("-inf")).tolist() == [[True, True, False, False]]
+
+
+def test_repetition_penalty_as_transformers():
+    logits = torch.tensor([[2.0, -1.0, 0.5, 3.0]])
+    out = apply_repetition_penalty(logits, torch.tensor([[0, 1, -1]]), torch.tensor([2.0]))
+    assert out.tolist() == [[1.0, -2.0, 0.5, 3.0]]
+
+
+def test_sampler_seeded_rows_are_reproducible_and_follow_the_distribution():
+    sampler = Sampler(torch.device("cpu"))
+    probs = torch.tensor([0.6, 0.3, 0.1])
+    logits = probs.log()[None].expand(4000, -1).contiguous()
+    params = [SamplingParams(temperature=1.0)] * 4000
+    g = sampler.generator_for(5)
+    draws = sampler(logits, params, [g] * 4000, torch.empty(0))
+    freq = torch.bincount(draws, minlength=3).float() / 4000
+    assert torch.allclose(freq, probs, atol=0.03)
+    again = sampler(logits[:5], params[:5], [sampler.generator_for(9)] * 5, torch.empty(0))
+    assert torch.equal(again, sampler(logits[:5], params[:5], [sampler.generator_for(9)] * 5, torch.empty(0)))
+
+
+def test_greedy_rows_take_the_argmax_in_a_mixed_batch():
+    sampler = Sampler(torch.device("cpu"))
+    logits = torch.tensor([[0.0, 5.0, 1.0], [0.0, 0.0, 0.0]])
+    params = [SamplingParams(temperature=0), SamplingParams(temperature=1.0, top_k=1)]
+    g = sampler.generator_for(0)
+    assert sampler(logits, params, [g, g], torch.empty(0)).tolist() == [1, 0]
+
+
+def test_stop_string_spanning_two_tokens(tiny_dir):
+    engine = Engine(tiny_dir, kv_cache_tokens=512)
+    greedy = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    out = engine.generate(["Tell me a story"], greedy)[0]
+    pieces = [engine.tokenizer.decode([t]) for t in out.token_ids]
+    # choose a stop string made of the end of one token's text and the start of the next one's
+    i = next(i for i in range(3, len(pieces) - 1)
+             if len(pieces[i]) >= 2 and pieces[i + 1] and "\ufffd" not in pieces[i] + pieces[i + 1])
+    stop = pieces[i][-1:] + pieces[i + 1][:1]
+    full = engine.tokenizer.decode(out.token_ids)
+    stopped = engine.generate(["Tell me a story"], SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, stop=[stop]))[0]
+    assert stopped.finish_reason == "stop"
+    assert stopped.text == full[: full.index(stop)]
+    assert stop not in stopped.text
+    streamed = "".join(c.text for c in engine.stream("Tell me a story", SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, stop=[stop])))
+    assert streamed == stopped.text
+    assert engine.pool.all_free
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"max_tokens": 0}, "max_tokens must be a positive integer, got 0"),
+    ({"max_tokens": -3}, "max_tokens must be a positive integer, got -3"),
+    ({"temperature": -0.1}, "temperature must be >= 0, got -0.1"),
+    ({"top_p": 0.0}, "top_p must be in (0, 1], got 0.0"),
+    ({"top_p": 1.5}, "top_p must be in (0, 1], got 1.5"),
+    ({"top_k": -1}, "top_k must be an integer >= 0 (0 = off), got -1"),
+    ({"min_p": 2.0}, "min_p must be in [0, 1], got 2.0"),
+    ({"repetition_penalty": 0.0}, "repetition_penalty must be > 0, got 0.0"),
+    ({"stop": [""]}, "stop strings must be non-empty strings"),
+])
+def test_bad_sampling_params(kwargs, message):
+    from lemma import LemmaError
+
+    with pytest.raises(LemmaError) as info:
+        SamplingParams(**kwargs)
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
