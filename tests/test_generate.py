@@ -17,6 +17,7 @@ PROMPTS = [
 
 def hf_greedy(model, ids: list[int], n: int) -> list[int]:
     config = GenerationConfig(max_new_tokens=n, min_new_tokens=0, do_sample=False, eos_token_id=None, pad_token_id=0)
+    model.generation_config.eos_token_id = None  # run all n tokens, as ignore_eos does
     out = model.generate(torch.tensor([ids]), generation_config=config)
     return out[0, len(ids):].tolist()
 

@@ -106,6 +106,8 @@ def gguf_tensors(reader: Any, config: dict[str, Any], dtype: torch.dtype,
 
     out: dict[str, torch.Tensor] = {}
     for t in reader.tensors:
+        if t.name == "rope_freqs.weight":
+            raise LemmaError("GGUF tensor rope_freqs.weight (llama3-style rope scaling factors) is not supported yet")
         name = TOP_TENSORS.get(t.name)
         if name is None:
             m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", t.name)

