@@ -13,6 +13,7 @@ from typing import Any, Callable, Optional
 
 import typer
 
+from lemma.engine.sequence import suffix_overlap
 from lemma.errors import LemmaError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
@@ -65,7 +66,7 @@ class ThinkSplitter:
                 break
             runs.append((self.buffer[:at], self.thinking))
             self.buffer, self.thinking = self.buffer[at + len(marker):], not self.thinking
-        keep = 0 if final else next((n for n in range(len(marker) - 1, 0, -1) if marker.startswith(self.buffer[-n:])), 0)
+        keep = 0 if final else suffix_overlap(self.buffer, marker)
         runs.append((self.buffer[: len(self.buffer) - keep], self.thinking))
         self.buffer = self.buffer[len(self.buffer) - keep:]
         return [(text, thinking) for text, thinking in runs if text]

@@ -99,13 +99,13 @@ class Sequence:
             self.finish_reason, self.pending = "stop", ""
             self.text += text[: min(hits)]
             return text[: min(hits)]
-        hold = 0 if final else max((_overlap(text, stop) for stop in stops), default=0)
+        hold = 0 if final else max((suffix_overlap(text, stop) for stop in stops), default=0)
         released, self.pending = text[: len(text) - hold], text[len(text) - hold :]
         self.text += released
         return released
 
 
-def _overlap(text: str, stop: str) -> int:
+def suffix_overlap(text: str, stop: str) -> int:
     """Length of the longest suffix of text that is a proper prefix of stop."""
     for n in range(min(len(text), len(stop) - 1), 0, -1):
         if stop.startswith(text[-n:]):

@@ -77,7 +77,7 @@ def _download(part: dict[str, str], dest: Path, quiet: bool) -> Path:
                             stderr=None if interactive else subprocess.PIPE, text=True)
     if result.returncode != 0:
         log = ((result.stderr or "") + (result.stdout or "")).strip()
-        lines = [ln for ln in log.splitlines() if ln.strip() and not ln.startswith("WARNING: Location")]
+        lines = [ln for ln in log.splitlines() if ln.startswith("ERROR:")] or log.splitlines()
         if any(h in log.lower() for h in NETWORK_HINTS):
             raise LemmaError(f"cannot reach the package index to download {spec} (no network?)")
         raise LemmaError(f"pip could not download {spec}: {lines[-1] if lines else 'exit code ' + str(result.returncode)}")

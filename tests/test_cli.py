@@ -1,0 +1,133 @@
+"""The command line through typer's runner: every command, and every bad input as one line + exit 1."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from ggufs import write_gguf
+from lemma.cli import ThinkSplitter, _stream_reply, app
+
+runner = CliRunner()
+
+
+def invoke(*args, input=None):
+    return runner.invoke(app, [str(a) for a in args], input=input)
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.exit_code == 1, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+@pytest.mark.parametrize("command", ["run", "chat", "pull", "convert", "info"])
+def test_every_command_has_help_with_an_example(command):
+    result = invoke(command, "--help")
+    assert result.exit_code == 0 and "Example: lemma" in result.output
+
+
+def test_run_streams_and_prints_stats(tiny_dir):
+    result = invoke("run", "Tell me a story", "--model", tiny_dir, "--max-tokens", 6, "--temperature", 0)
+    assert result.exit_code == 0, result.output
+    assert "prompt " in result.output and "generated 6 tok" in result.output and "peak KV" in result.output
+
+
+def test_run_json(tiny_dir):
+    result = invoke("run", "hi", "--model", tiny_dir, "--max-tokens", 5, "--json", "--seed", 3, "--temperature", 0.7)
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["finish_reason"] in ("length", "stop") and len(data["token_ids"]) <= 5
+    assert data["stats"]["generated_tokens"] == len(data["token_ids"])
+
+
+def test_info(tiny_dir):
+    result = invoke("info", "--model", tiny_dir)
+    assert result.exit_code == 0, result.output
+    assert "architecture        llama" in result.output and "KV bytes per token" in result.output
+    assert "head dim            16" in result.output
+
+
+def test_convert(tiny_dir, tmp_path):
+    gguf_file = write_gguf(tiny_dir, tmp_path / "m.gguf")
+    result = invoke("convert", gguf_file, tmp_path / "out", "--dtype", "bfloat16")
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    again = invoke("convert", gguf_file, tmp_path / "out")
+    assert_one_line_error(again, "already exists and is not empty")
+
+
+def test_convert_unsupported_arch_writes_nothing(tiny_dir, tmp_path):
+    gguf_file = write_gguf(tiny_dir, tmp_path / "m.gguf", arch="falcon")
+    result = invoke("convert", gguf_file, tmp_path / "out")
+    assert_one_line_error(result, "GGUF architecture 'falcon' is not supported")
+    assert not (tmp_path / "out").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["m.gguf"]
+
+
+def test_convert_missing_file(tmp_path):
+    assert_one_line_error(invoke("convert", tmp_path / "none.gguf", tmp_path / "out"), "GGUF file not found")
+
+
+def test_pull_list_and_unknown():
+    listing = invoke("pull", "--list")
+    assert listing.exit_code == 0 and "smollm2-135m-instruct" in listing.output and "qwen2.5-coder-0.5b-instruct" in listing.output
+    assert_one_line_error(invoke("pull", "nope"), "unknown model 'nope'", "smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct")
+
+
+def test_run_bad_inputs(tiny_dir, tmp_path):
+    assert_one_line_error(invoke("run", "hi", "--model", "nope"), "unknown model 'nope'", "smollm2-135m-instruct")
+    assert_one_line_error(invoke("run", "", "--model", tiny_dir), "prompt is empty")
+    assert_one_line_error(invoke("run", "hi", "--model", tiny_dir, "--max-tokens", 0), "max_tokens must be a positive integer")
+    assert_one_line_error(invoke("run", "hi", "--model", tiny_dir, "--top-p", 2), "top_p must be in (0, 1]")
+    assert_one_line_error(invoke("run", "hi", "--model", tiny_dir, "--dtype", "int3"), "unknown dtype 'int3'")
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    assert_one_line_error(invoke("run", "hi", "--model", bare), "tokenizer.json is missing")
+
+
+def test_chat_session(tiny_dir):
+    script = "hello\n/stats\n/system Be brief.\nsecond turn\n/bogus\n/reset\n/stats\n/exit\n"
+    result = invoke("chat", "--model", tiny_dir, "--max-tokens", 4, "--temperature", 0, input=script)
+    assert result.exit_code == 0, result.output
+    assert result.output.count("prompt ") >= 1  # /stats printed a stats line after the first reply
+    assert "(system message set)" in result.output and "(conversation cleared)" in result.output
+    assert "unknown command /bogus" in result.output
+
+
+def test_chat_ends_on_ctrl_d(tiny_dir):
+    result = invoke("chat", "--model", tiny_dir, "--max-tokens", 2, input="hi\n")
+    assert result.exit_code == 0, result.output
+
+
+def test_ctrl_c_stops_the_reply_and_returns_its_pages(tiny_dir):
+    from lemma import Engine, SamplingParams
+
+    engine = Engine(tiny_dir, kv_cache_tokens=256)
+    real_stream = engine.stream
+
+    def interrupted(prompt, params):
+        stream = real_stream(prompt, params)
+        for i, chunk in enumerate(stream):
+            if i == 3:
+                stream.close()
+                raise KeyboardInterrupt
+            yield chunk
+
+    engine.stream = interrupted
+    ids = engine.chat_prompt([{"role": "user", "content": "hi"}])
+    text, _, stopped = _stream_reply(engine, ids, SamplingParams(max_tokens=50, ignore_eos=True, temperature=0), True)
+    assert stopped and text
+    assert engine.pool.all_free
+
+
+def test_think_splitter_handles_markers_split_across_pieces():
+    splitter = ThinkSplitter()
+    pieces = ["<thi", "nk>plan ", "a b</th", "ink>", "answer <", "b>"]
+    runs = [run for p in pieces for run in splitter.feed(p)] + splitter.feed("", final=True)
+    thinking = "".join(t for t, th in runs if th)
+    answer = "".join(t for t, th in runs if not th)
+    assert thinking == "plan a b" and answer == "answer <b>"
