@@ -68,11 +68,11 @@ def test_pages_return_when_the_step_raises(tiny_dir, monkeypatch):
     calls = {"n": 0}
     decode = engine.runner.decode
 
-    def flaky(seqs):
+    def flaky(seqs, policy):
         calls["n"] += 1
         if calls["n"] == 3:
             raise RuntimeError("boom")
-        return decode(seqs)
+        return decode(seqs, policy)
 
     monkeypatch.setattr(engine.runner, "decode", flaky)
     with pytest.raises(RuntimeError, match="boom"):

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from lemma.engine.policies import Dense, Policy
 from lemma.engine.pool import PAGE_SIZE, KVPool
 from lemma.engine.runner import ModelRunner
 from lemma.engine.sampler import Sampler, SamplingParams
@@ -39,12 +40,16 @@ def _resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> tor
 class Engine:
     """A decode engine over one model.
 
-    Engine(model_dir, device=None, dtype=None, kv_cache_tokens=None, max_batch=32, prefill_chunk=512)
+    Engine(model_dir, policy=Dense(), device=None, dtype=None, kv_cache_tokens=None, max_batch=32,
+    prefill_chunk=512). `engine.policy` may be changed between calls.
     """
 
-    def __init__(self, model_dir: str | Path, device: str | torch.device | None = None,
+    def __init__(self, model_dir: str | Path, policy: Policy | None = None, device: str | torch.device | None = None,
                  dtype: str | torch.dtype | None = None, kv_cache_tokens: int | None = None,
                  max_batch: int = 32, prefill_chunk: int = 512):
+        if policy is not None and not isinstance(policy, Policy):
+            raise LemmaError(f"policy must be a lemma policy (Dense, RaaS, StreamingLLM, H2O, Quest), got {policy!r}")
+        self.policy = policy or Dense()
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = _resolve_dtype(dtype, self.device)
         self.model_dir = Path(model_dir)
@@ -89,25 +94,34 @@ class Engine:
             raise LemmaError(f"prompt token id {bad[0]!r} is outside the vocabulary [0, {self.config.vocab_size})")
         return ids
 
-    def _new_sequence(self, index: int, prompt: Prompt, params: SamplingParams) -> Sequence:
+    def _new_sequence(self, index: int, prompt: Prompt, params: SamplingParams, policy: Policy) -> Sequence:
         ids = self._prompt_ids(prompt)
-        need = len(ids) + params.max_tokens
-        if self.pool.pages_for(need) > self.pool.num_pages:
+        policy.check_prompt(len(ids), params.max_tokens)
+        seq = Sequence(index, ids, params, StreamingDetokenizer(self.tokenizer), self.eos_ids)
+        layers = range(self.config.num_layers)
+        seq.capacity = [policy.capacity(len(ids), params.max_tokens, layer) for layer in layers]
+        prompt_pages = self.pool.pages_for(len(ids))
+        seq.reserved = [max(prompt_pages, cap) for cap in seq.capacity]  # prefill holds the whole prompt
+        seq.pages = [[] for _ in layers]
+        seq.stats.policy = policy.describe()
+        if max(seq.reserved) > self.pool.num_pages:
+            need = max(seq.reserved) * PAGE_SIZE
             raise LemmaError(
-                f"request needs {need} tokens of KV cache (prompt {len(ids)} + max_tokens {params.max_tokens}) "
-                f"but the whole pool holds {self.pool.capacity_tokens}; lower max_tokens or raise kv_cache_tokens"
+                f"request needs {need} tokens of KV cache (prompt {len(ids)} + max_tokens {params.max_tokens} "
+                f"under {policy.describe()}) but the whole pool holds {self.pool.capacity_tokens}; "
+                f"lower max_tokens, use an evicting policy, or raise kv_cache_tokens"
             )
-        detok = StreamingDetokenizer(self.tokenizer)
-        return Sequence(index, ids, params, detok, self.eos_ids)
+        return seq
 
     def _run(self, prompts: list[Prompt], params: list[SamplingParams]) -> Iterator[tuple[Sequence, str, list[int]]]:
         """The loop. Yields (sequence, released text, new token ids) after every token of every sequence;
         a sequence is finished when its finish_reason is set. Requests that fail validation finish at
         once with finish_reason "error"; the others run on."""
+        policy = self.policy
         waiting: deque[Sequence] = deque()
         for i, (prompt, p) in enumerate(zip(prompts, params)):
             try:
-                waiting.append(self._new_sequence(i, prompt, p))
+                waiting.append(self._new_sequence(i, prompt, p, policy))
             except LemmaError as exc:
                 failed = Sequence(i, [], p, StreamingDetokenizer(self.tokenizer), [])
                 failed.finish_reason, failed.error = "error", str(exc)
@@ -118,26 +132,24 @@ class Engine:
             while waiting or running:
                 while waiting and len(running) < self.max_batch:
                     seq = waiting[0]
-                    need = self.pool.pages_for(seq.num_tokens + seq.params.max_tokens)
-                    if not self.pool.can_reserve(need):
+                    if not self.pool.can_reserve(seq.reserved):
                         break
                     waiting.popleft()
-                    self.pool.reserve(need)
-                    seq.reserved_pages = need
+                    self.pool.reserve(seq.reserved)
+                    running.append(seq)  # from here on its pages are returned in `finally`
                     generators[seq.index] = self.sampler.generator_for(seq.params.seed)
                     start = time.perf_counter()
-                    logits = self.runner.prefill(seq)
+                    logits = self.runner.prefill(seq, policy)
                     token = self._sample(logits[None], [seq], generators)[0]
                     seq.stats.prefill_seconds = time.perf_counter() - start
                     yield self._advance(seq, token)
                     if seq.finish_reason:
+                        running.remove(seq)
                         self._release(seq)
-                    else:
-                        running.append(seq)
                 if not running:
                     continue
                 start = time.perf_counter()
-                logits = self.runner.decode(running)
+                logits = self.runner.decode(running, policy)
                 tokens = self._sample(logits, running, generators)
                 elapsed = time.perf_counter() - start
                 for seq, token in zip(running, tokens):
@@ -161,16 +173,17 @@ class Engine:
 
     def _advance(self, seq: Sequence, token: int) -> tuple[Sequence, str, list[int]]:
         piece = seq.append(token)
-        pages = len(seq.pages)
-        seq.stats.peak_kv_pages = max(seq.stats.peak_kv_pages, pages)
-        seq.stats.peak_kv_bytes = seq.stats.peak_kv_pages * self.pool.page_bytes
+        held = sum(len(p) for p in seq.pages)
+        seq.stats.peak_kv_pages = max(seq.stats.peak_kv_pages, max(len(p) for p in seq.pages))
+        seq.stats.peak_kv_bytes = max(seq.stats.peak_kv_bytes, held * self.pool.layer_page_bytes)
         if seq.finish_reason:
             seq.stats.jct_seconds = time.perf_counter() - seq.started
         return seq, piece, [token]
 
     def _release(self, seq: Sequence) -> None:
-        self.pool.release(seq.pages, seq.reserved_pages)
-        seq.pages, seq.reserved_pages = [], 0
+        for layer, (pages, unused) in enumerate(zip(seq.pages, seq.reserved)):
+            self.pool.release(layer, pages, unused)
+        seq.pages, seq.reserved = [[] for _ in seq.pages], [0] * len(seq.reserved)
 
     # ---- public API --------------------------------------------------------------------------------
     def generate(self, prompts: Prompt | list[Prompt], params: SamplingParams | list[SamplingParams] | None = None) -> list[Output]:
@@ -200,12 +213,10 @@ class Engine:
 
     def logits(self, prompt: Prompt) -> torch.Tensor:
         """Next-token logits [T, V] (fp32) at every position of a prompt, through the paged pool."""
-        seq = self._new_sequence(0, prompt, SamplingParams(max_tokens=1))
-        need = self.pool.pages_for(seq.num_tokens)
-        self.pool.reserve(need)
-        seq.reserved_pages = need
+        seq = self._new_sequence(0, prompt, SamplingParams(max_tokens=1), Dense())
+        self.pool.reserve(seq.reserved)
         try:
-            return self.runner.prefill(seq, all_logits=True)
+            return self.runner.prefill(seq, Dense(), all_logits=True)
         finally:
             self._release(seq)
 

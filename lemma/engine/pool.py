@@ -1,4 +1,10 @@
-"""The static paged KV pool: allocated once, handed out page by page, every page returned."""
+"""The static paged KV pool: allocated once, handed out page by page, every page returned.
+
+Pages are per layer: page id p of layer l is independent of page p of another layer, so layers kept
+dense can hold more pages than evicting ones. Beside K and V the pool keeps, per (layer, page, KV head),
+the metadata the policies work on: key max/min (Quest's bound), fill count, the logical page number it
+holds (`born`), a timestamp, accumulated attention mass, and a pinned flag.
+"""
 
 from __future__ import annotations
 
@@ -10,11 +16,10 @@ PAGE_SIZE = 16
 
 
 class KVPool:
-    """K and V for every layer as [num_layers, num_pages, num_kv_heads, page_size, head_dim].
+    """K and V as [num_layers, num_pages, num_kv_heads, page_size, head_dim].
 
-    A page id covers one page of every layer and KV head, so a sequence owns whole page ids.
-    Admission reserves pages up front (`reserve`); pages are then taken lazily (`take`) against the
-    reservation, so a running sequence can never find the pool empty.
+    Admission reserves pages per layer up front (`reserve`); pages are then taken lazily (`take`)
+    against the reservation, so a running sequence never finds its layer empty.
     """
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, num_pages: int,
@@ -24,18 +29,33 @@ class KVPool:
         shape = (num_layers, num_pages, num_kv_heads, page_size, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.num_pages, self.page_size = num_pages, page_size
-        self.free_pages: list[int] = list(range(num_pages - 1, -1, -1))  # pop() hands out low ids first
-        self.reserved = 0  # pages promised to admitted sequences but not yet taken
+        meta = (num_layers, num_pages + 1, num_kv_heads)  # + a scratch page that absorbs writes for empty slots
+        self.key_max = torch.zeros(*meta, head_dim, dtype=torch.float32, device=device)
+        self.key_min = torch.zeros(*meta, head_dim, dtype=torch.float32, device=device)
+        self.fill = torch.zeros(meta, dtype=torch.int32, device=device)
+        self.born = torch.zeros(meta, dtype=torch.int64, device=device)
+        self.stamp = torch.zeros(meta, dtype=torch.int64, device=device)
+        self.mass = torch.zeros(meta, dtype=torch.float32, device=device)
+        self.pinned = torch.zeros(meta, dtype=torch.bool, device=device)
+        self.num_layers, self.num_pages, self.page_size = num_layers, num_pages, page_size
+        # pop() hands out low ids first
+        self.free_pages: list[list[int]] = [list(range(num_pages - 1, -1, -1)) for _ in range(num_layers)]
+        self.reserved = [0] * num_layers  # pages promised to admitted sequences but not yet taken
 
     @staticmethod
     def bytes_per_page(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
                        page_size: int = PAGE_SIZE) -> int:
+        """K and V bytes of one page in every layer (the unit the pool is sized in)."""
         return 2 * num_layers * num_kv_heads * page_size * head_dim * torch.finfo(dtype).bits // 8
 
     @property
+    def layer_page_bytes(self) -> int:
+        """K and V bytes of one page of one layer."""
+        return self.page_bytes // self.num_layers
+
+    @property
     def page_bytes(self) -> int:
-        return self.bytes_per_page(self.k.shape[0], self.k.shape[2], self.k.shape[4], self.k.dtype, self.page_size)
+        return self.bytes_per_page(self.num_layers, self.k.shape[2], self.k.shape[4], self.k.dtype, self.page_size)
 
     @property
     def capacity_tokens(self) -> int:
@@ -44,25 +64,30 @@ class KVPool:
     def pages_for(self, tokens: int) -> int:
         return -(-tokens // self.page_size)
 
-    def can_reserve(self, pages: int) -> bool:
-        return pages <= len(self.free_pages) - self.reserved
+    def available(self, layer: int) -> int:
+        return len(self.free_pages[layer]) - self.reserved[layer]
 
-    def reserve(self, pages: int) -> None:
+    def can_reserve(self, pages: list[int]) -> bool:
+        return all(n <= self.available(layer) for layer, n in enumerate(pages))
+
+    def reserve(self, pages: list[int]) -> None:
         if not self.can_reserve(pages):
-            raise LemmaError(f"KV pool cannot reserve {pages} pages ({len(self.free_pages) - self.reserved} available)")
-        self.reserved += pages
+            raise LemmaError(f"KV pool cannot reserve {max(pages)} pages per layer "
+                             f"({min(map(self.available, range(self.num_layers)))} available)")
+        for layer, n in enumerate(pages):
+            self.reserved[layer] += n
 
-    def take(self) -> int:
-        """One page from the caller's reservation."""
-        assert self.reserved > 0, "take() without a reservation"
-        self.reserved -= 1
-        return self.free_pages.pop()
+    def take(self, layer: int) -> int:
+        """One page of `layer` from the caller's reservation."""
+        assert self.reserved[layer] > 0, "take() without a reservation"
+        self.reserved[layer] -= 1
+        return self.free_pages[layer].pop()
 
-    def release(self, pages: list[int], unused_reservation: int) -> None:
-        self.free_pages.extend(reversed(pages))
-        self.reserved -= unused_reservation
-        assert 0 <= self.reserved <= len(self.free_pages) <= self.num_pages
+    def release(self, layer: int, pages: list[int], unused_reservation: int = 0) -> None:
+        self.free_pages[layer].extend(reversed(pages))
+        self.reserved[layer] -= unused_reservation
+        assert 0 <= self.reserved[layer] <= len(self.free_pages[layer]) <= self.num_pages
 
     @property
     def all_free(self) -> bool:
-        return len(self.free_pages) == self.num_pages and self.reserved == 0 and len(set(self.free_pages)) == self.num_pages
+        return all(len(free) == self.num_pages == len(set(free)) for free in self.free_pages) and not any(self.reserved)

@@ -16,8 +16,10 @@ class Stats:
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     jct_seconds: float = 0.0  # job completion time: admission to finish
-    peak_kv_pages: int = 0
-    peak_kv_bytes: int = 0
+    peak_kv_pages: int = 0  # most pages held in any one layer
+    peak_kv_bytes: int = 0  # K and V bytes held, all layers
+    pages_evicted: int = 0  # pages evicted per layer and KV head
+    policy: str = "dense"
 
     @property
     def decode_tokens_per_second(self) -> float:
@@ -61,8 +63,9 @@ class Sequence:
         self.detok = detokenizer
         self.eos_ids = set() if params.ignore_eos else set(eos_ids)
         self.output_ids: list[int] = []
-        self.pages: list[int] = []  # page ids in logical order: slot s holds positions s*P ... s*P+P-1
-        self.reserved_pages = 0  # reserved at admission, not yet taken from the pool
+        self.pages: list[list[int]] = []  # per layer, the page ids this sequence holds (its slots)
+        self.capacity: list[int] = []  # per layer, the most pages it may hold past prefill
+        self.reserved: list[int] = []  # per layer, pages reserved at admission and not taken yet
         self.finish_reason: str | None = None
         self.error: str | None = None
         self.text = ""  # text released so far (stop strings never appear in it)

@@ -25,6 +25,31 @@ def store_kv(
     v_cache[page_ids, heads, offsets[:, None]] = v.to(v_cache.dtype)
 
 
+def page_key_bounds(k_cache: torch.Tensor, page_ids: torch.Tensor, fill: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Channel-wise max and min [M, Hkv, D] (fp32) of the first fill[m, h] keys of page page_ids[m, h]."""
+    heads = torch.arange(page_ids.shape[1], device=page_ids.device)[None, :]
+    keys = k_cache[page_ids, heads].float()  # [M, Hkv, page, D]
+    rows = torch.arange(keys.shape[2], device=keys.device)
+    valid = (rows[None, None, :] < fill[..., None])[..., None]
+    hi = keys.masked_fill(~valid, float("-inf")).amax(2)
+    lo = keys.masked_fill(~valid, float("inf")).amin(2)
+    return hi, lo
+
+
+def page_scores(q: torch.Tensor, key_max: torch.Tensor, key_min: torch.Tensor, page_ids: torch.Tensor) -> torch.Tensor:
+    """Quest's upper bound of q·k over each listed page: sum_d max(q_d M_d, q_d m_d), max over the
+    query heads of the group. q [B, Hq, D]; key_max/key_min [P, Hkv, D]; page_ids [B, Hkv, S]
+    -> [B, Hkv, S] fp32, -inf on empty slots."""
+    batch, num_heads, dim = q.shape
+    num_kv_heads = page_ids.shape[1]
+    heads = torch.arange(num_kv_heads, device=q.device)[None, :, None]
+    safe = page_ids.clamp(min=0)
+    hi, lo = key_max[safe, heads], key_min[safe, heads]  # [B, Hkv, S, D]
+    qg = q.float().view(batch, num_kv_heads, num_heads // num_kv_heads, 1, dim)
+    bound = torch.maximum(qg * hi[:, :, None], qg * lo[:, :, None]).sum(-1).amax(2)
+    return bound.masked_fill(page_ids < 0, float("-inf"))
+
+
 def paged_decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,

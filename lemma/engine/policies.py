@@ -1,0 +1,213 @@
+"""KV policies as tensor operations over per-slot page metadata. They know nothing of models or of
+the pool's layout: the runner gathers each sequence's slots into [B, Hkv, S] tensors and applies
+what the policy returns.
+
+RaaS (arXiv 2502.11147): prompt pages pinned; the top half of the retained pages by Quest's bound get
+the current step as timestamp; when a page fills at the budget, the oldest-timestamp unpinned page
+is evicted and its slot takes the new tokens. Baselines at the same page granularity: StreamingLLM
+(sink page + most recent), H2O (half heaviest accumulated attention mass, half most recent), Quest
+(no eviction; attend the top budget/16 pages by the bound), Dense.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from lemma.engine.pool import PAGE_SIZE
+from lemma.errors import LemmaError
+
+NEVER = torch.iinfo(torch.int64).max
+
+
+@dataclass
+class SlotMeta:
+    """Per (sequence, KV head, slot) metadata of one layer. `valid` is False for empty slots."""
+
+    born: torch.Tensor  # logical page number held (position // page size)
+    stamp: torch.Tensor  # RaaS timestamp (a position)
+    mass: torch.Tensor  # accumulated attention mass (H2O)
+    pinned: torch.Tensor
+    valid: torch.Tensor
+
+
+@dataclass(frozen=True)
+class Policy:
+    budget: int | None = None  # tokens, prompt included; a multiple of the page size
+    dense_layers: int = 0  # the first layers keep every page (Quest and RaaS's efficiency code use 2)
+
+    name: ClassVar[str] = "policy"
+    evicts: ClassVar[bool] = False  # holds at most budget/16 pages per layer and KV head
+    needs_bound: ClassVar[bool] = False  # wants Quest's page bound each step
+    needs_mass: ClassVar[bool] = False  # wants the step's per-page attention mass
+
+    def __post_init__(self) -> None:
+        if self.budget is not None:
+            if not isinstance(self.budget, int) or self.budget < 2 * PAGE_SIZE:
+                raise LemmaError(f"{self.name} budget must be at least 2 pages ({2 * PAGE_SIZE} tokens), got {self.budget!r}")
+            if self.budget % PAGE_SIZE:
+                lower = self.budget // PAGE_SIZE * PAGE_SIZE
+                raise LemmaError(f"{self.name} budget must be a multiple of the page size {PAGE_SIZE}, got {self.budget} "
+                                 f"(use {lower} or {lower + PAGE_SIZE})")
+        if not isinstance(self.dense_layers, int) or self.dense_layers < 0:
+            raise LemmaError(f"dense_layers must be an integer >= 0, got {self.dense_layers!r}")
+
+    @property
+    def budget_pages(self) -> int:
+        return (self.budget or 0) // PAGE_SIZE
+
+    def describe(self) -> str:
+        return self.name if self.budget is None else f"{self.name}-{self.budget}"
+
+    def sparse(self, layer: int) -> bool:
+        return self.budget is not None and layer >= self.dense_layers
+
+    def capacity(self, prompt_len: int, max_tokens: int, layer: int) -> int:
+        """Most pages this request holds in `layer` once past prefill."""
+        whole = -(-(prompt_len + max_tokens) // PAGE_SIZE)
+        return min(whole, self.budget_pages) if self.evicts and self.sparse(layer) else whole
+
+    def check_prompt(self, prompt_len: int, max_tokens: int) -> None:
+        """Raise when a prompt cannot be served under this policy."""
+
+    def pin_prompt_pages(self) -> bool:
+        return False
+
+    def victim(self, meta: SlotMeta, new_page: torch.Tensor) -> torch.Tensor:
+        """[B, Hkv] slot whose page gives way to logical page new_page [B] (evicting policies only)."""
+        raise NotImplementedError
+
+    def select(self, bound: torch.Tensor, meta: SlotMeta, write_slot: torch.Tensor) -> torch.Tensor | None:
+        """[B, Hkv, K] slots to attend, or None for every retained page."""
+        return None
+
+    def update(self, meta: SlotMeta, bound: torch.Tensor | None, step_mass: torch.Tensor | None,
+               position: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """New (stamp, mass) [B, Hkv, S] after the step's attention."""
+        return meta.stamp, meta.mass
+
+
+@dataclass(frozen=True)
+class Dense(Policy):
+    name: ClassVar[str] = "dense"
+
+    def __post_init__(self) -> None:
+        if self.budget is not None:
+            raise LemmaError("dense keeps every page and takes no budget")
+        super().__post_init__()
+
+
+def _argmin_key(key: torch.Tensor) -> torch.Tensor:
+    return key.argmin(dim=-1)
+
+
+@dataclass(frozen=True)
+class RaaS(Policy):
+    budget: int | None = 1024
+    pin_prompt: bool = True
+    refresh: str = "bound"  # "bound": top half by Quest's bound; "mass": step mass above refresh_threshold
+    refresh_threshold: float | None = None  # for refresh="mass"; default 1 / (retained pages)
+
+    name: ClassVar[str] = "raas"
+    evicts: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.budget is None:
+            raise LemmaError("raas needs a budget in tokens")
+        if self.refresh not in ("bound", "mass"):
+            raise LemmaError(f"raas refresh must be 'bound' or 'mass', got {self.refresh!r}")
+
+    @property
+    def needs_bound(self) -> bool:  # type: ignore[override]
+        return self.refresh == "bound"
+
+    @property
+    def needs_mass(self) -> bool:  # type: ignore[override]
+        return self.refresh == "mass"
+
+    def pin_prompt_pages(self) -> bool:
+        return self.pin_prompt
+
+    def check_prompt(self, prompt_len: int, max_tokens: int) -> None:
+        prompt_pages = -(-prompt_len // PAGE_SIZE)
+        needs_eviction = -(-(prompt_len + max_tokens) // PAGE_SIZE) > self.budget_pages
+        if self.pin_prompt and needs_eviction and prompt_pages >= self.budget_pages:
+            raise LemmaError(
+                f"prompt of {prompt_len} tokens ({prompt_pages} pages) does not fit the raas budget of {self.budget} "
+                f"tokens with the prompt pinned; use a budget of at least {(prompt_pages + 1) * PAGE_SIZE} "
+                f"or pin_prompt=False")
+
+    def victim(self, meta: SlotMeta, new_page: torch.Tensor) -> torch.Tensor:
+        # oldest timestamp first; among equal timestamps the oldest page
+        key = meta.stamp * (1 << 24) + meta.born
+        return _argmin_key(key.masked_fill(~meta.valid | meta.pinned, NEVER))
+
+    def update(self, meta: SlotMeta, bound: torch.Tensor | None, step_mass: torch.Tensor | None,
+               position: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        now = position[:, None, None].expand_as(meta.stamp)
+        if self.refresh == "bound":
+            top = min(max(self.budget_pages // 2, 1), bound.shape[-1])
+            chosen = bound.topk(top, dim=-1).indices
+            hit = torch.zeros_like(meta.valid).scatter_(-1, chosen, True) & meta.valid
+        else:
+            threshold = self.refresh_threshold
+            if threshold is None:
+                threshold = 1.0 / meta.valid.sum(-1, keepdim=True).clamp(min=1)
+            hit = (step_mass > threshold) & meta.valid
+        return torch.where(hit, now, meta.stamp), meta.mass
+
+
+@dataclass(frozen=True)
+class StreamingLLM(Policy):
+    budget: int | None = 1024
+    name: ClassVar[str] = "streaming"
+    evicts: ClassVar[bool] = True
+
+    def victim(self, meta: SlotMeta, new_page: torch.Tensor) -> torch.Tensor:
+        sink = meta.born == 0
+        return _argmin_key(meta.born.masked_fill(~meta.valid | sink, NEVER))
+
+
+@dataclass(frozen=True)
+class H2O(Policy):
+    budget: int | None = 1024
+    name: ClassVar[str] = "h2o"
+    evicts: ClassVar[bool] = True
+    needs_mass: ClassVar[bool] = True
+
+    def victim(self, meta: SlotMeta, new_page: torch.Tensor) -> torch.Tensor:
+        recent = self.budget_pages - self.budget_pages // 2  # the new page is one of them
+        in_window = meta.born > (new_page[:, None, None] - recent)
+        return meta.mass.masked_fill(~meta.valid | in_window, float("inf")).argmin(dim=-1)
+
+    def update(self, meta: SlotMeta, bound: torch.Tensor | None, step_mass: torch.Tensor | None,
+               position: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return meta.stamp, torch.where(meta.valid, meta.mass + step_mass, meta.mass)
+
+
+@dataclass(frozen=True)
+class Quest(Policy):
+    budget: int | None = 1024
+    name: ClassVar[str] = "quest"
+    needs_bound: ClassVar[bool] = True
+
+    def select(self, bound: torch.Tensor, meta: SlotMeta, write_slot: torch.Tensor) -> torch.Tensor:
+        k = min(max(3, self.budget_pages), bound.shape[-1])
+        forced = bound.scatter(-1, write_slot[..., None], float("inf"))  # the page being written
+        return forced.topk(k, dim=-1).indices
+
+
+POLICIES: dict[str, type[Policy]] = {p.name: p for p in (Dense, RaaS, StreamingLLM, H2O, Quest)}
+
+
+def make_policy(name: str, budget: int | None = None, **options) -> Policy:
+    """A policy by name ('dense', 'raas', 'streaming', 'h2o', 'quest')."""
+    key = name.lower().replace("streamingllm", "streaming")
+    if key not in POLICIES:
+        raise LemmaError(f"unknown policy {name!r}; known: {', '.join(POLICIES)}")
+    if key == "dense":
+        return Dense(**options)
+    return POLICIES[key](budget=budget if budget is not None else 1024, **options)
