@@ -22,6 +22,10 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=N
 ModelOpt = typer.Option(None, "--model", "-m", help="Catalog name (see `lemma pull --list`) or a model folder. Default: smollm2-135m-instruct.")
 DeviceOpt = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available).")
 DtypeOpt = typer.Option(None, "--dtype", help="float32, bfloat16 or float16 (default: float32 on CPU, bfloat16 on CUDA).")
+PolicyOpt = typer.Option("dense", "--policy", help="KV policy: dense, raas, streaming, h2o or quest.")
+BudgetOpt = typer.Option(1024, "--budget", help="KV budget in tokens for raas/streaming/h2o/quest (a multiple of 16, prompt included).")
+PinOpt = typer.Option(True, "--pin-prompt/--no-pin-prompt", help="raas: keep every prompt page (the prompt must fit the budget).")
+DenseLayersOpt = typer.Option(0, "--dense-layers", help="Keep the first N layers dense under any policy.")
 
 
 def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -36,11 +40,20 @@ def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def _engine(model: Optional[str], device: Optional[str], dtype: Optional[str], quiet: bool = False):
+def _policy(name: str, budget: int, pin_prompt: bool = True, dense_layers: int = 0):
+    from lemma import make_policy
+
+    if name.lower() == "dense":
+        return make_policy(name)
+    options = {"pin_prompt": pin_prompt} if name.lower() == "raas" else {}
+    return make_policy(name, budget, dense_layers=dense_layers, **options)
+
+
+def _engine(model: Optional[str], device: Optional[str], dtype: Optional[str], quiet: bool = False, policy=None):
     from lemma import Engine
     from lemma.models.store import resolve_model
 
-    return Engine(resolve_model(model, quiet=quiet), device=device, dtype=dtype)
+    return Engine(resolve_model(model, quiet=quiet), policy=policy, device=device, dtype=dtype)
 
 
 def _styled(text: str, dim: bool) -> str:
@@ -94,7 +107,8 @@ def _stream_reply(engine: Any, prompt_ids: list[int], params: Any, show_think: b
 def stats_line(stats: Any) -> str:
     return (f"prompt {stats.prompt_tokens} tok | generated {stats.generated_tokens} tok | "
             f"prefill {stats.prefill_seconds:.2f} s | decode {stats.decode_tokens_per_second:.1f} tok/s | "
-            f"JCT {stats.jct_seconds:.2f} s | peak KV {stats.peak_kv_bytes / 2**20:.2f} MiB ({stats.peak_kv_pages} pages)")
+            f"JCT {stats.jct_seconds:.2f} s | peak KV {stats.peak_kv_bytes / 2**20:.2f} MiB ({stats.peak_kv_pages} pages) | "
+            f"{stats.policy}, {stats.pages_evicted} pages evicted")
 
 
 def _params(max_tokens: int, temperature: float, top_p: float, top_k: int, seed: Optional[int]):
@@ -120,20 +134,29 @@ def run(
     system: Optional[str] = typer.Option(None, help="A system message."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object with text and stats."),
     think: bool = typer.Option(True, "--think/--no-think", help="Show <think> reasoning (dimmed)."),
+    policy: str = PolicyOpt,
+    budget: int = BudgetOpt,
+    pin_prompt: bool = PinOpt,
+    dense_layers: int = DenseLayersOpt,
+    ignore_eos: bool = typer.Option(False, help="Generate max-tokens tokens even past the end-of-sequence token."),
     device: Optional[str] = DeviceOpt,
     dtype: Optional[str] = DtypeOpt,
 ) -> None:
     """Stream the answer to one prompt, then a stats line.
 
-    Example: lemma run "What is 17*23?" --max-tokens 64
+    Example: lemma run "What is 17*23? Think step by step." --policy raas --budget 512 --max-tokens 2048
     """
     params = _params(max_tokens, temperature, top_p, top_k, seed)
+    params.ignore_eos = ignore_eos
+    kv_policy = _policy(policy, budget, pin_prompt, dense_layers)
     if not prompt.strip():
         raise LemmaError("prompt is empty")
-    engine = _engine(model, device, dtype, quiet=as_json)
+    engine = _engine(model, device, dtype, quiet=as_json, policy=kv_policy)
     ids = engine.chat_prompt(_messages(system, prompt)) if engine.tokenizer.chat_template else engine.tokenizer.encode(prompt, True)
     if as_json:
         out = engine.generate([ids], params)[0]
+        if out.finish_reason == "error":
+            raise LemmaError(out.error)
         typer.echo(json.dumps({"model": str(engine.model_dir), "text": out.text, "finish_reason": out.finish_reason,
                                "token_ids": out.token_ids, "stats": out.stats.as_dict()}))
         return
@@ -152,19 +175,25 @@ def chat(
     top_p: float = typer.Option(0.9),
     seed: Optional[int] = typer.Option(None),
     think: bool = typer.Option(True, "--think/--no-think", help="Show <think> reasoning (dimmed)."),
+    policy: str = PolicyOpt,
+    budget: int = BudgetOpt,
+    pin_prompt: bool = PinOpt,
+    dense_layers: int = DenseLayersOpt,
     device: Optional[str] = DeviceOpt,
     dtype: Optional[str] = DtypeOpt,
 ) -> None:
     """Multi-turn chat with streaming replies.
 
-    Commands: /reset, /stats, /system TEXT, /exit. Ctrl-C stops a reply (the chat goes on); Ctrl-D exits.
-    Example: lemma chat --system "Be brief."
+    Commands: /reset, /stats, /system TEXT, /policy NAME [BUDGET], /exit. Ctrl-C stops a reply (the chat
+    goes on); Ctrl-D exits.
+    Example: lemma chat --system "Be brief." --policy raas --budget 512
     """
     params = _params(max_tokens, temperature, top_p, 0, seed)
-    engine = _engine(model, device, dtype)
+    engine = _engine(model, device, dtype, policy=_policy(policy, budget, pin_prompt, dense_layers))
     messages: list[dict[str, str]] = _messages(system, "")[:-1]
     last_stats = None
-    typer.echo(_styled(f"lemma chat: {engine.model_dir.name}. /reset /stats /system TEXT /exit; Ctrl-C stops a reply.", True))
+    typer.echo(_styled(f"lemma chat: {engine.model_dir.name}, {engine.policy.describe()}. "
+                       "/reset /stats /system TEXT /policy NAME BUDGET /exit; Ctrl-C stops a reply.", True))
     while True:
         try:
             line = input("> ")
@@ -190,8 +219,17 @@ def chat(
             messages = [{"role": "system", "content": arg}] + [m for m in messages if m["role"] != "system"]
             typer.echo(_styled("(system message set)", True))
             continue
+        if command == "/policy":
+            name, _, size = arg.partition(" ")
+            try:
+                engine.policy = _policy(name or "dense", int(size) if size.strip() else budget, pin_prompt, dense_layers)
+            except ValueError as exc:
+                typer.echo(f"error: {exc if isinstance(exc, LemmaError) else 'budget must be an integer'}", err=True)
+                continue
+            typer.echo(_styled(f"(policy {engine.policy.describe()})", True))
+            continue
         if command.startswith("/"):
-            typer.echo(_styled(f"unknown command {command}; try /reset /stats /system TEXT /exit", True))
+            typer.echo(_styled(f"unknown command {command}; try /reset /stats /system TEXT /policy NAME BUDGET /exit", True))
             continue
         messages.append({"role": "user", "content": line})
         try:

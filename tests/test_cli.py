@@ -131,3 +131,36 @@ def test_think_splitter_handles_markers_split_across_pieces():
     thinking = "".join(t for t, th in runs if th)
     answer = "".join(t for t, th in runs if not th)
     assert thinking == "plan a b" and answer == "answer <b>"
+
+
+def test_run_with_a_policy(tiny_dir):
+    result = invoke("run", "Tell me a story", "--model", tiny_dir, "--max-tokens", 80, "--ignore-eos",
+                    "--policy", "raas", "--budget", 64, "--json")
+    assert result.exit_code == 0, result.output
+    stats = json.loads(result.output)["stats"]
+    assert stats["policy"] == "raas-64" and stats["peak_kv_pages"] == 4 and stats["pages_evicted"] > 0
+    too_small = invoke("run", "Tell me a story", "--model", tiny_dir, "--policy", "raas", "--budget", 32, "--json")
+    assert_one_line_error(too_small, "does not fit the raas budget of 32 tokens", "pin_prompt=False")
+
+
+def test_policy_bad_inputs(tiny_dir):
+    assert_one_line_error(invoke("run", "hi", "--model", tiny_dir, "--policy", "lru"), "unknown policy 'lru'")
+    assert_one_line_error(invoke("run", "hi", "--model", tiny_dir, "--policy", "raas", "--budget", 100),
+                          "raas budget must be a multiple of the page size 16, got 100 (use 96 or 112)")
+    assert_one_line_error(invoke("run", "hi", "--model", tiny_dir, "--policy", "h2o", "--budget", 16),
+                          "h2o budget must be at least 2 pages")
+
+
+def test_chat_policy_command(tiny_dir):
+    script = "/policy raas 64\nhello\n/stats\n/policy lru 64\n/policy quest x\n/exit\n"
+    result = invoke("chat", "--model", tiny_dir, "--max-tokens", 4, "--temperature", 0, input=script)
+    assert result.exit_code == 0, result.output
+    assert "(policy raas-64)" in result.output and "raas-64, 0 pages evicted" in result.output
+    assert "unknown policy 'lru'" in result.output and "budget must be an integer" in result.output
+
+
+def test_run_without_pinning_fits_a_long_prompt(tiny_dir):
+    result = invoke("run", "Tell me a story", "--model", tiny_dir, "--max-tokens", 40, "--ignore-eos", "--policy", "raas",
+                    "--budget", 32, "--no-pin-prompt", "--dense-layers", 1, "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["stats"]["policy"] == "raas-32"

@@ -173,9 +173,7 @@ class Engine:
 
     def _advance(self, seq: Sequence, token: int) -> tuple[Sequence, str, list[int]]:
         piece = seq.append(token)
-        held = sum(len(p) for p in seq.pages)
-        seq.stats.peak_kv_pages = max(seq.stats.peak_kv_pages, max(len(p) for p in seq.pages))
-        seq.stats.peak_kv_bytes = max(seq.stats.peak_kv_bytes, held * self.pool.layer_page_bytes)
+        seq.track_peak(self.pool.layer_page_bytes)
         if seq.finish_reason:
             seq.stats.jct_seconds = time.perf_counter() - seq.started
         return seq, piece, [token]

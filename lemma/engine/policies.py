@@ -138,7 +138,7 @@ class RaaS(Policy):
             raise LemmaError(
                 f"prompt of {prompt_len} tokens ({prompt_pages} pages) does not fit the raas budget of {self.budget} "
                 f"tokens with the prompt pinned; use a budget of at least {(prompt_pages + 1) * PAGE_SIZE} "
-                f"or pin_prompt=False")
+                f"or pin_prompt=False (--no-pin-prompt)")
 
     def victim(self, meta: SlotMeta, new_page: torch.Tensor) -> torch.Tensor:
         # oldest timestamp first; among equal timestamps the oldest page
@@ -209,5 +209,5 @@ def make_policy(name: str, budget: int | None = None, **options) -> Policy:
     if key not in POLICIES:
         raise LemmaError(f"unknown policy {name!r}; known: {', '.join(POLICIES)}")
     if key == "dense":
-        return Dense(**options)
+        return Dense(budget=budget, **options)
     return POLICIES[key](budget=budget if budget is not None else 1024, **options)

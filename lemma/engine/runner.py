@@ -78,6 +78,7 @@ class ModelRunner:
 
             last = None if all_logits else self._tensor([end - start - 1])
             rows.append(self.model(self._tensor(ids[start:end]), positions, attend, logits_at=last))
+        seq.track_peak(pool.layer_page_bytes)  # the whole prompt is resident until the cut
         self._cut_to_capacity(seq)
         return torch.cat(rows) if all_logits else rows[-1][0]
 

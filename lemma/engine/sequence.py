@@ -81,6 +81,12 @@ class Sequence:
     def last_token(self) -> int:
         return self.output_ids[-1] if self.output_ids else self.prompt_ids[-1]
 
+    def track_peak(self, layer_page_bytes: int) -> None:
+        """Record the pages held now in the peak statistics."""
+        held = sum(len(p) for p in self.pages)
+        self.stats.peak_kv_pages = max(self.stats.peak_kv_pages, max((len(p) for p in self.pages), default=0))
+        self.stats.peak_kv_bytes = max(self.stats.peak_kv_bytes, held * layer_page_bytes)
+
     def append(self, token_id: int) -> str:
         """Record a sampled token; return the text that can be released now."""
         self.output_ids.append(token_id)
