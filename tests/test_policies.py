@@ -215,11 +215,12 @@ def test_invariants_under_random_runs(checked_engine, policy, prompt_lens, max_t
     prompts = [torch.randint(0, engine.config.vocab_size, (n,), generator=rng).tolist() for n in prompt_lens]
     last_stamp: dict[tuple[int, int, int, int], tuple[int, int]] = {}
     written: list[torch.Tensor] = []
-    store, attend, decode = reference.store_kv, reference.paged_decode_attention, engine.runner.decode
+    ops = engine.runner.ops
+    store, attend, decode = ops.store_decode, ops.paged_decode_attention, engine.runner.decode
 
-    def spy_store(k_cache, v_cache, k, v, page_ids, offsets):
+    def spy_store(k_cache, v_cache, k, v, page_ids, *rest):
         written.append(page_ids)
-        return store(k_cache, v_cache, k, v, page_ids, offsets)
+        return store(k_cache, v_cache, k, v, page_ids, *rest)
 
     def spy_attend(q, k_cache, v_cache, page_ids, fill, scale, return_mass=False):
         current = written[-1]  # the page this layer just wrote is always attended
@@ -249,11 +250,11 @@ def test_invariants_under_random_runs(checked_engine, policy, prompt_lens, max_t
                         last_stamp[key] = now
         return logits
 
-    reference.store_kv, reference.paged_decode_attention, engine.runner.decode = spy_store, spy_attend, checked_decode
+    ops.store_decode, ops.paged_decode_attention, engine.runner.decode = spy_store, spy_attend, checked_decode
     try:
         outs = engine.generate(prompts, SamplingParams(temperature=0.8, max_tokens=max_tokens, ignore_eos=True, seed=seed))
     finally:
-        reference.store_kv, reference.paged_decode_attention, engine.runner.decode = store, attend, decode
+        ops.store_decode, ops.paged_decode_attention, engine.runner.decode = store, attend, decode
     assert written or max_tokens == 1 or all(o.finish_reason == "error" for o in outs)  # the spies saw the steps
     for out, n in zip(outs, prompt_lens):
         if out.finish_reason == "error":
@@ -288,4 +289,4 @@ def test_prompt_longer_than_the_raas_budget(tiny_dir):
     assert out.error == ("prompt of 37 tokens (3 pages) does not fit the raas budget of 32 tokens with the prompt "
                          "pinned; use a budget of at least 64 or pin_prompt=False (--no-pin-prompt)")
     engine.policy = RaaS(budget=32, pin_prompt=False)
-    assert engine.generate([list(range(3, 40))], SamplingParams(max_tokens=50))[0].finish_reason == "length"
+    assert engine.generate([list(range(3, 40))], SamplingParams(max_tokens=50, ignore_eos=True))[0].finish_reason == "length"

@@ -16,6 +16,7 @@ from lemma.engine.runner import ModelRunner
 from lemma.engine.sampler import Sampler, SamplingParams
 from lemma.engine.sequence import Chunk, Output, Sequence, Stats
 from lemma.errors import LemmaError
+from lemma.kernels import resolve_attention
 from lemma.models.loader import load_model
 from lemma.models.tokenizer import StreamingDetokenizer, Tokenizer
 
@@ -41,12 +42,13 @@ class Engine:
     """A decode engine over one model.
 
     Engine(model_dir, policy=Dense(), device=None, dtype=None, kv_cache_tokens=None, max_batch=32,
-    prefill_chunk=512). `engine.policy` may be changed between calls.
+    prefill_chunk=512, attention=None). `engine.policy` may be changed between calls. `attention` is
+    "triton" or "torch" (default: $LEMMA_ATTENTION, else triton on CUDA, torch elsewhere).
     """
 
     def __init__(self, model_dir: str | Path, policy: Policy | None = None, device: str | torch.device | None = None,
                  dtype: str | torch.dtype | None = None, kv_cache_tokens: int | None = None,
-                 max_batch: int = 32, prefill_chunk: int = 512):
+                 max_batch: int = 32, prefill_chunk: int = 512, attention: str | None = None):
         if policy is not None and not isinstance(policy, Policy):
             raise LemmaError(f"policy must be a lemma policy (Dense, RaaS, StreamingLLM, H2O, Quest), got {policy!r}")
         self.policy = policy or Dense()
@@ -64,7 +66,8 @@ class Engine:
         page_bytes = KVPool.bytes_per_page(c.num_layers, c.num_kv_heads, c.head_dim, self.dtype)
         num_pages = self._pool_pages(kv_cache_tokens, page_bytes)
         self.pool = KVPool(c.num_layers, c.num_kv_heads, c.head_dim, num_pages, self.dtype, self.device)
-        self.runner = ModelRunner(self.model, self.pool, prefill_chunk)
+        self.attention = resolve_attention(attention, self.device)
+        self.runner = ModelRunner(self.model, self.pool, prefill_chunk, self.attention)
         self.sampler = Sampler(self.device)
 
     def _pool_pages(self, kv_cache_tokens: int | None, page_bytes: int) -> int:

@@ -14,15 +14,16 @@ import torch
 from lemma.engine.policies import Policy, SlotMeta
 from lemma.engine.pool import KVPool
 from lemma.engine.sequence import Sequence
-from lemma.kernels import reference
+from lemma.kernels import kernel_ops, reference
 from lemma.models.llama import CausalLM
 
 CONTINUE, NEW_SLOT, EVICT = 0, 1, 2  # what a decode step does to each (layer, sequence)
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, pool: KVPool, prefill_chunk: int = 512):
+    def __init__(self, model: CausalLM, pool: KVPool, prefill_chunk: int = 512, attention: str = "torch"):
         self.model, self.pool = model, pool
+        self.ops = kernel_ops(attention)
         self.device = pool.k.device
         self.num_kv_heads = model.config.num_kv_heads
         self.scale = model.config.head_dim ** -0.5
@@ -120,6 +121,7 @@ class ModelRunner:
         logical, offsets = pos_t // page, pos_t % page
         scratch = pool.num_pages  # metadata writes for empty slots land here
         heads = self.heads[None, :, None]
+        ops = self.ops
 
         def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             kc, vc = pool.k[layer], pool.v[layer]
@@ -135,20 +137,16 @@ class ModelRunner:
                 write_slot = torch.where(mode == EVICT, policy.victim(meta, logical), write_slot)
             write_page = ids.gather(2, write_slot[..., None])[..., 0]  # [B, Hkv]
             self._open_pages(layer, write_page, mode != CONTINUE, logical, pos_t)
-            reference.store_kv(kc, vc, k, v, write_page, offsets)
-            fill = (offsets + 1)[:, None].expand_as(write_page)
-            hi, lo = reference.page_key_bounds(kc, write_page, fill)
-            pool.key_max[layer][write_page, self.heads], pool.key_min[layer][write_page, self.heads] = hi, lo
-            pool.fill[layer][write_page, self.heads] = fill.to(torch.int32)
+            ops.store_decode(kc, vc, k, v, write_page, offsets, pool.key_max[layer], pool.key_min[layer], pool.fill[layer])
 
             meta = self._gather_meta(layer, safe, valid)
             sparse = policy.sparse(layer)
-            bound = reference.page_scores(q, pool.key_max[layer], pool.key_min[layer], ids) if sparse and policy.needs_bound else None
+            bound = ops.page_scores(q, pool.key_max[layer], pool.key_min[layer], ids) if sparse and policy.needs_bound else None
             chosen = policy.select(bound, meta, write_slot) if sparse else None
             attend_ids = ids if chosen is None else torch.where(valid.gather(2, chosen), ids.gather(2, chosen), -1)
             attend_fill = torch.where(attend_ids >= 0, pool.fill[layer][attend_ids.clamp(min=0), heads], 0)
             want_mass = sparse and policy.needs_mass
-            result = reference.paged_decode_attention(q, kc, vc, attend_ids, attend_fill, self.scale, return_mass=want_mass)
+            result = ops.paged_decode_attention(q, kc, vc, attend_ids, attend_fill, self.scale, return_mass=want_mass)
             out, step_mass = result if want_mass else (result, None)
             if sparse:
                 stamp, mass = policy.update(meta, bound, step_mass, pos_t)

@@ -1,0 +1,37 @@
+"""Attention kernels. `kernel_ops("torch")` is the reference twin (CPU path, test oracle);
+`kernel_ops("triton")` swaps in the Triton kernels for the decode step (store, page scores,
+attention). Prefill stays on torch SDPA either way."""
+
+from __future__ import annotations
+
+import os
+from types import SimpleNamespace
+
+import torch
+
+from lemma.errors import LemmaError
+from lemma.kernels import reference
+
+ATTENTION_ENV = "LEMMA_ATTENTION"
+CHOICES = ("torch", "triton")
+
+
+def resolve_attention(choice: str | None, device: torch.device) -> str:
+    """Explicit choice, else $LEMMA_ATTENTION, else triton on CUDA and torch elsewhere."""
+    choice = choice or os.environ.get(ATTENTION_ENV) or ("triton" if device.type == "cuda" else "torch")
+    if choice not in CHOICES:
+        raise LemmaError(f"attention must be one of {', '.join(CHOICES)}, got {choice!r}")
+    return choice
+
+
+def kernel_ops(choice: str) -> SimpleNamespace:
+    ops = SimpleNamespace(store_decode=reference.store_decode, page_scores=reference.page_scores,
+                          paged_decode_attention=reference.paged_decode_attention)
+    if choice == "triton":
+        try:
+            from lemma.kernels import attention, scores, store
+        except ImportError as exc:
+            raise LemmaError(f"attention='triton' needs triton installed ({exc})") from None
+        ops = SimpleNamespace(store_decode=store.store_decode, page_scores=scores.page_scores,
+                              paged_decode_attention=attention.paged_decode_attention)
+    return ops

@@ -36,6 +36,19 @@ def page_key_bounds(k_cache: torch.Tensor, page_ids: torch.Tensor, fill: torch.T
     return hi, lo
 
 
+def store_decode(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 page_ids: torch.Tensor, offsets: torch.Tensor, key_max: torch.Tensor, key_min: torch.Tensor,
+                 fill: torch.Tensor) -> None:
+    """A decode step's store: k/v [N, Hkv, D] into page page_ids[n, h] at row offsets[n], then the page's
+    key max/min [P, Hkv, D] over its rows 0..offsets[n] and its fill [P, Hkv] = offsets[n] + 1.
+    Each (page, head) receives at most one token."""
+    store_kv(k_cache, v_cache, k, v, page_ids, offsets)
+    heads = torch.arange(k.shape[1], device=k.device)[None, :]
+    count = (offsets + 1)[:, None].expand_as(page_ids)
+    key_max[page_ids, heads], key_min[page_ids, heads] = page_key_bounds(k_cache, page_ids, count)
+    fill[page_ids, heads] = count.to(fill.dtype)
+
+
 def page_scores(q: torch.Tensor, key_max: torch.Tensor, key_min: torch.Tensor, page_ids: torch.Tensor) -> torch.Tensor:
     """Quest's upper bound of q·k over each listed page: sum_d max(q_d M_d, q_d m_d), max over the
     query heads of the group. q [B, Hq, D]; key_max/key_min [P, Hkv, D]; page_ids [B, Hkv, S]

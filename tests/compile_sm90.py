@@ -1,0 +1,50 @@
+"""Compile every lemma Triton kernel for sm_90 (H100/H200) on a machine without a GPU.
+Run by tests/test_kernels.py in a process where TRITON_INTERPRET is unset."""
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton.runtime.jit import JITFunction
+
+from lemma.kernels import attention, scores, store
+
+PAGE = 16
+
+
+def signature(fn: JITFunction, pointers: dict[str, str], floats: tuple[str, ...] = ()) -> dict[str, str]:
+    return {name: pointers.get(name) or ("fp32" if name in floats else "constexpr" if name.isupper() else "i32")
+            for name in fn.arg_names}
+
+
+def compile_sm90(kernel, pointers: dict[str, str], constexprs: dict, floats: tuple[str, ...] = ()) -> None:
+    fn = kernel if isinstance(kernel, JITFunction) else JITFunction(kernel.fn)
+    src = ASTSource(fn=fn, signature=signature(fn, pointers, floats), constexprs=constexprs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32))
+    assert "sm_90" in compiled.asm["ptx"], "no sm_90 PTX"
+
+
+def main() -> None:
+    count = 0
+    for dtype in ("bf16", "fp16", "fp32"):
+        cache = f"*{dtype}"
+        for group, dim in ((1, 64), (7, 128)):
+            pointers = {"q_ptr": cache, "k_ptr": cache, "v_ptr": cache, "ids_ptr": "*i64", "fill_ptr": "*i64",
+                        "acc_ptr": "*fp32", "m_ptr": "*fp32", "l_ptr": "*fp32", "lse_ptr": "*fp32"}
+            for mass in (False, True):
+                constexprs = dict(GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=dim,
+                                  BLOCK_D=dim, PAGE=PAGE, UPCAST=False, WITH_MASS=mass, IEEE=dtype == "fp32")
+                compile_sm90(attention._decode_attention_kernel, pointers, constexprs, floats=("scale",))
+                count += 1
+        pointers = {"k_ptr": cache, "v_ptr": cache, "kc_ptr": cache, "vc_ptr": cache, "ids_ptr": "*i64",
+                    "off_ptr": "*i64", "kmax_ptr": "*fp32", "kmin_ptr": "*fp32", "fill_ptr": "*i32"}
+        compile_sm90(store._store_decode_kernel, pointers, dict(HEAD_DIM=128, BLOCK_D=128))
+        count += 1
+    pointers = {"q_ptr": "*bf16", "kmax_ptr": "*fp32", "kmin_ptr": "*fp32", "ids_ptr": "*i64", "out_ptr": "*fp32"}
+    compile_sm90(scores._page_scores_kernel, pointers, dict(GROUP=7, BLOCK_G=8, HEAD_DIM=128, BLOCK_D=128,
+                                                            BLOCK_S=scores.BLOCK_S))
+    count += 1
+    print(f"compiled {count} kernels for sm_90")
+
+
+if __name__ == "__main__":
+    main()
