@@ -328,5 +328,10 @@ def main() -> None:
     app()
 
 
+from lemma.cli_measure import register  # noqa: E402  (the measuring commands import from this module)
+
+register(app)
+
+
 if __name__ == "__main__":
     main()

@@ -9,6 +9,7 @@ from ggufs import write_gguf
 from lemma.cli import ThinkSplitter, _stream_reply, app
 
 runner = CliRunner()
+PAGE_TOKENS = 16
 
 
 def invoke(*args, input=None):
@@ -164,3 +165,53 @@ def test_run_without_pinning_fits_a_long_prompt(tiny_dir):
                     "--budget", 32, "--no-pin-prompt", "--dense-layers", 1, "--json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["stats"]["policy"] == "raas-32"
+
+
+def test_bench_command(tiny_dir, tmp_path):
+    out = tmp_path / "bench.json"
+    result = invoke("bench", "--model", tiny_dir, "--context", "64,128", "--steps", 4, "--budget", 32,
+                    "--policies", "dense,raas,quest", "--vs-transformers", "--out", out)
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    assert len(data["rows"]) == 6 and out.with_suffix(".png").stat().st_size > 0
+    raas = [r for r in data["rows"] if r["policy"] == "raas-32"]
+    page_bytes = 2 * 2 * PAGE_TOKENS * 16 * 4  # K and V, 2 KV heads, head dim 16, fp32: one page of one layer
+    assert all(r["resident_kv_mib"] == 2 * 2 * page_bytes / 2**20 for r in raas)  # 2 pages in each of 2 layers
+    assert all(r["speedup_vs_transformers"] > 0 for r in data["rows"])
+    assert "transformers ÷ lemma" in result.output
+
+
+def test_eval_command_and_resume(tiny_dir, tmp_path):
+    data = tmp_path / "mini.jsonl"
+    data.write_text("\n".join(json.dumps({"problem": q, "answer": "4"}) for q in ["2+2?", "What is 8/2?", "4"]) + "\n")
+    out = tmp_path / "eval.jsonl"
+    args = ["eval", "--data", data, "--model", tiny_dir, "--policies", "dense,raas", "--budgets", "64",
+            "--max-tokens", 6, "--batch", 2, "--no-pin-prompt", "--out", out]
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    assert "| dense | 3 |" in result.output and "| raas-64 | 3 |" in result.output
+    lines = out.read_text().splitlines()
+    again = invoke(*args)
+    assert again.exit_code == 0 and out.read_text().splitlines() == lines  # nothing ran twice
+    fid = invoke("eval", "--data", data, "--model", tiny_dir, "--policies", "raas,streaming", "--budgets", "32,1024",
+                 "--max-tokens", 20, "--fidelity", "--no-pin-prompt", "--out", tmp_path / "fid.jsonl")
+    assert fid.exit_code == 0, fid.output
+    assert "| raas-1024 | 3 | 60 | 0.0000 | 1.000 |" in fid.output
+    assert (tmp_path / "fid.png").stat().st_size > 0
+
+
+def test_eval_bad_inputs(tiny_dir, tmp_path):
+    assert_one_line_error(invoke("eval", "--data", tmp_path / "none.jsonl", "--model", tiny_dir), "data file not found")
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"problem": "x", "answer": "1"}\n')
+    assert_one_line_error(invoke("eval", "--data", data, "--model", tiny_dir, "--budgets", "a,b"), "--budgets must be comma-separated integers")
+    assert_one_line_error(invoke("eval", "--data", data, "--model", tiny_dir, "--policies", "lru"), "unknown policy 'lru'")
+
+
+def test_trace_command(tiny_dir, tmp_path):
+    out = tmp_path / "trace.png"
+    result = invoke("trace", "Tell me a story", "--model", tiny_dir, "--budget", 64, "--max-tokens", 60, "--out", out)
+    assert result.exit_code == 0, result.output
+    assert "60 decode steps" not in result.output and "59 decode steps" in result.output
+    assert out.stat().st_size > 0
+    assert_one_line_error(invoke("trace", "x", "--model", tiny_dir, "--layer", 9), "--layer must be in [0, 2), got 9")

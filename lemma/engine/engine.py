@@ -14,7 +14,7 @@ from lemma.engine.policies import Dense, Policy
 from lemma.engine.pool import PAGE_SIZE, KVPool
 from lemma.engine.runner import ModelRunner
 from lemma.engine.sampler import Sampler, SamplingParams
-from lemma.engine.sequence import Chunk, Output, Sequence, Stats
+from lemma.engine.sequence import Chunk, Forced, Output, Sequence, Stats
 from lemma.errors import LemmaError
 from lemma.kernels import resolve_attention
 from lemma.models.loader import load_model
@@ -116,10 +116,12 @@ class Engine:
             )
         return seq
 
-    def _run(self, prompts: list[Prompt], params: list[SamplingParams]) -> Iterator[tuple[Sequence, str, list[int]]]:
+    def _run(self, prompts: list[Prompt], params: list[SamplingParams],
+             forced: list[list[int]] | None = None) -> Iterator[tuple[Sequence, str, list[int]]]:
         """The loop. Yields (sequence, released text, new token ids) after every token of every sequence;
         a sequence is finished when its finish_reason is set. Requests that fail validation finish at
-        once with finish_reason "error"; the others run on."""
+        once with finish_reason "error"; the others run on. With `forced`, request i emits forced[i]
+        instead of sampling (teacher forcing) and records what the model predicted at each step."""
         policy = self.policy
         waiting: deque[Sequence] = deque()
         for i, (prompt, p) in enumerate(zip(prompts, params)):
@@ -143,7 +145,7 @@ class Engine:
                     generators[seq.index] = self.sampler.generator_for(seq.params.seed)
                     start = time.perf_counter()
                     logits = self.runner.prefill(seq, policy)
-                    token = self._sample(logits[None], [seq], generators)[0]
+                    token = self._next_tokens(logits[None], [seq], generators, forced)[0]
                     seq.stats.prefill_seconds = time.perf_counter() - start
                     yield self._advance(seq, token)
                     if seq.finish_reason:
@@ -153,7 +155,7 @@ class Engine:
                     continue
                 start = time.perf_counter()
                 logits = self.runner.decode(running, policy)
-                tokens = self._sample(logits, running, generators)
+                tokens = self._next_tokens(logits, running, generators, forced)
                 elapsed = time.perf_counter() - start
                 for seq, token in zip(running, tokens):
                     seq.stats.decode_seconds += elapsed
@@ -164,6 +166,18 @@ class Engine:
         finally:  # an exception or an abandoned stream must still return every page
             for seq in running:
                 self._release(seq)
+
+    def _next_tokens(self, logits: torch.Tensor, seqs: list[Sequence], generators: dict[int, torch.Generator],
+                     forced: list[list[int]] | None) -> list[int]:
+        if forced is None:
+            return self._sample(logits, seqs, generators)
+        tokens = [forced[s.index][len(s.output_ids)] for s in seqs]
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        chosen = logprobs.gather(1, torch.tensor(tokens, device=logits.device)[:, None])[:, 0]
+        for seq, lp, top in zip(seqs, chosen.tolist(), logits.argmax(-1).tolist()):
+            seq.forced_logprobs.append(lp)
+            seq.predicted.append(top)
+        return tokens
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence], generators: dict[int, torch.Generator]) -> list[int]:
         params = [s.params for s in seqs]
@@ -220,6 +234,18 @@ class Engine:
             return self.runner.prefill(seq, Dense(), all_logits=True)
         finally:
             self._release(seq)
+
+    def teacher_force(self, prompts: list[Prompt], targets: list[list[int]]) -> list[Forced]:
+        """Replay each target continuation token by token under the current policy (eviction active),
+        as generation would see it; per token: log-probability of the target and the model's argmax."""
+        if len(prompts) != len(targets) or any(not t for t in targets):
+            raise LemmaError("teacher_force needs one non-empty target list per prompt")
+        params = [SamplingParams(max_tokens=len(t), ignore_eos=True) for t in targets]
+        done: dict[int, Sequence] = {}
+        for seq, _, _ in self._run(list(prompts), params, forced=[list(t) for t in targets]):
+            if seq.finish_reason:
+                done[seq.index] = seq
+        return [Forced(done[i].forced_logprobs, done[i].predicted, done[i].stats, done[i].error) for i in range(len(prompts))]
 
     def chat_prompt(self, messages: list[dict[str, Any]]) -> list[int]:
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)

@@ -29,6 +29,8 @@ class ModelRunner:
         self.scale = model.config.head_dim ** -0.5
         self.heads = torch.arange(self.num_kv_heads, device=self.device)
         self.prefill_chunk = max(pool.page_size, prefill_chunk // pool.page_size * pool.page_size)
+        # observer(layer, born [B,Hkv,S], valid, step mass [B,Hkv,S], evicted born [B,Hkv] or -1): for traces
+        self.observer = None
 
     def _tensor(self, values: list, dtype: torch.dtype = torch.int64) -> torch.Tensor:
         return torch.tensor(values, dtype=dtype, device=self.device)
@@ -136,6 +138,8 @@ class ModelRunner:
             if evicting[layer]:
                 write_slot = torch.where(mode == EVICT, policy.victim(meta, logical), write_slot)
             write_page = ids.gather(2, write_slot[..., None])[..., 0]  # [B, Hkv]
+            if self.observer is not None:
+                evicted = torch.where(mode == EVICT, meta.born.gather(2, write_slot[..., None])[..., 0], -1)
             self._open_pages(layer, write_page, mode != CONTINUE, logical, pos_t)
             ops.store_decode(kc, vc, k, v, write_page, offsets, pool.key_max[layer], pool.key_min[layer], pool.fill[layer])
 
@@ -145,9 +149,11 @@ class ModelRunner:
             chosen = policy.select(bound, meta, write_slot) if sparse else None
             attend_ids = ids if chosen is None else torch.where(valid.gather(2, chosen), ids.gather(2, chosen), -1)
             attend_fill = torch.where(attend_ids >= 0, pool.fill[layer][attend_ids.clamp(min=0), heads], 0)
-            want_mass = sparse and policy.needs_mass
+            want_mass = (sparse and policy.needs_mass) or self.observer is not None
             result = ops.paged_decode_attention(q, kc, vc, attend_ids, attend_fill, self.scale, return_mass=want_mass)
             out, step_mass = result if want_mass else (result, None)
+            if self.observer is not None and chosen is None:
+                self.observer(layer, meta.born, valid, step_mass, evicted)
             if sparse:
                 stamp, mass = policy.update(meta, bound, step_mass, pos_t)
                 target = torch.where(valid, ids, scratch)

@@ -42,6 +42,16 @@ class Output:
 
 
 @dataclass
+class Forced:
+    """A teacher-forced replay: per target token, its log-probability and the model's top-1 token."""
+
+    logprobs: list[float]
+    predicted: list[int]
+    stats: Stats
+    error: str | None = None
+
+
+@dataclass
 class Chunk:
     """One streamed piece of a reply; the last chunk carries the finish reason and stats."""
 
@@ -68,6 +78,8 @@ class Sequence:
         self.reserved: list[int] = []  # per layer, pages reserved at admission and not taken yet
         self.finish_reason: str | None = None
         self.error: str | None = None
+        self.forced_logprobs: list[float] = []  # teacher forcing only
+        self.predicted: list[int] = []
         self.text = ""  # text released so far (stop strings never appear in it)
         self.pending = ""  # detokenized text held back because it may start a stop string
         self.stats = Stats(prompt_tokens=len(prompt_ids))

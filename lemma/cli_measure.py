@@ -1,0 +1,211 @@
+"""`lemma bench`, `lemma eval`, `lemma trace`: the measuring commands (registered on the app in cli.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from lemma.cli import DeviceOpt, DtypeOpt, ModelOpt, _engine, friendly_errors
+from lemma.errors import LemmaError
+
+
+def _ints(text: str, flag: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise LemmaError(f"{flag} must be comma-separated integers, got {text!r}") from None
+
+
+def _names(text: str) -> list[str]:
+    from lemma.engine.policies import POLICIES
+
+    names = [n.strip().lower() for n in text.split(",") if n.strip()]
+    for name in names:
+        if name not in POLICIES:
+            raise LemmaError(f"unknown policy {name!r}; known: {', '.join(POLICIES)}")
+    return names
+
+
+def table(rows: list[dict[str, Any]], columns: list[tuple[str, str, str]]) -> str:
+    """A markdown table: columns are (key, header, format)."""
+    lines = ["| " + " | ".join(h for _, h, _ in columns) + " |", "|" + "---|" * len(columns)]
+    for r in rows:
+        cells = [format(r[k], f) if r.get(k) is not None else "n/a" for k, _, f in columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _progress(total: int, label: str):
+    from rich.progress import Progress
+
+    bar = Progress(transient=True)
+    task = bar.add_task(label, total=total)
+    return bar, lambda n: bar.advance(task, n)
+
+
+def bench(
+    model: Optional[str] = ModelOpt,
+    policies: str = typer.Option("dense,raas,quest,h2o,streaming", help="Comma-separated policies."),
+    budget: int = typer.Option(512, help="KV budget in tokens for the non-dense policies."),
+    context: str = typer.Option("1024,2048,4096,8192", help="Comma-separated context lengths (prompt tokens)."),
+    steps: int = typer.Option(32, help="Decode steps timed at each context."),
+    vs_transformers: bool = typer.Option(False, "--vs-transformers", help="Run the same workload through transformers."),
+    out: Path = typer.Option(Path("bench-results.json"), help="JSON results; a PNG plot is written next to it."),
+    device: Optional[str] = DeviceOpt,
+    dtype: Optional[str] = DtypeOpt,
+) -> None:
+    """Decode ms/token, resident KV and achieved bandwidth per policy at each context length.
+
+    A prompt of each context length is prefilled, then `steps` tokens are decoded and timed. Evicting
+    policies cut the prompt to their budget (RaaS runs with the prompt unpinned here).
+    Example: lemma bench --context 1024,4096 --policies dense,raas --vs-transformers
+    """
+    from lemma.engine.policies import make_policy
+    from lemma.evaluation import plots, speed
+
+    contexts = _ints(context, "--context")
+    names = _names(policies)
+    if not contexts or min(contexts) < 1 or steps < 3:
+        raise LemmaError("--context needs positive lengths and --steps at least 3")
+    from lemma import Engine
+    from lemma.models.store import resolve_model
+
+    engine = Engine(resolve_model(model), device=device, dtype=dtype, kv_cache_tokens=max(contexts) + steps + 64)
+    peak = speed.copy_bandwidth(engine.device)
+    rows = []
+    bar, advance = _progress(len(contexts) * (len(names) + vs_transformers), "benchmarking")
+    with bar:
+        for ctx in contexts:
+            prompt = speed.long_prompt(engine, ctx)
+            theirs = None
+            if vs_transformers:
+                theirs = speed.bench_transformers(engine, prompt, steps)
+                advance(1)
+            for name in names:
+                options = {"pin_prompt": False} if name == "raas" else {}
+                policy = make_policy(name, None if name == "dense" else budget, **options)
+                row = speed.bench_policy(engine, policy, prompt, steps)
+                row["policy_name"] = name
+                row["percent_of_copy_bandwidth"] = 100 * row.get("achieved_gb_per_s", 0) * 1e9 / peak
+                if theirs is not None:
+                    row["transformers_ms_per_token"] = theirs
+                    row["speedup_vs_transformers"] = theirs / row["ms_per_token"] if "ms_per_token" in row else None
+                rows.append(row)
+                advance(1)
+    columns = [("policy", "policy", ""), ("context", "context", "d"), ("ms_per_token", "ms/token", ".1f"),
+               ("resident_kv_mib", "resident KV MiB", ".1f"), ("peak_kv_mib", "peak KV MiB", ".1f"),
+               ("achieved_gb_per_s", "GB/s", ".1f"), ("percent_of_copy_bandwidth", "% of copy", ".0f")]
+    if vs_transformers:
+        columns += [("transformers_ms_per_token", "transformers ms/token", ".1f"), ("speedup_vs_transformers", "transformers ÷ lemma", ".2f")]
+    typer.echo(f"model {engine.model_dir.name} on {engine.device} ({str(engine.dtype)[6:]}), budget {budget}, "
+               f"copy bandwidth {peak / 1e9:.1f} GB/s")
+    typer.echo(table(rows, columns))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"model": engine.model_dir.name, "device": str(engine.device), "budget": budget,
+                               "copy_gb_per_s": peak / 1e9, "rows": rows}, indent=2))
+    plots.bench_plot([dict(r, policy=r["policy_name"]) for r in rows if "ms_per_token" in r], out.with_suffix(".png"),
+                     f"{engine.model_dir.name}: decode cost and KV memory vs context (budget {budget})")
+    typer.echo(f"wrote {out} and {out.with_suffix('.png')}")
+
+
+def evaluate(
+    data: Path = typer.Option(..., "--data", help="GSM8K, MATH500 or AIME JSONL file."),
+    model: Optional[str] = ModelOpt,
+    policies: str = typer.Option("dense,raas", help="Comma-separated policies."),
+    budgets: str = typer.Option("64,128,256,512", help="Comma-separated KV budgets (tokens) for non-dense policies."),
+    limit: Optional[int] = typer.Option(None, help="Only the first N problems."),
+    max_tokens: int = typer.Option(512, help="Most tokens per answer (or per fidelity trace)."),
+    batch: int = typer.Option(8, help="Problems decoded together."),
+    fidelity: bool = typer.Option(False, "--fidelity", help="Replay Dense's greedy traces under each policy instead of grading answers."),
+    pin_prompt: bool = typer.Option(True, "--pin-prompt/--no-pin-prompt", help="raas: pin the prompt (it must fit the budget)."),
+    out: Path = typer.Option(Path("eval-results.jsonl"), help="Results file; an interrupted run resumes from it."),
+    device: Optional[str] = DeviceOpt,
+    dtype: Optional[str] = DtypeOpt,
+) -> None:
+    """Accuracy (or, with --fidelity, NLL increase and top-1 agreement against Dense) per policy and budget.
+
+    Example: lemma eval --data ../shared/data/gsm8k_test.jsonl --limit 50 --policies dense,raas --budgets 256,512
+    """
+    from lemma import SamplingParams
+    from lemma.evaluation import plots, runs
+    from lemma.evaluation.datasets import load_problems
+    from lemma.evaluation.results import ResultsFile
+
+    problems = load_problems(data, limit)
+    grid = runs.policy_grid(_names(policies), _ints(budgets, "--budgets"), pin_prompt)
+    engine = _engine(model, device, dtype)
+    results = ResultsFile(out)
+    work = len(problems) * (len(grid) + (1 if fidelity else 0))
+    bar, advance = _progress(work, "fidelity" if fidelity else "accuracy")
+    try:
+        with bar:
+            if fidelity:
+                runs.run_fidelity(engine, problems, grid, max_tokens, results, batch, advance)
+            else:
+                params = SamplingParams(temperature=0, max_tokens=max_tokens)
+                runs.run_accuracy(engine, problems, grid, params, results, batch, advance)
+    except KeyboardInterrupt:
+        typer.echo(f"\ninterrupted; {out} holds every finished batch; run the same command again to resume", err=True)
+        raise typer.Exit(130) from None
+    ids = {p.id for p in problems}
+    if fidelity:
+        rows = runs.summarize_fidelity([r for r in results.of("fidelity") if r["id"] in ids])
+        columns = [("config", "config", ""), ("problems", "problems", "d"), ("tokens", "tokens", "d"),
+                   ("nll_increase", "NLL increase/token", ".4f"), ("agreement", "top-1 agreement", ".3f"),
+                   ("nll_increase_last_third", "NLL incr. last third", ".4f"), ("agreement_last_third", "agreement last third", ".3f"),
+                   ("errors", "errors", "d")]
+        metrics = [("nll_increase", "NLL increase per token"), ("agreement", "top-1 agreement with Dense")]
+    else:
+        rows = runs.summarize_accuracy([r for r in results.of("accuracy") if r["id"] in ids])
+        columns = [("config", "config", ""), ("problems", "problems", "d"), ("accuracy", "accuracy", ".3f"),
+                   ("mean_generated_tokens", "mean tokens", ".0f"), ("mean_jct_seconds", "mean JCT s", ".1f"),
+                   ("peak_kv_mib", "peak KV MiB", ".1f"), ("errors", "errors", "d")]
+        metrics = [("accuracy", "accuracy")]
+    typer.echo(f"{data.name}, {len(problems)} problems, model {engine.model_dir.name}, max {max_tokens} tokens")
+    typer.echo(table(rows, columns))
+    png = out.with_suffix(".png")
+    plots.metric_vs_budget(rows, metrics, png, f"{engine.model_dir.name} on {data.stem}")
+    typer.echo(f"results in {out}, plot in {png}")
+
+
+def trace(
+    prompt: str = typer.Argument(..., help="The prompt (sent through the chat template)."),
+    model: Optional[str] = ModelOpt,
+    budget: int = typer.Option(256, help="RaaS budget in tokens."),
+    max_tokens: int = typer.Option(512),
+    layer: Optional[int] = typer.Option(None, help="Layer to show (default: average of all)."),
+    head: Optional[int] = typer.Option(None, help="KV head to show (default: average of all)."),
+    out: Path = typer.Option(Path("trace.png"), help="The picture."),
+    device: Optional[str] = DeviceOpt,
+    dtype: Optional[str] = DtypeOpt,
+) -> None:
+    """Per-page attention mass over decode steps under RaaS, evictions marked: milestone pages rise,
+    serve and fade.
+
+    Example: lemma trace "Prove that the square root of 2 is irrational." --budget 128 --max-tokens 400
+    """
+    from lemma import RaaS
+    from lemma.evaluation import plots
+    from lemma.evaluation.trace import record_trace
+
+    engine = _engine(model, device, dtype, policy=RaaS(budget=budget))
+    c = engine.config
+    if layer is not None and not 0 <= layer < c.num_layers:
+        raise LemmaError(f"--layer must be in [0, {c.num_layers}), got {layer}")
+    if head is not None and not 0 <= head < c.num_kv_heads:
+        raise LemmaError(f"--head must be in [0, {c.num_kv_heads}), got {head}")
+    ids = engine.chat_prompt([{"role": "user", "content": prompt}])
+    result = record_trace(engine, ids, max_tokens, layer, head)
+    where = ("all layers" if layer is None else f"layer {layer}") + (", all KV heads" if head is None else f", KV head {head}")
+    plots.trace_plot(result.steps, result.evictions, result.prompt_pages, out,
+                     f"{engine.model_dir.name}, RaaS-{budget}, {where}: attention mass per page")
+    typer.echo(f"{len(result.steps)} decode steps, {len(result.evictions)} (step, page) evictions; wrote {out}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(friendly_errors(bench))
+    app.command("eval")(friendly_errors(evaluate))
+    app.command()(friendly_errors(trace))

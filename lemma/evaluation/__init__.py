@@ -1,0 +1,1 @@
+"""Measurement: answer checking, accuracy and fidelity runs, speed benchmarks, attention traces."""
