@@ -37,8 +37,9 @@ def main() -> None:
                 count += 1
         pointers = {"k_ptr": cache, "v_ptr": cache, "kc_ptr": cache, "vc_ptr": cache, "ids_ptr": "*i64",
                     "off_ptr": "*i64", "kmax_ptr": "*fp32", "kmin_ptr": "*fp32", "fill_ptr": "*i32"}
-        compile_sm90(store._store_decode_kernel, pointers, dict(HEAD_DIM=128, BLOCK_D=128))
-        count += 1
+        for bounds in (False, True):
+            compile_sm90(store._store_decode_kernel, pointers, dict(HEAD_DIM=128, BLOCK_D=128, UPDATE_BOUNDS=bounds))
+            count += 1
     pointers = {"q_ptr": "*bf16", "kmax_ptr": "*fp32", "kmin_ptr": "*fp32", "ids_ptr": "*i64", "out_ptr": "*fp32"}
     compile_sm90(scores._page_scores_kernel, pointers, dict(GROUP=7, BLOCK_G=8, HEAD_DIM=128, BLOCK_D=128,
                                                             BLOCK_S=scores.BLOCK_S))

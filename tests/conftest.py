@@ -1,13 +1,15 @@
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede any triton import
+import torch
+
+if not torch.cuda.is_available():  # Triton kernels run in the interpreter; must precede any triton import
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import json  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 

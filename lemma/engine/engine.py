@@ -17,6 +17,7 @@ from lemma.engine.sampler import Sampler, SamplingParams
 from lemma.engine.sequence import Chunk, Forced, Output, Sequence, Stats
 from lemma.errors import LemmaError
 from lemma.kernels import resolve_attention
+from lemma.models.llama import CausalLM
 from lemma.models.loader import load_model
 from lemma.models.tokenizer import StreamingDetokenizer, Tokenizer
 
@@ -49,18 +50,33 @@ class Engine:
     def __init__(self, model_dir: str | Path, policy: Policy | None = None, device: str | torch.device | None = None,
                  dtype: str | torch.dtype | None = None, kv_cache_tokens: int | None = None,
                  max_batch: int = 32, prefill_chunk: int = 512, attention: str | None = None):
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype = _resolve_dtype(dtype, device)
+        model = load_model(Path(model_dir), device, dtype)
+        self._setup(model, Tokenizer(model_dir), Path(model_dir), policy, kv_cache_tokens, max_batch, prefill_chunk, attention)
+
+    @classmethod
+    def from_model(cls, model: CausalLM, tokenizer: Tokenizer, policy: Policy | None = None,
+                   kv_cache_tokens: int | None = None, max_batch: int = 32, prefill_chunk: int = 512,
+                   attention: str | None = None) -> "Engine":
+        """An engine over a model already built in memory (benchmarks on random weights); its device and
+        dtype are the model's."""
+        engine = cls.__new__(cls)
+        engine._setup(model, tokenizer, Path(f"<{model.config.model_type} in memory>"), policy, kv_cache_tokens,
+                      max_batch, prefill_chunk, attention)
+        return engine
+
+    def _setup(self, model: CausalLM, tokenizer: Tokenizer, model_dir: Path, policy: Policy | None,
+               kv_cache_tokens: int | None, max_batch: int, prefill_chunk: int, attention: str | None) -> None:
         if policy is not None and not isinstance(policy, Policy):
             raise LemmaError(f"policy must be a lemma policy (Dense, RaaS, StreamingLLM, H2O, Quest), got {policy!r}")
-        self.policy = policy or Dense()
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.dtype = _resolve_dtype(dtype, self.device)
-        self.model_dir = Path(model_dir)
-        self.model = load_model(self.model_dir, self.device, self.dtype)
-        self.config = self.model.config
-        self.tokenizer = Tokenizer(self.model_dir)
-        self.eos_ids = sorted(set(self.tokenizer.eos_ids) | set(self.config.eos_token_id))
         if max_batch < 1:
             raise LemmaError(f"max_batch must be >= 1, got {max_batch}")
+        self.policy = policy or Dense()
+        self.model, self.tokenizer, self.model_dir = model, tokenizer, model_dir
+        self.device, self.dtype = model.model.embed_tokens.weight.device, model.model.embed_tokens.weight.dtype
+        self.config = model.config
+        self.eos_ids = sorted(set(tokenizer.eos_ids) | set(self.config.eos_token_id))
         self.max_batch = max_batch
         c = self.config
         page_bytes = KVPool.bytes_per_page(c.num_layers, c.num_kv_heads, c.head_dim, self.dtype)
@@ -199,6 +215,7 @@ class Engine:
         for layer, (pages, unused) in enumerate(zip(seq.pages, seq.reserved)):
             self.pool.release(layer, pages, unused)
         seq.pages, seq.reserved = [[] for _ in seq.pages], [0] * len(seq.reserved)
+        seq.pages_version += 1
 
     # ---- public API --------------------------------------------------------------------------------
     def generate(self, prompts: Prompt | list[Prompt], params: SamplingParams | list[SamplingParams] | None = None) -> list[Output]:

@@ -31,6 +31,8 @@ class ModelRunner:
         self.prefill_chunk = max(pool.page_size, prefill_chunk // pool.page_size * pool.page_size)
         # observer(layer, born [B,Hkv,S], valid, step mass [B,Hkv,S], evicted born [B,Hkv] or -1): for traces
         self.observer = None
+        self._tables_key: tuple = ()
+        self._tables = torch.empty(0)
 
     def _tensor(self, values: list, dtype: torch.dtype = torch.int64) -> torch.Tensor:
         return torch.tensor(values, dtype=dtype, device=self.device)
@@ -39,6 +41,7 @@ class ModelRunner:
         page = self.pool.take(layer)
         seq.reserved[layer] -= 1
         seq.pages[layer].append(page)
+        seq.pages_version += 1
         return len(seq.pages[layer]) - 1
 
     # ---- prefill ------------------------------------------------------------------------------------
@@ -95,6 +98,7 @@ class ModelRunner:
                 dropped = pages[1 : len(pages) - cap + 1]
                 seq.pages[layer] = pages[:1] + pages[len(pages) - cap + 1 :]
                 self.pool.release(layer, dropped)
+                seq.pages_version += 1
                 most = max(most, len(dropped))
         seq.stats.pages_evicted += most
 
@@ -115,8 +119,7 @@ class ModelRunner:
                 else:
                     modes[layer][b] = EVICT
             s.stats.pages_evicted += any(modes[layer][b] == EVICT for layer in range(layers))
-        slots = max(len(p) for s in seqs for p in s.pages)
-        tables = self._tensor([[s.pages[layer] + [-1] * (slots - len(s.pages[layer])) for s in seqs] for layer in range(layers)])
+        tables = self._page_tables(seqs)
         mode_t, new_slot_t = self._tensor(modes), self._tensor(new_slots)
         evicting = [EVICT in row for row in modes]
         pos_t = self._tensor(positions)
@@ -129,23 +132,31 @@ class ModelRunner:
             kc, vc = pool.k[layer], pool.v[layer]
             ids = tables[layer][:, None, :].expand(-1, self.num_kv_heads, -1)  # [B, Hkv, S]
             valid = ids >= 0
-            safe = ids.clamp(min=0)
-            meta = self._gather_meta(layer, safe, valid)
-            current = (meta.born == logical[:, None, None]) & valid
-            write_slot = current.int().argmax(-1)  # CONTINUE: the slot holding this position's page
+            sparse = policy.sparse(layer)
+            evicts = sparse and policy.evicts
+            tracked = evicts or self.observer is not None  # needs per-slot metadata
             mode = mode_t[layer][:, None]
-            write_slot = torch.where(mode == NEW_SLOT, new_slot_t[layer][:, None], write_slot)
-            if evicting[layer]:
-                write_slot = torch.where(mode == EVICT, policy.victim(meta, logical), write_slot)
+            if tracked:
+                safe = ids.clamp(min=0)
+                meta = self._gather_meta(layer, safe, valid)
+                current = (meta.born == logical[:, None, None]) & valid
+                write_slot = current.int().argmax(-1)  # CONTINUE: the slot holding this position's page
+                write_slot = torch.where(mode == NEW_SLOT, new_slot_t[layer][:, None], write_slot)
+                if evicting[layer]:
+                    write_slot = torch.where(mode == EVICT, policy.victim(meta, logical), write_slot)
+            else:  # nothing is ever evicted here, so slot s holds logical page s
+                write_slot = logical[:, None].expand(-1, self.num_kv_heads)
             write_page = ids.gather(2, write_slot[..., None])[..., 0]  # [B, Hkv]
             if self.observer is not None:
                 evicted = torch.where(mode == EVICT, meta.born.gather(2, write_slot[..., None])[..., 0], -1)
-            self._open_pages(layer, write_page, mode != CONTINUE, logical, pos_t)
-            ops.store_decode(kc, vc, k, v, write_page, offsets, pool.key_max[layer], pool.key_min[layer], pool.fill[layer])
+            if tracked:
+                self._open_pages(layer, write_page, mode != CONTINUE, logical, pos_t)
+            bounded = sparse and policy.needs_bound
+            ops.store_decode(kc, vc, k, v, write_page, offsets, pool.key_max[layer] if bounded else None,
+                             pool.key_min[layer] if bounded else None, pool.fill[layer])
 
-            meta = self._gather_meta(layer, safe, valid)
-            sparse = policy.sparse(layer)
-            bound = ops.page_scores(q, pool.key_max[layer], pool.key_min[layer], ids) if sparse and policy.needs_bound else None
+            meta = self._gather_meta(layer, safe, valid) if tracked else None
+            bound = ops.page_scores(q, pool.key_max[layer], pool.key_min[layer], ids) if bounded else None
             chosen = policy.select(bound, meta, write_slot) if sparse else None
             attend_ids = ids if chosen is None else torch.where(valid.gather(2, chosen), ids.gather(2, chosen), -1)
             attend_fill = torch.where(attend_ids >= 0, pool.fill[layer][attend_ids.clamp(min=0), heads], 0)
@@ -154,7 +165,7 @@ class ModelRunner:
             out, step_mass = result if want_mass else (result, None)
             if self.observer is not None and chosen is None:
                 self.observer(layer, meta.born, valid, step_mass, evicted)
-            if sparse:
+            if evicts:
                 stamp, mass = policy.update(meta, bound, step_mass, pos_t)
                 target = torch.where(valid, ids, scratch)
                 pool.stamp[layer][target, heads] = stamp
@@ -163,6 +174,15 @@ class ModelRunner:
 
         tokens = self._tensor([s.last_token for s in seqs])
         return self.model(tokens, pos_t, attend)
+
+    def _page_tables(self, seqs: list[Sequence]) -> torch.Tensor:
+        """[L, B, S] page ids (-1 = empty), rebuilt only when some sequence's pages changed."""
+        key = tuple((id(s), s.pages_version) for s in seqs)
+        if key != self._tables_key:
+            slots = max(len(p) for s in seqs for p in s.pages)
+            rows = [[s.pages[layer] + [-1] * (slots - len(s.pages[layer])) for s in seqs] for layer in range(self.pool.num_layers)]
+            self._tables, self._tables_key = self._tensor(rows), key
+        return self._tables
 
     def _gather_meta(self, layer: int, safe: torch.Tensor, valid: torch.Tensor) -> SlotMeta:
         pool, heads = self.pool, self.heads[None, :, None]

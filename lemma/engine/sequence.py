@@ -76,6 +76,7 @@ class Sequence:
         self.pages: list[list[int]] = []  # per layer, the page ids this sequence holds (its slots)
         self.capacity: list[int] = []  # per layer, the most pages it may hold past prefill
         self.reserved: list[int] = []  # per layer, pages reserved at admission and not taken yet
+        self.pages_version = 0  # bumped whenever `pages` changes (the runner caches page tables on it)
         self.finish_reason: str | None = None
         self.error: str | None = None
         self.forced_logprobs: list[float] = []  # teacher forcing only

@@ -37,15 +37,16 @@ def page_key_bounds(k_cache: torch.Tensor, page_ids: torch.Tensor, fill: torch.T
 
 
 def store_decode(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                 page_ids: torch.Tensor, offsets: torch.Tensor, key_max: torch.Tensor, key_min: torch.Tensor,
-                 fill: torch.Tensor) -> None:
-    """A decode step's store: k/v [N, Hkv, D] into page page_ids[n, h] at row offsets[n], then the page's
-    key max/min [P, Hkv, D] over its rows 0..offsets[n] and its fill [P, Hkv] = offsets[n] + 1.
-    Each (page, head) receives at most one token."""
+                 page_ids: torch.Tensor, offsets: torch.Tensor, key_max: torch.Tensor | None,
+                 key_min: torch.Tensor | None, fill: torch.Tensor) -> None:
+    """A decode step's store: k/v [N, Hkv, D] into page page_ids[n, h] at row offsets[n], the page's fill
+    [P, Hkv] = offsets[n] + 1 and, unless key_max/key_min [P, Hkv, D] are None, the page's key max/min
+    over its rows 0..offsets[n]. Each (page, head) receives at most one token."""
     store_kv(k_cache, v_cache, k, v, page_ids, offsets)
     heads = torch.arange(k.shape[1], device=k.device)[None, :]
     count = (offsets + 1)[:, None].expand_as(page_ids)
-    key_max[page_ids, heads], key_min[page_ids, heads] = page_key_bounds(k_cache, page_ids, count)
+    if key_max is not None:
+        key_max[page_ids, heads], key_min[page_ids, heads] = page_key_bounds(k_cache, page_ids, count)
     fill[page_ids, heads] = count.to(fill.dtype)
 
 

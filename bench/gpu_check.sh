@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# One short GPU session (device tool): the GPU tests compiled for real, then the GPU benchmark.
+# The device image has its own torch/triton; install lemma without dependencies.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python -m pip install -q --no-deps -e . 2>/dev/null || export PYTHONPATH=$PWD
+mkdir -p "${OUT:-bench/results}"
+python -m pytest -q tests/test_kernels.py -k "not sm90 and not demo" 2>&1 | tail -5 | tee "${OUT:-bench/results}/gpu_tests.txt"
+python bench/gpu_bench.py --out "${OUT:-bench/results}/gpu.json" 2>&1 | tee "${OUT:-bench/results}/gpu_bench.txt"
