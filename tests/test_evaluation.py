@@ -145,3 +145,29 @@ def test_accuracy_run_resumes_after_interruption(tiny_dir, tmp_path):
     assert all(json.loads(line) for line in path.read_text().splitlines())
     summary = runs.summarize_accuracy(final)
     assert [r["config"] for r in summary] == ["dense", "raas-64"] and summary[0]["problems"] == 3
+
+
+@pytest.mark.parametrize("pred, gold", [
+    ("(-\\infty,3]", "(-\\infty,3)"), ("[1,2)", "(1,2]"), ("(1,2)", "[1,2]"), ("1000001", "1000000"),
+    ("0.333334", "\\frac13"),
+])
+def test_near_misses_are_not_equivalent(pred, gold):
+    assert not equivalent(pred, gold)
+
+
+def test_a_cut_off_output_needs_an_explicit_answer():
+    assert extract_answer("so far we have 3 apples and 12", complete=False) is None
+    assert extract_answer("thus \\boxed{12} and then", complete=False) == "12"
+
+
+def test_page_tables_are_not_reused_across_sequences(tiny_dir):
+    """Two sequences with the same page-list history must not share a cached page table."""
+    from lemma import SamplingParams
+
+    engine = Engine(tiny_dir, policy=StreamingLLM(budget=32), kv_cache_tokens=512)
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    prompt = list(range(3, 3 + 40))
+    first = engine.generate([prompt], params)[0]
+    for _ in range(5):  # the same prompt again: identical page counts, different page ids after the cut
+        assert engine.generate([prompt], params)[0].token_ids == first.token_ids
+    assert engine.pool.all_free

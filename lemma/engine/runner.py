@@ -177,7 +177,7 @@ class ModelRunner:
 
     def _page_tables(self, seqs: list[Sequence]) -> torch.Tensor:
         """[L, B, S] page ids (-1 = empty), rebuilt only when some sequence's pages changed."""
-        key = tuple((id(s), s.pages_version) for s in seqs)
+        key = tuple((s.uid, s.pages_version) for s in seqs)
         if key != self._tables_key:
             slots = max(len(p) for s in seqs for p in s.pages)
             rows = [[s.pages[layer] + [-1] * (slots - len(s.pages[layer])) for s in seqs] for layer in range(self.pool.num_layers)]

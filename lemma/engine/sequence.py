@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass, field
 
@@ -65,8 +66,11 @@ class Chunk:
 
 
 class Sequence:
+    _uids = itertools.count()
+
     def __init__(self, index: int, prompt_ids: list[int], params: SamplingParams,
                  detokenizer: StreamingDetokenizer, eos_ids: list[int]):
+        self.uid = next(Sequence._uids)  # unique for the process (id() is reused after a sequence is freed)
         self.index = index
         self.prompt_ids = prompt_ids
         self.params = params

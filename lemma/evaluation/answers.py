@@ -25,13 +25,18 @@ def last_boxed(text: str) -> str | None:
     return None
 
 
-def extract_answer(text: str) -> str | None:
-    """The model's final answer: last \\boxed{}, else after '####', else after 'answer is', else the last number."""
+def extract_answer(text: str, complete: bool = True) -> str | None:
+    """The model's final answer: last \\boxed{}, else after '####', else after 'answer is', else the last
+    number. For an incomplete output (cut off by max_tokens) only an explicit \\boxed{} or '####' counts:
+    a number mid-thought is not an answer."""
     boxed = last_boxed(text)
     if boxed is not None:
         return boxed.strip()
     if "####" in text:
-        return text.rsplit("####", 1)[1].strip().splitlines()[0].strip() if text.rsplit("####", 1)[1].strip() else None
+        tail = text.rsplit("####", 1)[1].strip()
+        return tail.splitlines()[0].strip() if tail else None
+    if not complete:
+        return None
     said = re.findall(r"answer is[:\s]*\$?([^\n$]+)", text, flags=re.IGNORECASE)
     if said:
         return said[-1].strip().rstrip(".")
@@ -107,9 +112,15 @@ def equivalent(prediction: str | None, gold: str | int | float) -> bool:
         return True
     x, y = to_number(a), to_number(b)
     if x is not None and y is not None:
-        return abs(float(x) - float(y)) <= 1e-6 * max(1.0, abs(float(y)))
-    pa, pb = _split_top_level(a.strip("()[]")), _split_top_level(b.strip("()[]"))
-    brackets_match = (a[:1] in "([") == (b[:1] in "([")
-    if len(pa) > 1 and len(pa) == len(pb) and brackets_match:
+        if isinstance(x, Fraction) and isinstance(y, Fraction):
+            return x == y  # decimals parse exactly: 5.5 == 11/2, but 1000001 != 1000000
+        return abs(float(x) - float(y)) <= 1e-9 * max(1.0, abs(float(y)))
+    opens, closes = "([", ")]"
+    if a[:1] in opens or b[:1] in opens:  # tuples and intervals: the same brackets, then element-wise
+        if (a[:1], a[-1:]) != (b[:1], b[-1:]) or a[-1:] not in closes:
+            return False
+        a, b = a[1:-1], b[1:-1]
+    pa, pb = _split_top_level(a), _split_top_level(b)
+    if len(pa) > 1 and len(pa) == len(pb):
         return all(equivalent(p, q) for p, q in zip(pa, pb))
     return False

@@ -50,12 +50,13 @@ def run_accuracy(engine: Engine, problems: list[Problem], policies: list[Policy]
             outs = engine.generate([engine.chat_prompt(p.messages()) for p in chunk], params)
             records = []
             for problem, out in zip(chunk, outs):
-                pred = extract_answer(out.text) if out.finish_reason != "error" else None
+                pred = extract_answer(out.text, complete=out.finish_reason == "stop") if out.finish_reason != "error" else None
                 records.append({"kind": "accuracy", "config": policy.describe(), "policy": policy.name,
                                 "budget": policy.budget, "id": problem.id, "gold": problem.gold, "pred": pred,
                                 "correct": equivalent(pred, problem.gold), "finish_reason": out.finish_reason,
                                 "error": out.error, "generated_tokens": out.stats.generated_tokens,
-                                "jct_seconds": out.stats.jct_seconds, "peak_kv_bytes": out.stats.peak_kv_bytes})
+                                "jct_seconds": out.stats.jct_seconds, "peak_kv_bytes": out.stats.peak_kv_bytes,
+                                "text": out.text})
             results.append(records)
             if progress:
                 progress(len(chunk))
@@ -94,13 +95,15 @@ def run_fidelity(engine: Engine, problems: list[Problem], policies: list[Policy]
     for chunk in _batches([p for p in problems if p.id not in have], batch):
         prompts = [engine.chat_prompt(p.messages()) for p in chunk]
         outs = engine.generate(prompts, SamplingParams(temperature=0, max_tokens=max_tokens))
-        forced = engine.teacher_force(prompts, [o.token_ids for o in outs])
-        results.append([{"kind": "trace", "config": "dense", "id": p.id, "prompt_ids": ids, "tokens": o.token_ids,
-                         "logprobs": f.logprobs, "predicted": f.predicted}
-                        for p, ids, o, f in zip(chunk, prompts, outs, forced)])
+        ok = [i for i, o in enumerate(outs) if o.token_ids]  # a failed request has no trace to replay
+        forced = dict(zip(ok, engine.teacher_force([prompts[i] for i in ok], [outs[i].token_ids for i in ok])))
+        results.append([{"kind": "trace", "config": "dense", "id": p.id, "prompt_ids": prompts[i], "tokens": o.token_ids,
+                         "logprobs": forced[i].logprobs, "predicted": forced[i].predicted}
+                        if i in forced else {"kind": "trace", "config": "dense", "id": p.id, "error": o.error}
+                        for i, (p, o) in enumerate(zip(chunk, outs))])
         if progress:
             progress(len(chunk))
-    traces = {r["id"]: r for r in results.of("trace")}
+    traces = {r["id"]: r for r in results.of("trace") if "tokens" in r}
     wanted = [traces[p.id] for p in problems if p.id in traces]
     for policy in policies:
         if isinstance(policy, Dense):
