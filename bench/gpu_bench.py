@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from lemma import Dense, Engine, RaaS, SamplingParams
+from lemma import Dense, Engine, RaaS
 from lemma.evaluation import speed
 from lemma.kernels import attention as triton_attention
 from lemma.kernels import reference

@@ -14,7 +14,7 @@ from lemma.engine.policies import Dense, Policy
 from lemma.engine.pool import PAGE_SIZE, KVPool
 from lemma.engine.runner import ModelRunner
 from lemma.engine.sampler import Sampler, SamplingParams
-from lemma.engine.sequence import Chunk, Forced, Output, Sequence, Stats
+from lemma.engine.sequence import Chunk, Forced, Output, Sequence
 from lemma.errors import LemmaError
 from lemma.kernels import resolve_attention
 from lemma.models.llama import CausalLM

@@ -49,8 +49,7 @@ class ModelRunner:
     def prefill(self, seq: Sequence, policy: Policy, all_logits: bool = False) -> torch.Tensor:
         """Run the whole prompt through the model in page-aligned chunks (dense attention), then cut
         layers over their capacity down to it. Returns the last position's logits [V] (or [T, V])."""
-        ids, page, pool = seq.prompt_ids, self.pool.page_size, self.pool
-        pinned = policy.pin_prompt_pages()
+        ids, pool = seq.prompt_ids, self.pool
         rows = []
         for start in range(0, len(ids), self.prefill_chunk):
             end = min(start + self.prefill_chunk, len(ids))
@@ -58,35 +57,41 @@ class ModelRunner:
                 while len(seq.pages[layer]) < pool.pages_for(end):
                     self._append_page(seq, layer)
             positions = torch.arange(start, end, device=self.device)
-            first_slot, last_slot = start // page, pool.pages_for(end)
-            tables = self._tensor([pages[:last_slot] for pages in seq.pages])  # [L, S]
-            touched = tables[:, first_slot:]  # pages this chunk writes, [L, n]
-            counts = (torch.clamp(end - torch.arange(first_slot, last_slot, device=self.device) * page, max=page))
-            slot_of = positions // page
-            offsets = positions % page
-
-            def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-                kc, vc = pool.k[layer], pool.v[layer]
-                table = tables[layer]
-                write = table[slot_of][:, None].expand(-1, self.num_kv_heads)
-                reference.store_kv(kc, vc, k, v, write, offsets)
-                pages_now = touched[layer][:, None].expand(-1, self.num_kv_heads)
-                fill = counts[:, None].expand_as(pages_now)
-                hi, lo = reference.page_key_bounds(kc, pages_now, fill)
-                pool.key_max[layer][pages_now, self.heads], pool.key_min[layer][pages_now, self.heads] = hi, lo
-                pool.fill[layer][pages_now, self.heads] = fill.to(torch.int32)
-                born = torch.arange(first_slot, last_slot, device=self.device)[:, None].expand_as(pages_now)
-                pool.born[layer][pages_now, self.heads] = born
-                pool.stamp[layer][pages_now, self.heads] = born * page
-                pool.mass[layer][pages_now, self.heads] = 0.0
-                pool.pinned[layer][pages_now, self.heads] = pinned and policy.sparse(layer)
-                return reference.prefill_attention(q, kc, vc, table[None, :].expand(self.num_kv_heads, -1), positions, self.scale)
-
+            attend = self._prefill_attend(seq, policy, start, end, positions)
             last = None if all_logits else self._tensor([end - start - 1])
             rows.append(self.model(self._tensor(ids[start:end]), positions, attend, logits_at=last))
         seq.track_peak(pool.layer_page_bytes)  # the whole prompt is resident until the cut
         self._cut_to_capacity(seq)
         return torch.cat(rows) if all_logits else rows[-1][0]
+
+    def _prefill_attend(self, seq: Sequence, policy: Policy, start: int, end: int, positions: torch.Tensor):
+        """The attend callable of the prefill chunk [start, end) (start page aligned; positions on the
+        device): store K/V, set the metadata of the pages it writes, causal attention over the pages so far."""
+        pool, page = self.pool, self.pool.page_size
+        first_slot, last_slot = start // page, pool.pages_for(end)
+        tables = self._tensor([pages[:last_slot] for pages in seq.pages])  # [L, S]
+        touched = tables[:, first_slot:]  # pages this chunk writes, [L, n]
+        born = torch.arange(first_slot, last_slot, device=self.device)
+        counts = torch.clamp(end - born * page, max=page)
+        slot_of, offsets = positions // page, positions % page
+        pinned = policy.pin_prompt_pages()
+
+        def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            kc, vc = pool.k[layer], pool.v[layer]
+            table = tables[layer]
+            reference.store_kv(kc, vc, k, v, table[slot_of][:, None].expand(-1, self.num_kv_heads), offsets)
+            pages_now = touched[layer][:, None].expand(-1, self.num_kv_heads)
+            fill = counts[:, None].expand_as(pages_now)
+            hi, lo = reference.page_key_bounds(kc, pages_now, fill)
+            pool.key_max[layer][pages_now, self.heads], pool.key_min[layer][pages_now, self.heads] = hi, lo
+            pool.fill[layer][pages_now, self.heads] = fill.to(torch.int32)
+            pool.born[layer][pages_now, self.heads] = born[:, None].expand_as(pages_now)
+            pool.stamp[layer][pages_now, self.heads] = born[:, None].expand_as(pages_now) * page
+            pool.mass[layer][pages_now, self.heads] = 0.0
+            pool.pinned[layer][pages_now, self.heads] = pinned and policy.sparse(layer)
+            return reference.prefill_attention(q, kc, vc, table[None, :].expand(self.num_kv_heads, -1), positions, self.scale)
+
+        return attend
 
     def _cut_to_capacity(self, seq: Sequence) -> None:
         """A prompt longer than a layer's capacity keeps its first page (the sink) and its most recent

@@ -27,6 +27,23 @@ def _by_policy(rows: list[dict[str, Any]], x: str, y: str) -> dict[str, list[tup
     return {k: sorted(v) for k, v in lines.items()}
 
 
+def _policy_lines(ax, rows: list[dict[str, Any]], x: str, metric: str, xlabel: str, ylabel: str) -> None:
+    for policy, points in _by_policy(rows, x, metric).items():
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=policy)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+
+
+def _save(plt, fig, legend_ax, title: str, out: str | Path) -> None:
+    legend_ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
 def metric_vs_budget(rows: list[dict[str, Any]], metrics: list[tuple[str, str]], out: str | Path, title: str) -> None:
     """One panel per (metric, label); one line per policy; Dense (no budget) as a dashed level."""
     plt = _pyplot()
@@ -35,35 +52,16 @@ def metric_vs_budget(rows: list[dict[str, Any]], metrics: list[tuple[str, str]],
         for r in rows:
             if r["budget"] is None:
                 ax.axhline(r[metric], color="black", linestyle="--", label=r["config"])
-        budgeted = [r for r in rows if r["budget"] is not None]
-        for policy, points in _by_policy(budgeted, "budget", metric).items():
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=policy)
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("KV budget (tokens)")
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+        _policy_lines(ax, [r for r in rows if r["budget"] is not None], "budget", metric, "KV budget (tokens)", label)
+    _save(plt, fig, axes[0][0], title, out)
 
 
 def bench_plot(rows: list[dict[str, Any]], out: str | Path, title: str) -> None:
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, metric, label in ((axes[0], "ms_per_token", "decode ms/token"), (axes[1], "resident_kv_mib", "resident KV MiB")):
-        for policy, points in _by_policy(rows, "context", metric).items():
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=policy)
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("context (tokens)")
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    _policy_lines(axes[0], rows, "context", "ms_per_token", "context (tokens)", "decode ms/token")
+    _policy_lines(axes[1], rows, "context", "resident_kv_mib", "context (tokens)", "resident KV MiB")
+    _save(plt, fig, axes[0], title, out)
 
 
 def trace_plot(steps: list[dict[int, float]], evictions: list[tuple[int, int]], prompt_pages: int,

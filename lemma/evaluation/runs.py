@@ -62,12 +62,16 @@ def run_accuracy(engine: Engine, problems: list[Problem], policies: list[Policy]
                 progress(len(chunk))
 
 
-def summarize_accuracy(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _by_config(records: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in records:
         groups[r["config"]].append(r)
+    return groups
+
+
+def summarize_accuracy(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
-    for config, rs in groups.items():
+    for config, rs in _by_config(records).items():
         ok = [r for r in rs if r["finish_reason"] != "error"]
         rows.append({"config": config, "policy": rs[0]["policy"], "budget": rs[0]["budget"], "problems": len(rs),
                      "errors": len(rs) - len(ok), "accuracy": sum(r["correct"] for r in rs) / len(rs),
@@ -126,11 +130,8 @@ def run_fidelity(engine: Engine, problems: list[Problem], policies: list[Policy]
 
 
 def summarize_fidelity(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for r in records:
-        groups[r["config"]].append(r)
     rows = []
-    for config, rs in groups.items():
+    for config, rs in _by_config(records).items():
         ok = [r for r in rs if r.get("error") is None]
         n, n_last = sum(r["n"] for r in ok), sum(r["n_last"] for r in ok)
         rows.append({"config": config, "policy": rs[0]["policy"], "budget": rs[0]["budget"], "problems": len(ok),
