@@ -83,21 +83,22 @@ def paged_decode_attention(
     num_kv_heads, slots = page_ids.shape[1], page_ids.shape[2]
     page_size = k_cache.shape[2]
     group = num_heads // num_kv_heads
-    heads = torch.arange(num_kv_heads, device=q.device)[None, :, None]
-    safe_ids = page_ids.clamp(min=0)
-    keys = k_cache[safe_ids, heads].float().reshape(batch, num_kv_heads, slots * page_size, dim)
-    values = v_cache[safe_ids, heads].float().reshape(batch, num_kv_heads, slots * page_size, dim)
+    # one index_select over (page, head) blocks: much faster on CPU than 2-D advanced indexing
+    blocks = (page_ids.clamp(min=0) * num_kv_heads + torch.arange(num_kv_heads, device=q.device)[None, :, None]).reshape(-1)
+    keys = k_cache.reshape(-1, page_size, dim).index_select(0, blocks).float().view(batch, num_kv_heads, slots * page_size, dim)
+    values = v_cache.reshape(-1, page_size, dim).index_select(0, blocks).float().view(batch, num_kv_heads, slots * page_size, dim)
     rows = torch.arange(page_size, device=q.device)
     valid = (rows[None, None, None, :] < fill[..., None]) & (page_ids[..., None] >= 0)
     valid = valid.reshape(batch, num_kv_heads, 1, slots * page_size)
-
     qg = q.float().view(batch, num_kv_heads, group, dim)
+    if not return_mass:
+        out = torch.nn.functional.scaled_dot_product_attention(qg, keys, values, attn_mask=valid, scale=scale)
+        return out.nan_to_num(0.0).reshape(batch, num_heads, dim).to(q.dtype)  # a row with nothing valid attends nothing
+
     scores = torch.einsum("bhgd,bhtd->bhgt", qg, keys) * scale
     scores = scores.masked_fill(~valid, float("-inf"))
-    weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a row with nothing valid attends nothing
+    weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)
     out = torch.einsum("bhgt,bhtd->bhgd", weights, values).reshape(batch, num_heads, dim).to(q.dtype)
-    if not return_mass:
-        return out
     mass = weights.view(batch, num_kv_heads, group, slots, page_size).sum(-1).mean(2)
     return out, mass
 
