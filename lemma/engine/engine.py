@@ -43,31 +43,37 @@ class Engine:
     """A decode engine over one model.
 
     Engine(model_dir, policy=Dense(), device=None, dtype=None, kv_cache_tokens=None, max_batch=32,
-    prefill_chunk=512, attention=None). `engine.policy` may be changed between calls. `attention` is
-    "triton" or "torch" (default: $LEMMA_ATTENTION, else triton on CUDA, torch elsewhere).
+    prefill_chunk=512, attention=None, compile=False). `engine.policy` may be changed between calls.
+    `attention` is "triton" or "torch" (default: $LEMMA_ATTENTION, else triton on CUDA, torch elsewhere).
+    `compile=True` compiles the decode step with inductor on CPU and captures it as CUDA graphs (one per
+    batch and slot bucket) on CUDA; a backend name ("eager", "aot_eager", "inductor") picks the
+    torch.compile backend. The eager step stays the reference.
     """
 
     def __init__(self, model_dir: str | Path, policy: Policy | None = None, device: str | torch.device | None = None,
                  dtype: str | torch.dtype | None = None, kv_cache_tokens: int | None = None,
-                 max_batch: int = 32, prefill_chunk: int = 512, attention: str | None = None):
+                 max_batch: int = 32, prefill_chunk: int = 512, attention: str | None = None,
+                 compile: bool | str = False):
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = _resolve_dtype(dtype, device)
         model = load_model(Path(model_dir), device, dtype)
-        self._setup(model, Tokenizer(model_dir), Path(model_dir), policy, kv_cache_tokens, max_batch, prefill_chunk, attention)
+        self._setup(model, Tokenizer(model_dir), Path(model_dir), policy, kv_cache_tokens, max_batch, prefill_chunk,
+                    attention, compile)
 
     @classmethod
     def from_model(cls, model: CausalLM, tokenizer: Tokenizer, policy: Policy | None = None,
                    kv_cache_tokens: int | None = None, max_batch: int = 32, prefill_chunk: int = 512,
-                   attention: str | None = None) -> "Engine":
+                   attention: str | None = None, compile: bool | str = False) -> "Engine":
         """An engine over a model already built in memory (benchmarks on random weights); its device and
         dtype are the model's."""
         engine = cls.__new__(cls)
         engine._setup(model, tokenizer, Path(f"<{model.config.model_type} in memory>"), policy, kv_cache_tokens,
-                      max_batch, prefill_chunk, attention)
+                      max_batch, prefill_chunk, attention, compile)
         return engine
 
     def _setup(self, model: CausalLM, tokenizer: Tokenizer, model_dir: Path, policy: Policy | None,
-               kv_cache_tokens: int | None, max_batch: int, prefill_chunk: int, attention: str | None) -> None:
+               kv_cache_tokens: int | None, max_batch: int, prefill_chunk: int, attention: str | None,
+               compile: bool | str) -> None:
         if policy is not None and not isinstance(policy, Policy):
             raise LemmaError(f"policy must be a lemma policy (Dense, RaaS, StreamingLLM, H2O, Quest), got {policy!r}")
         if max_batch < 1:
@@ -83,7 +89,8 @@ class Engine:
         num_pages = self._pool_pages(kv_cache_tokens, page_bytes)
         self.pool = KVPool(c.num_layers, c.num_kv_heads, c.head_dim, num_pages, self.dtype, self.device)
         self.attention = resolve_attention(attention, self.device)
-        self.runner = ModelRunner(self.model, self.pool, prefill_chunk, self.attention)
+        self.compile = compile
+        self.runner = ModelRunner(self.model, self.pool, prefill_chunk, self.attention, max_batch, compile)
         self.sampler = Sampler(self.device)
 
     def _pool_pages(self, kv_cache_tokens: int | None, page_bytes: int) -> int:
@@ -215,7 +222,6 @@ class Engine:
         for layer, (pages, unused) in enumerate(zip(seq.pages, seq.reserved)):
             self.pool.release(layer, pages, unused)
         seq.pages, seq.reserved = [[] for _ in seq.pages], [0] * len(seq.reserved)
-        seq.pages_version += 1
 
     # ---- public API --------------------------------------------------------------------------------
     def generate(self, prompts: Prompt | list[Prompt], params: SamplingParams | list[SamplingParams] | None = None) -> list[Output]:

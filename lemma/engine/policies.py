@@ -16,21 +16,10 @@ from typing import ClassVar
 
 import torch
 
-from lemma.engine.pool import PAGE_SIZE
+from lemma.engine.pool import PAGE_SIZE, SlotMeta
 from lemma.errors import LemmaError
 
 NEVER = torch.iinfo(torch.int64).max
-
-
-@dataclass
-class SlotMeta:
-    """Per (sequence, KV head, slot) metadata of one layer. `valid` is False for empty slots."""
-
-    born: torch.Tensor  # logical page number held (position // page size)
-    stamp: torch.Tensor  # RaaS timestamp (a position)
-    mass: torch.Tensor  # accumulated attention mass (H2O)
-    pinned: torch.Tensor
-    valid: torch.Tensor
 
 
 @dataclass(frozen=True)

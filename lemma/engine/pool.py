@@ -3,16 +3,31 @@
 Pages are per layer: page id p of layer l is independent of page p of another layer, so layers kept
 dense can hold more pages than evicting ones. Beside K and V the pool keeps, per (layer, page, KV head),
 the metadata the policies work on: key max/min (Quest's bound), fill count, the logical page number it
-holds (`born`), a timestamp, accumulated attention mass, and a pinned flag.
+holds (`born`), a timestamp, accumulated attention mass, and a pinned flag. Page id `num_pages` is a
+scratch page that is never handed out: fixed-shape steps send the writes of empty slots and padded
+batch rows there. The metadata writes all live here, as tensor ops (no host sync).
 """
 
 from __future__ import annotations
 
 import torch
 
+from dataclasses import dataclass
+
 from lemma.errors import LemmaError
 
 PAGE_SIZE = 16
+
+
+@dataclass
+class SlotMeta:
+    """Per (sequence, KV head, slot) metadata of one layer. `valid` is False for empty slots."""
+
+    born: torch.Tensor  # logical page number held (position // page size)
+    stamp: torch.Tensor  # RaaS timestamp (a position)
+    mass: torch.Tensor  # accumulated attention mass (H2O)
+    pinned: torch.Tensor
+    valid: torch.Tensor
 
 
 class KVPool:
@@ -26,10 +41,10 @@ class KVPool:
                  dtype: torch.dtype, device: torch.device, page_size: int = PAGE_SIZE):
         if num_pages < 1:
             raise LemmaError(f"KV pool too small: {num_pages} pages")
-        shape = (num_layers, num_pages, num_kv_heads, page_size, head_dim)
+        shape = (num_layers, num_pages + 1, num_kv_heads, page_size, head_dim)  # + the scratch page
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
-        meta = (num_layers, num_pages + 1, num_kv_heads)  # + a scratch page that absorbs writes for empty slots
+        meta = (num_layers, num_pages + 1, num_kv_heads)
         self.key_max = torch.zeros(*meta, head_dim, dtype=torch.float32, device=device)
         self.key_min = torch.zeros(*meta, head_dim, dtype=torch.float32, device=device)
         self.fill = torch.zeros(meta, dtype=torch.int32, device=device)
@@ -38,6 +53,8 @@ class KVPool:
         self.mass = torch.zeros(meta, dtype=torch.float32, device=device)
         self.pinned = torch.zeros(meta, dtype=torch.bool, device=device)
         self.num_layers, self.num_pages, self.page_size = num_layers, num_pages, page_size
+        self.scratch = num_pages
+        self.heads = torch.arange(num_kv_heads, device=device)
         # pop() hands out low ids first
         self.free_pages: list[list[int]] = [list(range(num_pages - 1, -1, -1)) for _ in range(num_layers)]
         self.reserved = [0] * num_layers  # pages promised to admitted sequences but not yet taken
@@ -91,3 +108,37 @@ class KVPool:
     @property
     def all_free(self) -> bool:
         return all(len(free) == self.num_pages == len(set(free)) for free in self.free_pages) and not any(self.reserved)
+
+    # ---- page metadata (tensor ops; `pages` index the layer's pages, one column per KV head) ------------
+    def slot_meta(self, layer: int, ids: torch.Tensor, valid: torch.Tensor) -> SlotMeta:
+        """Metadata of the slots ids [B, Hkv, S] (-1 = empty, read from page 0 and marked invalid)."""
+        safe, heads = ids.clamp(min=0), self.heads[None, :, None]
+        return SlotMeta(born=self.born[layer][safe, heads], stamp=self.stamp[layer][safe, heads],
+                        mass=self.mass[layer][safe, heads], pinned=self.pinned[layer][safe, heads], valid=valid)
+
+    def write_prefilled(self, layer: int, pages: torch.Tensor, born: torch.Tensor, fill: torch.Tensor,
+                        key_max: torch.Tensor, key_min: torch.Tensor, pinned: bool) -> None:
+        """Pages [n] just written by a prefill chunk hold logical pages born [n] with fill [n, Hkv] rows."""
+        cols = pages[:, None].expand(-1, self.heads.numel())
+        self.key_max[layer][cols, self.heads], self.key_min[layer][cols, self.heads] = key_max, key_min
+        self.fill[layer][cols, self.heads] = fill.to(torch.int32)
+        self.born[layer][cols, self.heads] = born[:, None].expand_as(cols)
+        self.stamp[layer][cols, self.heads] = born[:, None].expand_as(cols) * self.page_size
+        self.mass[layer][cols, self.heads] = 0.0
+        self.pinned[layer][cols, self.heads] = pinned
+
+    def open_pages(self, layer: int, pages: torch.Tensor, opening: torch.Tensor, logical: torch.Tensor,
+                   position: torch.Tensor) -> None:
+        """Where opening [B, Hkv], page pages[b, h] starts holding logical page logical[b], stamped now."""
+        heads = self.heads
+        keep = lambda t, new: torch.where(opening, new, t[layer][pages, heads])  # noqa: E731
+        self.born[layer][pages, heads] = keep(self.born, logical[:, None])
+        self.stamp[layer][pages, heads] = keep(self.stamp, position[:, None])
+        self.mass[layer][pages, heads] = keep(self.mass, torch.zeros((), device=pages.device))
+        self.pinned[layer][pages, heads] = keep(self.pinned, torch.zeros((), dtype=torch.bool, device=pages.device))
+
+    def write_policy_state(self, layer: int, ids: torch.Tensor, stamp: torch.Tensor, mass: torch.Tensor) -> None:
+        """The policy's new timestamps and mass for the slots ids [B, Hkv, S] (empty slots go to scratch)."""
+        target, heads = torch.where(ids >= 0, ids, self.scratch), self.heads[None, :, None]
+        self.stamp[layer][target, heads] = stamp
+        self.mass[layer][target, heads] = mass

@@ -1,47 +1,59 @@
-"""ModelRunner: runs the model for a prefill chunk or a decode step over the paged pool, and applies
-the KV policy inside each layer's attention.
+"""ModelRunner: runs the model for a prefill chunk or a decode step over the paged pool.
 
-The model hands each layer's q, k, v to an `attend` callable built here; it stores the new K/V and
-page metadata into the pool, lets the policy pick a victim slot (at a page boundary) or the pages to
-attend, runs the attention kernel and lets the policy update timestamps or mass. Everything inside a
-step is tensor ops on the device; the host only decides, per sequence, whether a step opens a page.
+Between steps the host does bookkeeping only: which sequence sits in which batch row, and, when a
+sequence's position starts a page, whether each layer takes a free page (NEW_SLOT) or evicts (EVICT).
+It writes those decisions into the persistent DecodeState. The decode step itself (`decode_step`) is
+a pure function of fixed-shape tensors: eager, compiled with torch.compile(fullgraph=True), or, on
+CUDA, captured once per bucket as a CUDA graph and replayed.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import numpy as np
 import torch
 
-from lemma.engine.policies import Policy, SlotMeta
+from lemma.engine.attention import DecodeAttention, PrefillAttention
+from lemma.engine.decode_state import EVICT, NEW_SLOT, DecodeState, StepInputs, slot_bucket
+from lemma.engine.graphs import CudaGraphs
+from lemma.engine.policies import Policy
 from lemma.engine.pool import KVPool
 from lemma.engine.sequence import Sequence
-from lemma.kernels import kernel_ops, reference
+from lemma.kernels import kernel_ops
 from lemma.models.llama import CausalLM
 
-CONTINUE, NEW_SLOT, EVICT = 0, 1, 2  # what a decode step does to each (layer, sequence)
+# observer(layer, born [B,Hkv,S], valid, step mass [B,Hkv,S], evicted born [B,Hkv] or -1): for traces
+Observer = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
+COMPILE_CHOICES = ("inductor", "eager", "aot_eager", "cudagraphs")
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, pool: KVPool, prefill_chunk: int = 512, attention: str = "torch"):
+    def __init__(self, model: CausalLM, pool: KVPool, prefill_chunk: int = 512, attention: str = "torch",
+                 max_batch: int = 32, compile: bool | str = False):
         self.model, self.pool = model, pool
         self.ops = kernel_ops(attention)
         self.device = pool.k.device
-        self.num_kv_heads = model.config.num_kv_heads
         self.scale = model.config.head_dim ** -0.5
-        self.heads = torch.arange(self.num_kv_heads, device=self.device)
         self.prefill_chunk = max(pool.page_size, prefill_chunk // pool.page_size * pool.page_size)
-        # observer(layer, born [B,Hkv,S], valid, step mass [B,Hkv,S], evicted born [B,Hkv] or -1): for traces
-        self.observer = None
-        self._tables_key: tuple = ()
-        self._tables = torch.empty(0)
-
-    def _tensor(self, values: list, dtype: torch.dtype = torch.int64) -> torch.Tensor:
-        return torch.tensor(values, dtype=dtype, device=self.device)
+        self.state = DecodeState(pool.num_layers, max_batch, self.device)
+        self.observer: Observer | None = None  # called outside the step, from the step's trace outputs
+        self.compile = compile
+        self._step = self.decode_step
+        self._graphs: CudaGraphs | None = None
+        if compile and self.device.type == "cuda":
+            # launches are what a GPU step loses to: capture the step once per bucket, replay it after;
+            # compile="inductor" also fuses it with inductor first
+            self._graphs = CudaGraphs()
+            if compile is not True:
+                self._step = compile_step(self.decode_step, compile)
+        elif compile:
+            self._step = compile_step(self.decode_step, "inductor" if compile is True else compile)
 
     def _append_page(self, seq: Sequence, layer: int) -> int:
         page = self.pool.take(layer)
         seq.reserved[layer] -= 1
         seq.pages[layer].append(page)
-        seq.pages_version += 1
         return len(seq.pages[layer]) - 1
 
     # ---- prefill ------------------------------------------------------------------------------------
@@ -50,6 +62,7 @@ class ModelRunner:
         """Run the whole prompt through the model in page-aligned chunks (dense attention), then cut
         layers over their capacity down to it. Returns the last position's logits [V] (or [T, V])."""
         ids, pool = seq.prompt_ids, self.pool
+        pinned = [policy.pin_prompt_pages() and policy.sparse(layer) for layer in range(pool.num_layers)]
         rows = []
         for start in range(0, len(ids), self.prefill_chunk):
             end = min(start + self.prefill_chunk, len(ids))
@@ -57,41 +70,14 @@ class ModelRunner:
                 while len(seq.pages[layer]) < pool.pages_for(end):
                     self._append_page(seq, layer)
             positions = torch.arange(start, end, device=self.device)
-            attend = self._prefill_attend(seq, policy, start, end, positions)
-            last = None if all_logits else self._tensor([end - start - 1])
-            rows.append(self.model(self._tensor(ids[start:end]), positions, attend, logits_at=last))
+            tables = torch.tensor([pages[: pool.pages_for(end)] for pages in seq.pages], device=self.device)
+            attend = PrefillAttention(pool, self.scale, tables, start, end, positions, pinned)
+            last = None if all_logits else torch.tensor([end - start - 1], device=self.device)
+            tokens = torch.tensor(ids[start:end], device=self.device)
+            rows.append(self.model(tokens, positions, attend, logits_at=last))
         seq.track_peak(pool.layer_page_bytes)  # the whole prompt is resident until the cut
         self._cut_to_capacity(seq)
         return torch.cat(rows) if all_logits else rows[-1][0]
-
-    def _prefill_attend(self, seq: Sequence, policy: Policy, start: int, end: int, positions: torch.Tensor):
-        """The attend callable of the prefill chunk [start, end) (start page aligned; positions on the
-        device): store K/V, set the metadata of the pages it writes, causal attention over the pages so far."""
-        pool, page = self.pool, self.pool.page_size
-        first_slot, last_slot = start // page, pool.pages_for(end)
-        tables = self._tensor([pages[:last_slot] for pages in seq.pages])  # [L, S]
-        touched = tables[:, first_slot:]  # pages this chunk writes, [L, n]
-        born = torch.arange(first_slot, last_slot, device=self.device)
-        counts = torch.clamp(end - born * page, max=page)
-        slot_of, offsets = positions // page, positions % page
-        pinned = policy.pin_prompt_pages()
-
-        def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            kc, vc = pool.k[layer], pool.v[layer]
-            table = tables[layer]
-            reference.store_kv(kc, vc, k, v, table[slot_of][:, None].expand(-1, self.num_kv_heads), offsets)
-            pages_now = touched[layer][:, None].expand(-1, self.num_kv_heads)
-            fill = counts[:, None].expand_as(pages_now)
-            hi, lo = reference.page_key_bounds(kc, pages_now, fill)
-            pool.key_max[layer][pages_now, self.heads], pool.key_min[layer][pages_now, self.heads] = hi, lo
-            pool.fill[layer][pages_now, self.heads] = fill.to(torch.int32)
-            pool.born[layer][pages_now, self.heads] = born[:, None].expand_as(pages_now)
-            pool.stamp[layer][pages_now, self.heads] = born[:, None].expand_as(pages_now) * page
-            pool.mass[layer][pages_now, self.heads] = 0.0
-            pool.pinned[layer][pages_now, self.heads] = pinned and policy.sparse(layer)
-            return reference.prefill_attention(q, kc, vc, table[None, :].expand(self.num_kv_heads, -1), positions, self.scale)
-
-        return attend
 
     def _cut_to_capacity(self, seq: Sequence) -> None:
         """A prompt longer than a layer's capacity keeps its first page (the sink) and its most recent
@@ -103,7 +89,6 @@ class ModelRunner:
                 dropped = pages[1 : len(pages) - cap + 1]
                 seq.pages[layer] = pages[:1] + pages[len(pages) - cap + 1 :]
                 self.pool.release(layer, dropped)
-                seq.pages_version += 1
                 most = max(most, len(dropped))
         seq.stats.pages_evicted += most
 
@@ -111,95 +96,64 @@ class ModelRunner:
     @torch.inference_mode()
     def decode(self, seqs: list[Sequence], policy: Policy) -> torch.Tensor:
         """Feed each sequence's last token; return next-token logits [B, V]."""
-        pool, page, layers = self.pool, self.pool.page_size, self.pool.num_layers
-        positions = [s.num_tokens - 1 for s in seqs]
-        modes = [[CONTINUE] * len(seqs) for _ in range(layers)]
-        new_slots = [[0] * len(seqs) for _ in range(layers)]
-        for b, (s, pos) in enumerate(zip(seqs, positions)):
-            if pos % page:
+        step = self.prepare(seqs, policy)
+        trace = self.observer is not None
+        if self._graphs is not None and not trace:
+            logits = self._graphs.run((policy, step.bucket), self.state.generation,
+                                      lambda: self._step(policy, False, *self._args(step))[0])
+        else:
+            logits, traces = self._step(policy, trace, *self._args(step))
+            for layer, born, valid, mass, evicted in traces:
+                n = len(seqs)
+                self.observer(layer, born[:n], valid[:n], mass[:n], evicted[:n])
+        return logits[: len(seqs)]
+
+    @staticmethod
+    def _args(step: StepInputs) -> tuple[torch.Tensor, ...]:
+        return step.tokens, step.positions, step.modes, step.new_slots, step.tables
+
+    def prepare(self, seqs: list[Sequence], policy: Policy) -> StepInputs:
+        """Host bookkeeping for one step: batch rows, page opens (a free page or an eviction, per layer),
+        then this step's inputs in the persistent state."""
+        state, page, layers = self.state, self.pool.page_size, self.pool.num_layers
+        state.set_rows([s.uid for s in seqs], [s.pages for s in seqs])
+        modes = np.zeros((layers, len(seqs)), dtype=np.int64)
+        new_slots = np.zeros_like(modes)
+        for row, seq in enumerate(seqs):
+            if (seq.num_tokens - 1) % page:
                 continue
+            evicted = False
             for layer in range(layers):
-                if len(s.pages[layer]) < s.capacity[layer]:
-                    modes[layer][b], new_slots[layer][b] = NEW_SLOT, self._append_page(s, layer)
+                if len(seq.pages[layer]) < seq.capacity[layer]:
+                    slot = self._append_page(seq, layer)
+                    modes[layer, row], new_slots[layer, row] = NEW_SLOT, slot
+                    state.set_page(layer, row, slot, seq.pages[layer][slot])
                 else:
-                    modes[layer][b] = EVICT
-            s.stats.pages_evicted += any(modes[layer][b] == EVICT for layer in range(layers))
-        tables = self._page_tables(seqs)
-        mode_t, new_slot_t = self._tensor(modes), self._tensor(new_slots)
-        evicting = [EVICT in row for row in modes]
-        pos_t = self._tensor(positions)
-        logical, offsets = pos_t // page, pos_t % page
-        scratch = pool.num_pages  # metadata writes for empty slots land here
-        heads = self.heads[None, :, None]
-        ops = self.ops
+                    modes[layer, row], evicted = EVICT, True
+            seq.stats.pages_evicted += evicted
+        held = max(max(len(p) for p in seq.pages) for seq in seqs)
+        slots = slot_bucket(held, policy.budget_pages if policy.evicts else None)
+        return state.step_inputs([s.last_token for s in seqs], [s.num_tokens - 1 for s in seqs], modes, new_slots, slots)
 
-        def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            kc, vc = pool.k[layer], pool.v[layer]
-            ids = tables[layer][:, None, :].expand(-1, self.num_kv_heads, -1)  # [B, Hkv, S]
-            valid = ids >= 0
-            sparse = policy.sparse(layer)
-            evicts = sparse and policy.evicts
-            tracked = evicts or self.observer is not None  # needs per-slot metadata
-            mode = mode_t[layer][:, None]
-            if tracked:
-                safe = ids.clamp(min=0)
-                meta = self._gather_meta(layer, safe, valid)
-                current = (meta.born == logical[:, None, None]) & valid
-                write_slot = current.int().argmax(-1)  # CONTINUE: the slot holding this position's page
-                write_slot = torch.where(mode == NEW_SLOT, new_slot_t[layer][:, None], write_slot)
-                if evicting[layer]:
-                    write_slot = torch.where(mode == EVICT, policy.victim(meta, logical), write_slot)
-            else:  # nothing is ever evicted here, so slot s holds logical page s
-                write_slot = logical[:, None].expand(-1, self.num_kv_heads)
-            write_page = ids.gather(2, write_slot[..., None])[..., 0]  # [B, Hkv]
-            if self.observer is not None:
-                evicted = torch.where(mode == EVICT, meta.born.gather(2, write_slot[..., None])[..., 0], -1)
-            if tracked:
-                self._open_pages(layer, write_page, mode != CONTINUE, logical, pos_t)
-            bounded = sparse and policy.needs_bound
-            ops.store_decode(kc, vc, k, v, write_page, offsets, pool.key_max[layer] if bounded else None,
-                             pool.key_min[layer] if bounded else None, pool.fill[layer])
+    def decode_step(self, policy: Policy, trace: bool, tokens: torch.Tensor, positions: torch.Tensor,
+                    modes: torch.Tensor, new_slots: torch.Tensor, tables: torch.Tensor):
+        """The decode step proper: fixed-shape tensors in, logits [B, V] (and, with trace, per-layer
+        (layer, born, valid, mass, evicted)) out. No host sync, no data-dependent Python branch."""
+        attention = DecodeAttention(self.pool, policy, self.ops, self.scale,
+                                    StepInputs(tokens, positions, modes, new_slots, tables), trace)
+        logits = self.model(tokens, positions, attention)
+        return logits, attention.traces
 
-            meta = self._gather_meta(layer, safe, valid) if tracked else None
-            bound = ops.page_scores(q, pool.key_max[layer], pool.key_min[layer], ids) if bounded else None
-            chosen = policy.select(bound, meta, write_slot) if sparse else None
-            attend_ids = ids if chosen is None else torch.where(valid.gather(2, chosen), ids.gather(2, chosen), -1)
-            attend_fill = torch.where(attend_ids >= 0, pool.fill[layer][attend_ids.clamp(min=0), heads], 0)
-            want_mass = (sparse and policy.needs_mass) or self.observer is not None
-            result = ops.paged_decode_attention(q, kc, vc, attend_ids, attend_fill, self.scale, return_mass=want_mass)
-            out, step_mass = result if want_mass else (result, None)
-            if self.observer is not None and chosen is None:
-                self.observer(layer, meta.born, valid, step_mass, evicted)
-            if evicts:
-                stamp, mass = policy.update(meta, bound, step_mass, pos_t)
-                target = torch.where(valid, ids, scratch)
-                pool.stamp[layer][target, heads] = stamp
-                pool.mass[layer][target, heads] = mass
-            return out
 
-        tokens = self._tensor([s.last_token for s in seqs])
-        return self.model(tokens, pos_t, attend)
+def compile_step(step: Callable, backend: str) -> Callable:
+    """torch.compile of the decode step: one graph per (policy, bucket), no graph breaks allowed."""
+    if backend not in COMPILE_CHOICES:
+        from lemma.errors import LemmaError
 
-    def _page_tables(self, seqs: list[Sequence]) -> torch.Tensor:
-        """[L, B, S] page ids (-1 = empty), rebuilt only when some sequence's pages changed."""
-        key = tuple((s.uid, s.pages_version) for s in seqs)
-        if key != self._tables_key:
-            slots = max(len(p) for s in seqs for p in s.pages)
-            rows = [[s.pages[layer] + [-1] * (slots - len(s.pages[layer])) for s in seqs] for layer in range(self.pool.num_layers)]
-            self._tables, self._tables_key = self._tensor(rows), key
-        return self._tables
+        raise LemmaError(f"compile backend must be one of {', '.join(COMPILE_CHOICES)}, got {backend!r}")
+    import torch._dynamo.config as dynamo_config
 
-    def _gather_meta(self, layer: int, safe: torch.Tensor, valid: torch.Tensor) -> SlotMeta:
-        pool, heads = self.pool, self.heads[None, :, None]
-        return SlotMeta(born=pool.born[layer][safe, heads], stamp=pool.stamp[layer][safe, heads],
-                        mass=pool.mass[layer][safe, heads], pinned=pool.pinned[layer][safe, heads], valid=valid)
-
-    def _open_pages(self, layer: int, write_page: torch.Tensor, opening: torch.Tensor,
-                    logical: torch.Tensor, position: torch.Tensor) -> None:
-        """Reset the metadata of pages that start holding a new logical page this step."""
-        pool, heads = self.pool, self.heads
-        old = lambda t: t[layer][write_page, heads]  # noqa: E731
-        pool.born[layer][write_page, heads] = torch.where(opening, logical[:, None], old(pool.born))
-        pool.stamp[layer][write_page, heads] = torch.where(opening, position[:, None], old(pool.stamp))
-        pool.mass[layer][write_page, heads] = torch.where(opening, 0.0, old(pool.mass))
-        pool.pinned[layer][write_page, heads] = torch.where(opening, False, old(pool.pinned))
+    # each batch x slot bucket (and policy) is one static graph; the default limit of 8 is too few
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 256)
+    dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit, 4096)
+    return torch.compile(step, backend=backend, fullgraph=True, dynamic=False)

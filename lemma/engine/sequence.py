@@ -70,7 +70,7 @@ class Sequence:
 
     def __init__(self, index: int, prompt_ids: list[int], params: SamplingParams,
                  detokenizer: StreamingDetokenizer, eos_ids: list[int]):
-        self.uid = next(Sequence._uids)  # unique for the process (id() is reused after a sequence is freed)
+        self.uid = next(Sequence._uids)  # unique for the process: names the sequence's batch row
         self.index = index
         self.prompt_ids = prompt_ids
         self.params = params
@@ -80,7 +80,6 @@ class Sequence:
         self.pages: list[list[int]] = []  # per layer, the page ids this sequence holds (its slots)
         self.capacity: list[int] = []  # per layer, the most pages it may hold past prefill
         self.reserved: list[int] = []  # per layer, pages reserved at admission and not taken yet
-        self.pages_version = 0  # bumped whenever `pages` changes (the runner caches page tables on it)
         self.finish_reason: str | None = None
         self.error: str | None = None
         self.forced_logprobs: list[float] = []  # teacher forcing only

@@ -1,0 +1,94 @@
+"""Per-step overhead of the decode loop: a 30-layer model with hidden size 72 (SmolLM2's layer and head
+layout shrunk until the arithmetic is negligible), so the time is nearly all Python, dispatch and
+launches. Eager vs compiled for every policy, side by side in one run.
+
+    OMP_NUM_THREADS=1 python bench/step_overhead.py --steps 300 --out bench/results/step_overhead.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import platform
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+
+from lemma import H2O, Dense, Engine, Quest, RaaS, SamplingParams, StreamingLLM
+from lemma.models.config import ModelConfig
+from lemma.models.llama import CausalLM
+
+SHAPE = dict(model_type="llama", hidden_size=72, intermediate_size=192, num_hidden_layers=30, num_attention_heads=9,
+             num_key_value_heads=3, vocab_size=512, rope_theta=10000.0, tie_word_embeddings=True)
+POLICIES = {"dense": Dense(), "raas-64": RaaS(budget=64), "raas-mass-64": RaaS(budget=64, refresh="mass"),
+            "streaming-64": StreamingLLM(budget=64), "h2o-64": H2O(budget=64), "quest-64": Quest(budget=64)}
+
+
+def overhead_model(batch: int) -> CausalLM:
+    torch.manual_seed(0)
+    model = CausalLM(ModelConfig.from_dict(SHAPE))
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    return model.eval().requires_grad_(False)
+
+
+def step_ms(engine: Engine, batch: int, prompt_len: int, steps: int) -> float:
+    """Mean ms of one decode step of `batch` sequences, after the first 20 steps (warm-up, compiles)."""
+    times: list[float] = []
+    decode = engine.runner.decode
+
+    def timed(*args, **kwargs):
+        start = time.perf_counter()
+        logits = decode(*args, **kwargs)
+        times.append(time.perf_counter() - start)
+        return logits
+
+    engine.runner.decode = timed
+    try:
+        prompts = [[1 + (i + b) % 500 for i in range(prompt_len)] for b in range(batch)]
+        engine.generate(prompts, SamplingParams(temperature=0, max_tokens=steps + 1, ignore_eos=True))
+    finally:
+        engine.runner.decode = decode
+    return 1000 * sum(times[20:]) / max(len(times) - 20, 1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--prompt", type=int, default=40)
+    parser.add_argument("--modes", default="eager,compiled", help="comma list of eager, compiled")
+    parser.add_argument("--policies", default=",".join(POLICIES))
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    from lemma.models.tokenizer import Tokenizer  # noqa: F401  (engine needs one; a toy is enough)
+    from bench.gpu_bench import toy_tokenizer
+
+    can_compile = "compile" in inspect.signature(Engine.from_model).parameters
+    rows = []
+    for name in args.policies.split(","):
+        row = {"policy": name}
+        for mode in args.modes.split(","):
+            if mode == "compiled" and not can_compile:
+                continue
+            extra = {"compile": True} if mode == "compiled" else {}
+            engine = Engine.from_model(overhead_model(args.batch), toy_tokenizer(), policy=POLICIES[name],
+                                       kv_cache_tokens=64 * 1024, max_batch=max(args.batch, 1), **extra)
+            row[f"{mode}_ms"] = step_ms(engine, args.batch, args.prompt, args.steps)
+        if "eager_ms" in row and "compiled_ms" in row:
+            row["compiled_over_eager"] = row["compiled_ms"] / row["eager_ms"]
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    if args.out:
+        report = {"date": date.today().isoformat(), "machine": platform.processor() or platform.machine(),
+                  "threads": torch.get_num_threads(), "torch": torch.__version__, "shape": SHAPE,
+                  "batch": args.batch, "steps": args.steps, "rows": rows}
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,133 @@
+"""The attention the model calls in each layer, over the paged pool under a KV policy.
+
+The model hands every layer's post-RoPE q, k, v to an `Attend` callable and gets the output back. Here
+are the two the runner builds: `DecodeAttention` for one fixed-shape decode step and `PrefillAttention`
+for one chunk of a prompt. A decode layer runs named phases, top to bottom:
+
+    slots   -> the layer's page ids [B, Hkv, S] and, where the policy keeps metadata, their SlotMeta
+    victim  -> the slot each (row, KV head) writes: its current page, a new slot, or the policy's victim
+               (always computed for an evicting layer, applied with `where`: no host branch on step data)
+    store   -> reset the metadata of opened pages, write k/v (and the page's key max/min and fill)
+    select  -> the slots to attend (Quest's top-k, or all of them)
+    attend  -> paged decode attention, with per-page mass when the policy or a trace wants it
+    update  -> the policy's new timestamps / mass, written back to the pool
+
+Everything is a tensor op on the step's inputs, so the step can be compiled with fullgraph=True.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+
+from lemma.engine.decode_state import CONTINUE, EVICT, NEW_SLOT, StepInputs
+from lemma.engine.policies import Policy
+from lemma.engine.pool import KVPool
+from lemma.kernels import reference
+
+
+class DecodeAttention:
+    """One decode step's attention for every layer. With `trace`, each layer also leaves
+    (born, valid, step mass, evicted logical page or -1) in `traces` for an observer outside the step."""
+
+    def __init__(self, pool: KVPool, policy: Policy, ops: SimpleNamespace, scale: float, step: StepInputs,
+                 trace: bool = False):
+        self.pool, self.policy, self.ops, self.scale, self.step, self.trace = pool, policy, ops, scale, step, trace
+        self.logical = step.positions // pool.page_size  # the logical page each row writes
+        self.offsets = step.positions % pool.page_size
+        self.traces: list[tuple[torch.Tensor, ...]] = []
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        pool, policy = self.pool, self.policy
+        sparse = policy.sparse(layer)
+        evicts = sparse and policy.evicts
+        tracked = evicts or self.trace  # needs per-slot metadata
+        mode = self.step.modes[layer][:, None]  # [B, 1]
+
+        ids, valid, meta = self.slots(layer, tracked)
+        write_slot = self.victim(layer, meta, mode, evicts)
+        write_page = ids.gather(2, write_slot[..., None])[..., 0]
+        write_page = torch.where(write_page >= 0, write_page, pool.scratch)  # padded rows
+        evicted = None
+        if self.trace:
+            evicted = torch.where(mode == EVICT, meta.born.gather(2, write_slot[..., None])[..., 0], -1)
+        self.store(layer, k, v, write_page, mode, tracked, bounded=sparse and policy.needs_bound)
+
+        meta = pool.slot_meta(layer, ids, valid) if tracked else None  # the opened pages changed
+        bound = self.ops.page_scores(q, pool.key_max[layer], pool.key_min[layer], ids) if sparse and policy.needs_bound else None
+        attend_ids = self.select(ids, valid, bound, meta, write_slot) if sparse else ids
+        want_mass = (sparse and policy.needs_mass) or self.trace
+        out, step_mass = self.attend(layer, q, attend_ids, want_mass)
+        if self.trace and attend_ids is ids:  # a trace follows the retained pages, not a selection
+            self.traces.append((layer, meta.born, valid, step_mass, evicted))
+        if evicts:
+            stamp, mass = policy.update(meta, bound, step_mass, self.step.positions)
+            pool.write_policy_state(layer, ids, stamp, mass)
+        return out
+
+    # ---- phases ----------------------------------------------------------------------------------------
+    def slots(self, layer: int, tracked: bool):
+        ids = self.step.tables[layer][:, None, :].expand(-1, self.pool.heads.numel(), -1)  # [B, Hkv, S]
+        valid = ids >= 0
+        return ids, valid, (self.pool.slot_meta(layer, ids, valid) if tracked else None)
+
+    def victim(self, layer: int, meta, mode: torch.Tensor, evicts: bool) -> torch.Tensor:
+        """[B, Hkv] slot this step writes."""
+        heads = self.pool.heads.numel()
+        if meta is None:  # nothing is ever evicted here, so slot s holds logical page s
+            return self.logical[:, None].expand(-1, heads)
+        current = (meta.born == self.logical[:, None, None]) & meta.valid
+        slot = current.int().argmax(-1)  # CONTINUE: the slot holding this position's page
+        slot = torch.where(mode == NEW_SLOT, self.step.new_slots[layer][:, None], slot)
+        if evicts:
+            slot = torch.where(mode == EVICT, self.policy.victim(meta, self.logical), slot)
+        return slot
+
+    def store(self, layer: int, k: torch.Tensor, v: torch.Tensor, write_page: torch.Tensor, mode: torch.Tensor,
+              tracked: bool, bounded: bool) -> None:
+        pool = self.pool
+        if tracked:
+            opening = (mode != CONTINUE).expand_as(write_page)
+            pool.open_pages(layer, write_page, opening, self.logical, self.step.positions)
+        self.ops.store_decode(pool.k[layer], pool.v[layer], k, v, write_page, self.offsets,
+                              pool.key_max[layer] if bounded else None, pool.key_min[layer] if bounded else None,
+                              pool.fill[layer])
+
+    def select(self, ids: torch.Tensor, valid: torch.Tensor, bound, meta, write_slot: torch.Tensor) -> torch.Tensor:
+        chosen = self.policy.select(bound, meta, write_slot)
+        if chosen is None:
+            return ids
+        return torch.where(valid.gather(2, chosen), ids.gather(2, chosen), -1)
+
+    def attend(self, layer: int, q: torch.Tensor, ids: torch.Tensor, want_mass: bool):
+        pool = self.pool
+        fill = torch.where(ids >= 0, pool.fill[layer][ids.clamp(min=0), pool.heads[None, :, None]], 0)
+        result = self.ops.paged_decode_attention(q, pool.k[layer], pool.v[layer], ids, fill, self.scale,
+                                                 return_mass=want_mass)
+        return result if want_mass else (result, None)
+
+
+class PrefillAttention:
+    """One prompt chunk [start, end) of one sequence (start page-aligned): store k/v, set the metadata of
+    the pages the chunk writes, causal attention over the sequence's pages so far."""
+
+    def __init__(self, pool: KVPool, scale: float, tables: torch.Tensor, start: int, end: int,
+                 positions: torch.Tensor, pinned: list[bool]):
+        page = pool.page_size
+        self.pool, self.scale, self.tables, self.positions, self.pinned = pool, scale, tables, positions, pinned
+        first_slot = start // page
+        self.born = torch.arange(first_slot, tables.shape[1], device=positions.device)  # logical pages written
+        self.fill = torch.clamp(end - self.born * page, max=page)
+        self.slot_of, self.offsets = positions // page, positions % page
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        pool, table = self.pool, self.tables[layer]  # [S] pages in logical order
+        heads = pool.heads.numel()
+        kc, vc = pool.k[layer], pool.v[layer]
+        reference.store_kv(kc, vc, k, v, table[self.slot_of][:, None].expand(-1, heads), self.offsets)
+        written = table[self.born]
+        fill = self.fill[:, None].expand(-1, heads)
+        hi, lo = reference.page_key_bounds(kc, written[:, None].expand(-1, heads), fill)
+        pool.write_prefilled(layer, written, self.born, fill, hi, lo, self.pinned[layer])
+        return reference.prefill_attention(q, kc, vc, table[None, :].expand(heads, -1), self.positions, self.scale)
