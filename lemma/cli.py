@@ -25,6 +25,9 @@ PolicyOpt = typer.Option("dense", "--policy", help="KV policy: dense, raas, stre
 BudgetOpt = typer.Option(1024, "--budget", help="KV budget in tokens for raas/streaming/h2o/quest (a multiple of 16, prompt included).")
 PinOpt = typer.Option(True, "--pin-prompt/--no-pin-prompt", help="raas: keep every prompt page (the prompt must fit the budget).")
 DenseLayersOpt = typer.Option(0, "--dense-layers", help="Keep the first N layers dense under any policy.")
+CompileOpt = typer.Option(False, "--compile/--no-compile",
+                          help="Compile the decode step (inductor on CPU; CUDA graphs per batch bucket on CUDA). "
+                               "The first steps of each batch size pay the compile.")
 
 
 def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -48,11 +51,12 @@ def _policy(name: str, budget: int, pin_prompt: bool = True, dense_layers: int =
     return make_policy(name, budget, dense_layers=dense_layers, **options)
 
 
-def _engine(model: Optional[str], device: Optional[str], dtype: Optional[str], quiet: bool = False, policy=None):
+def _engine(model: Optional[str], device: Optional[str], dtype: Optional[str], quiet: bool = False, policy=None,
+            compile: bool = False, **options: Any):
     from lemma import Engine
     from lemma.models.store import resolve_model
 
-    return Engine(resolve_model(model, quiet=quiet), policy=policy, device=device, dtype=dtype)
+    return Engine(resolve_model(model, quiet=quiet), policy=policy, device=device, dtype=dtype, compile=compile, **options)
 
 
 def _styled(text: str, dim: bool) -> str:
@@ -140,6 +144,7 @@ def run(
     ignore_eos: bool = typer.Option(False, help="Generate max-tokens tokens even past the end-of-sequence token."),
     device: Optional[str] = DeviceOpt,
     dtype: Optional[str] = DtypeOpt,
+    compile: bool = CompileOpt,
 ) -> None:
     """Stream the answer to one prompt, then a stats line.
 
@@ -150,7 +155,7 @@ def run(
     kv_policy = _policy(policy, budget, pin_prompt, dense_layers)
     if not prompt.strip():
         raise LemmaError("prompt is empty")
-    engine = _engine(model, device, dtype, quiet=as_json, policy=kv_policy)
+    engine = _engine(model, device, dtype, quiet=as_json, policy=kv_policy, compile=compile, max_batch=1)
     ids = engine.chat_prompt(_messages(system, prompt)) if engine.tokenizer.chat_template else engine.tokenizer.encode(prompt, True)
     if as_json:
         out = engine.generate([ids], params)[0]
@@ -180,6 +185,7 @@ def chat(
     dense_layers: int = DenseLayersOpt,
     device: Optional[str] = DeviceOpt,
     dtype: Optional[str] = DtypeOpt,
+    compile: bool = CompileOpt,
 ) -> None:
     """Multi-turn chat with streaming replies.
 
@@ -188,7 +194,8 @@ def chat(
     Example: lemma chat --system "Be brief." --policy raas --budget 512
     """
     params = _params(max_tokens, temperature, top_p, 0, seed)
-    engine = _engine(model, device, dtype, policy=_policy(policy, budget, pin_prompt, dense_layers))
+    engine = _engine(model, device, dtype, policy=_policy(policy, budget, pin_prompt, dense_layers), compile=compile,
+                     max_batch=1)
     messages: list[dict[str, str]] = _messages(system, "")[:-1]
     last_stats = None
     typer.echo(_styled(f"lemma chat: {engine.model_dir.name}, {engine.policy.describe()}. "

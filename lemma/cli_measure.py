@@ -8,7 +8,7 @@ from typing import Any, Optional
 
 import typer
 
-from lemma.cli import DeviceOpt, DtypeOpt, ModelOpt, _engine, friendly_errors
+from lemma.cli import CompileOpt, DeviceOpt, DtypeOpt, ModelOpt, _engine, friendly_errors
 from lemma.errors import LemmaError
 
 
@@ -56,6 +56,7 @@ def bench(
     out: Path = typer.Option(Path("bench-results.json"), help="JSON results; a PNG plot is written next to it."),
     device: Optional[str] = DeviceOpt,
     dtype: Optional[str] = DtypeOpt,
+    compile: bool = CompileOpt,
 ) -> None:
     """Decode ms/token, resident KV and achieved bandwidth per policy at each context length.
 
@@ -73,7 +74,8 @@ def bench(
     from lemma import Engine
     from lemma.models.store import resolve_model
 
-    engine = Engine(resolve_model(model), device=device, dtype=dtype, kv_cache_tokens=max(contexts) + steps + 64)
+    engine = Engine(resolve_model(model), device=device, dtype=dtype, kv_cache_tokens=max(contexts) + steps + 64,
+                    max_batch=1, compile=compile)
     peak = speed.copy_bandwidth(engine.device)
     rows = []
     bar, advance = _progress(len(contexts) * (len(names) + vs_transformers), "benchmarking")
@@ -124,6 +126,7 @@ def evaluate(
     out: Path = typer.Option(Path("eval-results.jsonl"), help="Results file; an interrupted run resumes from it."),
     device: Optional[str] = DeviceOpt,
     dtype: Optional[str] = DtypeOpt,
+    compile: bool = CompileOpt,
 ) -> None:
     """Accuracy (or, with --fidelity, NLL increase and top-1 agreement against Dense) per policy and budget.
 
@@ -136,7 +139,7 @@ def evaluate(
 
     problems = load_problems(data, limit)
     grid = runs.policy_grid(_names(policies), _ints(budgets, "--budgets"), pin_prompt)
-    engine = _engine(model, device, dtype)
+    engine = _engine(model, device, dtype, compile=compile, max_batch=max(batch, 1))
     results = ResultsFile(out)
     work = len(problems) * (len(grid) + (1 if fidelity else 0))
     bar, advance = _progress(work, "fidelity" if fidelity else "accuracy")

@@ -101,7 +101,7 @@ def test_traces_come_out_of_the_compiled_step(tiny_dir):
 def test_buckets():
     assert [batch_bucket(n, 32) for n in (1, 2, 3, 5, 17, 32)] == [1, 2, 4, 8, 32, 32]
     assert batch_bucket(3, 3) == 3
-    assert [slot_bucket(n) for n in (1, 16, 17, 25, 33, 49, 65, 97, 129)] == [16, 16, 24, 32, 48, 64, 96, 128, 192]
+    assert [slot_bucket(n) for n in (1, 5, 7, 9, 16, 17, 25, 33, 49, 65, 97, 129)] == [4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192]
     assert slot_bucket(3, 32) == 32 and slot_bucket(33, 32) == 48
 
 
@@ -109,16 +109,16 @@ def test_state_updates_in_place():
     state = DecodeState(num_layers=2, max_batch=4, device=torch.device("cpu"))
     state.set_rows([7, 8], [[[0, 1], [0]], [[2], [1, 2, 3]]])
     tables = state.tables
-    step = state.step_inputs([5, 6], [20, 33], np.zeros((2, 2), np.int64), np.zeros((2, 2), np.int64), 16)
-    assert step.bucket == (2, 16) and step.tables.data_ptr() == tables.data_ptr()
+    step = state.step_inputs([5, 6], [20, 33], np.zeros((2, 2), np.int64), np.zeros((2, 2), np.int64), 4)
+    assert step.bucket == (2, 4) and step.tables.data_ptr() == tables.data_ptr()
     assert step.tables[1, 1, :4].tolist() == [1, 2, 3, -1]
     state.set_page(0, 1, 1, 9)  # a page opens: one entry changes, nothing is rebuilt
     assert state.tables is tables and tables[0, 1, :2].tolist() == [2, 9]
     state.set_rows([8, 9], [[[2, 9], [1, 2, 3]], [[4], [5]]])  # 7 leaves, 8 moves up, 9 joins
     assert tables[0, 0, :2].tolist() == [2, 9] and tables[1, 1, :2].tolist() == [5, -1]
     assert (tables[:, 2:] == -1).all()
-    step = state.step_inputs([1, 2, 3], [0, 1, 2], np.ones((2, 3), np.int64), np.zeros((2, 3), np.int64), 16)
-    assert step.bucket == (4, 16) and step.modes[:, 3].tolist() == [0, 0]  # the padded row continues into scratch
+    step = state.step_inputs([1, 2, 3], [0, 1, 2], np.ones((2, 3), np.int64), np.zeros((2, 3), np.int64), 4)
+    assert step.bucket == (4, 4) and step.modes[:, 3].tolist() == [0, 0]  # the padded row continues into scratch
     state.ensure_slots(40)
     assert state.tables.shape[2] == 48 and state.generation == 1 and state.tables[0, 0, :2].tolist() == [2, 9]
 
@@ -129,4 +129,19 @@ def test_padded_rows_do_not_disturb_real_ones(tiny_dir):
     params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
     alone = [engine.generate([p], params)[0].token_ids for p in PROMPTS]
     assert [o.token_ids for o in engine.generate(PROMPTS, params)] == alone
+    assert engine.pool.all_free
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("policy", [Dense(), RaaS(budget=64), H2O(budget=64), Quest(budget=48)], ids=lambda p: p.describe())
+def test_cuda_graphs_replay_each_bucket_and_equal_eager(tiny_dir, policy):
+    """On CUDA, compile=True captures one graph per bucket and replays it: same greedy tokens as eager."""
+    kwargs = dict(policy=policy, kv_cache_tokens=4096, max_batch=2, device="cuda", dtype="float32")
+    expected = Engine(tiny_dir, **kwargs).generate(PROMPTS, PARAMS)
+    engine = Engine(tiny_dir, compile=True, **kwargs)
+    outs, steps = run_counting_buckets(engine)
+    assert [o.token_ids for o in outs] == [o.token_ids for o in expected]
+    buckets = {bucket for bucket, _, _ in steps}
+    assert len(engine.runner._graphs.graphs) == len(buckets) and len(steps) >= 200
     assert engine.pool.all_free

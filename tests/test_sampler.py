@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lemma import Engine, SamplingParams
-from lemma.engine.sampler import Sampler, apply_repetition_penalty, filter_logits
+from lemma.engine.sampler import Sampler, apply_repetition_penalty, exponential_noise, filter_logits
 
 
 def direct_keep(logits: torch.Tensor, top_k: int, top_p: float, min_p: float) -> set[int]:
@@ -57,20 +57,30 @@ def test_sampler_seeded_rows_are_reproducible_and_follow_the_distribution():
     probs = torch.tensor([0.6, 0.3, 0.1])
     logits = probs.log()[None].expand(4000, -1).contiguous()
     params = [SamplingParams(temperature=1.0)] * 4000
-    g = sampler.generator_for(5)
-    draws = sampler(logits, params, [g] * 4000, torch.empty(0))
+    draws = sampler(logits, params, [5] * 4000, torch.arange(4000), torch.empty(0))  # one request, 4000 draws
     freq = torch.bincount(draws, minlength=3).float() / 4000
     assert torch.allclose(freq, probs, atol=0.03)
-    again = sampler(logits[:5], params[:5], [sampler.generator_for(9)] * 5, torch.empty(0))
-    assert torch.equal(again, sampler(logits[:5], params[:5], [sampler.generator_for(9)] * 5, torch.empty(0)))
+    by_seed = sampler(logits, params, list(range(4000)), torch.zeros(4000, dtype=torch.int64), torch.empty(0))
+    assert torch.allclose(torch.bincount(by_seed, minlength=3).float() / 4000, probs, atol=0.03)
+    again = sampler(logits[:5], params[:5], [9] * 5, torch.arange(5), torch.empty(0))
+    assert torch.equal(again, sampler(logits[:5], params[:5], [9] * 5, torch.arange(5), torch.empty(0)))
+
+
+def test_noise_is_exponential_and_independent_across_tokens_seeds_and_positions():
+    noise = exponential_noise(torch.tensor([1, 2, 2**40 + 1]), torch.tensor([0, 0, 0]), 20000)
+    assert noise.min() > 0 and torch.isfinite(noise).all()
+    assert abs(noise.mean().item() - 1.0) < 0.02 and abs(noise.var().item() - 1.0) < 0.05
+    assert not torch.equal(noise[0], noise[1])
+    assert torch.equal(noise[0], noise[2])  # seeds are taken modulo 2**32
+    later = exponential_noise(torch.tensor([1]), torch.tensor([1]), 20000)
+    assert torch.corrcoef(torch.stack([noise[0], later[0]]))[0, 1].abs() < 0.03
 
 
 def test_greedy_rows_take_the_argmax_in_a_mixed_batch():
     sampler = Sampler(torch.device("cpu"))
     logits = torch.tensor([[0.0, 5.0, 1.0], [0.0, 0.0, 0.0]])
     params = [SamplingParams(temperature=0), SamplingParams(temperature=1.0, top_k=1)]
-    g = sampler.generator_for(0)
-    assert sampler(logits, params, [g, g], torch.empty(0)).tolist() == [1, 0]
+    assert sampler(logits, params, [0, 0], torch.tensor([3, 3]), torch.empty(0)).tolist() == [1, 0]
 
 
 def test_stop_string_spanning_two_tokens(tiny_dir):

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 CONTINUE, NEW_SLOT, EVICT = 0, 1, 2  # what a decode step does to each (layer, sequence)
-MIN_SLOTS = 16
+MIN_SLOTS = 4
 
 
 def batch_bucket(n: int, max_batch: int) -> int:
@@ -31,7 +31,7 @@ def batch_bucket(n: int, max_batch: int) -> int:
 
 def slot_bucket(pages: int, evicting_capacity: int | None = None) -> int:
     """Slots for a step whose sequences hold at most `pages` pages in a layer: an evicting policy's
-    capacity while it holds, else the next of 16, 24, 32, 48, 64, 96, ... (at most 1.5x padding)."""
+    capacity while it holds, else the next of 4, 6, 8, 12, 16, 24, 32, ... (at most 1.5x padding)."""
     if evicting_capacity is not None and pages <= evicting_capacity:
         return evicting_capacity
     size = MIN_SLOTS

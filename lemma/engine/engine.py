@@ -155,7 +155,6 @@ class Engine:
                 failed.finish_reason, failed.error = "error", str(exc)
                 yield failed, "", []
         running: list[Sequence] = []
-        generators: dict[int, torch.Generator] = {}
         try:
             while waiting or running:
                 while waiting and len(running) < self.max_batch:
@@ -165,10 +164,11 @@ class Engine:
                     waiting.popleft()
                     self.pool.reserve(seq.reserved)
                     running.append(seq)  # from here on its pages are returned in `finally`
-                    generators[seq.index] = self.sampler.generator_for(seq.params.seed)
+                    seq.seed = self.sampler.seed_for(seq.params.seed)
                     start = time.perf_counter()
                     logits = self.runner.prefill(seq, policy)
-                    token = self._next_tokens(logits[None], [seq], generators, forced)[0]
+                    counters = torch.tensor([seq.num_tokens - 1], device=self.device)
+                    token = self._next_tokens(logits[None], [seq], counters, forced)[0]
                     seq.stats.prefill_seconds = time.perf_counter() - start
                     yield self._advance(seq, token)
                     if seq.finish_reason:
@@ -178,7 +178,7 @@ class Engine:
                     continue
                 start = time.perf_counter()
                 logits = self.runner.decode(running, policy)
-                tokens = self._next_tokens(logits, running, generators, forced)
+                tokens = self._next_tokens(logits, running, self.runner.positions(len(running)), forced)
                 elapsed = time.perf_counter() - start
                 for seq, token in zip(running, tokens):
                     seq.stats.decode_seconds += elapsed
@@ -190,10 +190,10 @@ class Engine:
             for seq in running:
                 self._release(seq)
 
-    def _next_tokens(self, logits: torch.Tensor, seqs: list[Sequence], generators: dict[int, torch.Generator],
+    def _next_tokens(self, logits: torch.Tensor, seqs: list[Sequence], counters: torch.Tensor,
                      forced: list[list[int]] | None) -> list[int]:
         if forced is None:
-            return self._sample(logits, seqs, generators)
+            return self._sample(logits, seqs, counters)
         tokens = [forced[s.index][len(s.output_ids)] for s in seqs]
         logprobs = torch.log_softmax(logits.float(), dim=-1)
         chosen = logprobs.gather(1, torch.tensor(tokens, device=logits.device)[:, None])[:, 0]
@@ -202,14 +202,14 @@ class Engine:
             seq.predicted.append(top)
         return tokens
 
-    def _sample(self, logits: torch.Tensor, seqs: list[Sequence], generators: dict[int, torch.Generator]) -> list[int]:
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence], counters: torch.Tensor) -> list[int]:
         params = [s.params for s in seqs]
         history = torch.empty(0)
         if any(p.repetition_penalty != 1.0 for p in params):
             width = max(s.num_tokens for s in seqs)
             rows = [s.prompt_ids + s.output_ids + [-1] * (width - s.num_tokens) for s in seqs]
             history = torch.tensor(rows, dtype=torch.int64, device=logits.device)
-        return self.sampler(logits, params, [generators[s.index] for s in seqs], history).tolist()
+        return self.sampler(logits, params, [s.seed for s in seqs], counters, history).tolist()
 
     def _advance(self, seq: Sequence, token: int) -> tuple[Sequence, str, list[int]]:
         piece = seq.append(token)

@@ -108,6 +108,10 @@ class ModelRunner:
                 self.observer(layer, born[:n], valid[:n], mass[:n], evicted[:n])
         return logits[: len(seqs)]
 
+    def positions(self, batch: int) -> torch.Tensor:
+        """The positions the last decode step fed, on the device: [batch]."""
+        return self.state.inputs[1, :batch]
+
     @staticmethod
     def _args(step: StepInputs) -> tuple[torch.Tensor, ...]:
         return step.tokens, step.positions, step.modes, step.new_slots, step.tables

@@ -5,6 +5,7 @@ Everything is tensor ops over the batch (no host synchronisation); rows with tem
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field
 
 import torch
@@ -74,41 +75,75 @@ def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
     return logits.masked_fill(mask, float("-inf"))
 
 
+MASK32 = 0xFFFFFFFF
+
+
+def mix32(x: torch.Tensor) -> torch.Tensor:
+    """A bijective 32-bit integer mixer (two multiply-xorshift rounds) on int64 tensors holding 32-bit
+    values; products stay below 2**59, so nothing overflows."""
+    x = ((x >> 16) ^ x) * 0x45D9F3B & MASK32
+    x = ((x >> 16) ^ x) * 0x45D9F3B & MASK32
+    return (x >> 16) ^ x
+
+
+def exponential_noise(seeds: torch.Tensor, counters: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Exp(1) noise [B, V] that depends only on (seed, counter, token id): a counter-based generator,
+    so a seeded request draws the same noise whatever batch it runs in, with no per-row generator
+    and no host synchronisation. seeds [B] 32-bit, counters [B] (the position being sampled)."""
+    row = mix32(mix32(seeds & MASK32) ^ (counters & MASK32))
+    token = torch.arange(vocab, device=seeds.device, dtype=torch.int64)
+    bits = mix32((row[:, None] ^ (token[None, :] * 0x9E3779B1 & MASK32)) & MASK32)
+    uniform = ((bits >> 8).float() + 0.5) / 2.0**24  # 24 bits: exact in fp32, in (0, 1), never 0 or 1
+    return -torch.log(uniform)
+
+
+class BatchParams:
+    """The sampling parameters of a batch as device tensors, built once per batch composition."""
+
+    def __init__(self, params: list[SamplingParams], seeds: list[int], device: torch.device):
+        as_tensor = lambda values, dtype: torch.tensor(values, dtype=dtype, device=device)  # noqa: E731
+        self.all_greedy = all(p.greedy for p in params)
+        self.penalised = any(p.repetition_penalty != 1.0 for p in params)
+        self.penalty = as_tensor([p.repetition_penalty for p in params], torch.float32)
+        self.temperature = as_tensor([p.temperature if p.temperature > 0 else 1.0 for p in params], torch.float32)
+        self.top_k = as_tensor([p.top_k for p in params], torch.int64)
+        self.top_p = as_tensor([p.top_p for p in params], torch.float32)
+        self.min_p = as_tensor([p.min_p for p in params], torch.float32)
+        self.greedy = as_tensor([p.greedy for p in params], torch.bool)
+        self.seeds = as_tensor([s & MASK32 for s in seeds], torch.int64)
+
+
 class Sampler:
-    """Holds per-request generators so a seeded request samples the same tokens whatever its batch."""
+    """Batched sampling. Noise comes from (seed, position) through a counter-based generator, so a
+    seeded request samples the same tokens whatever its batch; an unseeded request gets a random seed
+    at admission (`seed_for`)."""
 
     def __init__(self, device: torch.device):
         self.device = device
-        self.default_generator = torch.Generator(device=device)
-        self.default_generator.seed()
+        self._entropy = random.SystemRandom()
+        self._cached: tuple[tuple, BatchParams] | None = None
 
-    def generator_for(self, seed: int | None) -> torch.Generator:
-        if seed is None:
-            return self.default_generator
-        g = torch.Generator(device=self.device)
-        g.manual_seed(seed)
-        return g
+    def seed_for(self, seed: int | None) -> int:
+        return self._entropy.getrandbits(32) if seed is None else seed
 
-    def __call__(self, logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator],
+    def batch_params(self, params: list[SamplingParams], seeds: list[int]) -> BatchParams:
+        key = tuple((p.temperature, p.top_k, p.top_p, p.min_p, p.repetition_penalty) for p in params) + tuple(seeds)
+        if self._cached is None or self._cached[0] != key:
+            self._cached = (key, BatchParams(params, seeds, self.device))
+        return self._cached[1]
+
+    def __call__(self, logits: torch.Tensor, params: list[SamplingParams], seeds: list[int], counters: torch.Tensor,
                  history: torch.Tensor) -> torch.Tensor:
-        """logits [B, V] fp32 -> next token ids [B]."""
-        dev = logits.device
-        as_tensor = lambda values, dtype: torch.tensor(values, dtype=dtype, device=dev)  # noqa: E731
-        if any(p.repetition_penalty != 1.0 for p in params):
-            logits = apply_repetition_penalty(logits, history, as_tensor([p.repetition_penalty for p in params], torch.float32))
+        """logits [B, V] fp32 -> next token ids [B]. counters [B] (on the device): the position each row
+        samples after, so every draw of a request gets fresh noise."""
+        batch = self.batch_params(params, seeds)
+        if batch.penalised:
+            logits = apply_repetition_penalty(logits, history, batch.penalty)
         greedy_ids = logits.argmax(-1)
-        if all(p.greedy for p in params):
+        if batch.all_greedy:
             return greedy_ids
-        temperature = as_tensor([p.temperature if p.temperature > 0 else 1.0 for p in params], torch.float32)
-        scaled = filter_logits(
-            logits / temperature[:, None],
-            as_tensor([p.top_k for p in params], torch.int64),
-            as_tensor([p.top_p for p in params], torch.float32),
-            as_tensor([p.min_p for p in params], torch.float32),
-        )
+        scaled = filter_logits(logits / batch.temperature[:, None], batch.top_k, batch.top_p, batch.min_p)
         probs = scaled.softmax(-1)
-        # Exponential race (Gumbel-max): argmax p/E with E ~ Exp(1) samples from p; one noise row per request.
-        noise = torch.stack([torch.empty_like(probs[0]).exponential_(generator=g) for g in generators])
-        sampled = (probs / noise).argmax(-1)
-        is_greedy = as_tensor([p.greedy for p in params], torch.bool)
-        return torch.where(is_greedy, greedy_ids, sampled)
+        # Exponential race (Gumbel-max): argmax p/E with E ~ Exp(1) samples from p.
+        sampled = (probs / exponential_noise(batch.seeds, counters, probs.shape[-1])).argmax(-1)
+        return torch.where(batch.greedy, greedy_ids, sampled)

@@ -74,6 +74,7 @@ class Sequence:
         self.index = index
         self.prompt_ids = prompt_ids
         self.params = params
+        self.seed = 0  # the sampling seed: params.seed, or drawn at admission
         self.detok = detokenizer
         self.eos_ids = set() if params.ignore_eos else set(eos_ids)
         self.output_ids: list[int] = []
