@@ -31,7 +31,7 @@ class SlotMeta:
 
 
 class KVPool:
-    """K and V as [num_layers, num_pages, num_kv_heads, page_size, head_dim].
+    """K and V per layer as [num_pages + 1, num_kv_heads, page_size, head_dim].
 
     Admission reserves pages per layer up front (`reserve`); pages are then taken lazily (`take`)
     against the reservation, so a running sequence never finds its layer empty.
@@ -41,17 +41,23 @@ class KVPool:
                  dtype: torch.dtype, device: torch.device, page_size: int = PAGE_SIZE):
         if num_pages < 1:
             raise LemmaError(f"KV pool too small: {num_pages} pages")
-        shape = (num_layers, num_pages + 1, num_kv_heads, page_size, head_dim)  # + the scratch page
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
-        meta = (num_layers, num_pages + 1, num_kv_heads)
-        self.key_max = torch.zeros(*meta, head_dim, dtype=torch.float32, device=device)
-        self.key_min = torch.zeros(*meta, head_dim, dtype=torch.float32, device=device)
-        self.fill = torch.zeros(meta, dtype=torch.int32, device=device)
-        self.born = torch.zeros(meta, dtype=torch.int64, device=device)
-        self.stamp = torch.zeros(meta, dtype=torch.int64, device=device)
-        self.mass = torch.zeros(meta, dtype=torch.float32, device=device)
-        self.pinned = torch.zeros(meta, dtype=torch.bool, device=device)
+        # One tensor per layer (not views of one big tensor): a compiled step then updates each in place
+        # instead of copying the whole pool back.
+        shape = (num_pages + 1, num_kv_heads, page_size, head_dim)  # + the scratch page
+        meta = (num_pages + 1, num_kv_heads)
+
+        def per_layer(shape: tuple[int, ...], dtype: torch.dtype) -> list[torch.Tensor]:
+            return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+
+        self.k, self.v = per_layer(shape, dtype), per_layer(shape, dtype)
+        self.key_max = per_layer((*meta, head_dim), torch.float32)
+        self.key_min = per_layer((*meta, head_dim), torch.float32)
+        self.fill = per_layer(meta, torch.int32)
+        self.born = per_layer(meta, torch.int64)
+        self.stamp = per_layer(meta, torch.int64)
+        self.mass = per_layer(meta, torch.float32)
+        self.pinned = per_layer(meta, torch.bool)
+        self.device = torch.device(device)
         self.num_layers, self.num_pages, self.page_size = num_layers, num_pages, page_size
         self.scratch = num_pages
         self.heads = torch.arange(num_kv_heads, device=device)
@@ -72,7 +78,8 @@ class KVPool:
 
     @property
     def page_bytes(self) -> int:
-        return self.bytes_per_page(self.num_layers, self.k.shape[2], self.k.shape[4], self.k.dtype, self.page_size)
+        k = self.k[0]
+        return self.bytes_per_page(self.num_layers, k.shape[1], k.shape[3], k.dtype, self.page_size)
 
     @property
     def capacity_tokens(self) -> int:

@@ -33,7 +33,7 @@ class ModelRunner:
                  max_batch: int = 32, compile: bool | str = False):
         self.model, self.pool = model, pool
         self.ops = kernel_ops(attention)
-        self.device = pool.k.device
+        self.device = pool.device
         self.scale = model.config.head_dim ** -0.5
         self.prefill_chunk = max(pool.page_size, prefill_chunk // pool.page_size * pool.page_size)
         self.state = DecodeState(pool.num_layers, max_batch, self.device)
