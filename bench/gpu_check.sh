@@ -6,4 +6,6 @@ cd "$(dirname "$0")/.."
 python -m pip install -q --no-deps -e . 2>/dev/null || export PYTHONPATH=$PWD
 mkdir -p "${OUT:-bench/results}"
 python -m pytest -q tests/test_kernels.py -k "not sm90 and not demo" 2>&1 | tail -5 | tee "${OUT:-bench/results}/gpu_tests.txt"
+# CUDA graphs per bucket vs eager (needs transformers for the tiny test models; skipped without it)
+python -m pytest -q tests/test_compiled_step.py -k cuda 2>&1 | tail -5 | tee -a "${OUT:-bench/results}/gpu_tests.txt" || true
 python bench/gpu_bench.py --out "${OUT:-bench/results}/gpu.json" 2>&1 | tee "${OUT:-bench/results}/gpu_bench.txt"

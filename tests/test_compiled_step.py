@@ -145,3 +145,16 @@ def test_cuda_graphs_replay_each_bucket_and_equal_eager(tiny_dir, policy):
     buckets = {bucket for bucket, _, _ in steps}
     assert len(engine.runner._graphs.graphs) == len(buckets) and len(steps) >= 200
     assert engine.pool.all_free
+
+
+def test_compiled_step_calls_the_triton_kernels_as_custom_ops(tiny_dir):
+    """attention="triton" (interpreted here): the compiled step traces the kernels as opaque custom ops,
+    with no graph break, and gives the eager Triton path's tokens."""
+    torch._dynamo.reset()
+    counters.clear()
+    kwargs = dict(policy=RaaS(budget=32, pin_prompt=False), kv_cache_tokens=1024, max_batch=1, attention="triton")
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    expected = Engine(tiny_dir, **kwargs).generate(["The quick brown fox"], params)[0]
+    got = Engine(tiny_dir, compile="eager", **kwargs).generate(["The quick brown fox"], params)[0]
+    assert got.token_ids == expected.token_ids and got.stats.pages_evicted > 0
+    assert not counters["graph_break"] and counters["stats"]["unique_graphs"] == 1

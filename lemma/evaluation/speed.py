@@ -121,3 +121,41 @@ def bench_transformers(engine: Engine, prompt_ids: list[int], steps: int) -> flo
             times.append(time.perf_counter() - start)
     del model
     return 1000 * sum(times[2:]) / max(len(times) - 2, 1)
+
+
+def decode_step_ms(engine: Engine, policy: Policy, prompts: list[list[int]], steps: int) -> float:
+    """Mean ms per decode step of the whole batch of `prompts`, leaving out the first step of each
+    (batch, slot) bucket (where a compiled step compiles or a CUDA graph is captured) and steps after
+    a sequence finished."""
+    engine.policy = policy
+    prepare, decode = engine.runner.prepare, engine.runner.decode
+    seen: set = set()
+    fresh = {"new": True}
+    times: list[float] = []
+
+    def spy_prepare(seqs, pol):
+        step = prepare(seqs, pol)
+        fresh["new"] = step.bucket not in seen
+        seen.add(step.bucket)
+        return step
+
+    def timed(seqs, pol):
+        if engine.device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        logits = decode(seqs, pol)
+        if engine.device.type == "cuda":
+            torch.cuda.synchronize()
+        if not fresh["new"] and len(seqs) == len(prompts):
+            times.append(time.perf_counter() - start)
+        return logits
+
+    engine.runner.prepare, engine.runner.decode = spy_prepare, timed
+    try:
+        outs = engine.generate(prompts, SamplingParams(temperature=0, max_tokens=steps + 1, ignore_eos=True))
+    finally:
+        engine.runner.prepare, engine.runner.decode = prepare, decode
+    failed = [o.error for o in outs if o.finish_reason == "error"]
+    if failed:
+        raise RuntimeError(failed[0])
+    return 1000 * sum(times) / max(len(times), 1)

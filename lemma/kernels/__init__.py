@@ -29,9 +29,9 @@ def kernel_ops(choice: str) -> SimpleNamespace:
                           paged_decode_attention=reference.paged_decode_attention)
     if choice == "triton":
         try:
-            from lemma.kernels import attention, scores, store
+            from lemma.kernels import triton_ops
         except ImportError as exc:
             raise LemmaError(f"attention='triton' needs triton installed ({exc})") from None
-        ops = SimpleNamespace(store_decode=store.store_decode, page_scores=scores.page_scores,
-                              paged_decode_attention=attention.paged_decode_attention)
+        ops = SimpleNamespace(store_decode=triton_ops.store_decode, page_scores=triton_ops.page_scores,
+                              paged_decode_attention=triton_ops.paged_decode_attention)
     return ops
