@@ -11,12 +11,13 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import time
 from datetime import date
 from pathlib import Path
 
 import torch
 
-from lemma import Dense, Engine, RaaS
+from lemma import Dense, Engine, RaaS, SamplingParams
 from lemma.evaluation import speed
 from lemma.models.store import resolve_model
 
@@ -24,6 +25,26 @@ from lemma.models.store import resolve_model
 def step_ms(engine: Engine, policy, batch: int, context: int, steps: int) -> float:
     prompt = speed.long_prompt(engine, context)
     return speed.decode_step_ms(engine, policy, [prompt[b:] + prompt[:b] for b in range(batch)], steps)
+
+
+def prefill_seconds(engine: Engine, context: int) -> tuple[float, float]:
+    """Seconds to prefill one prompt of `context` tokens: lemma (paged, chunked) and transformers."""
+    import transformers
+
+    prompt = speed.long_prompt(engine, context)
+    engine.policy = Dense()
+    engine.generate([prompt], SamplingParams(max_tokens=1))  # warm-up
+    ours = min(engine.generate([prompt], SamplingParams(max_tokens=1))[0].stats.prefill_seconds for _ in range(2))
+    model = transformers.AutoModelForCausalLM.from_pretrained(engine.model_dir, dtype=engine.dtype).eval()
+    ids = torch.tensor([prompt])
+    with torch.inference_mode():
+        model(ids)
+        theirs = []
+        for _ in range(2):
+            start = time.perf_counter()
+            model(ids)
+            theirs.append(time.perf_counter() - start)
+    return ours, min(theirs)
 
 
 def main() -> None:
@@ -40,29 +61,34 @@ def main() -> None:
     batches = [int(b) for b in args.batches.split(",")]
     contexts = [int(c) for c in args.contexts.split(",")]
     modes = args.modes.split(",")
-    rows = []
+    rows: dict[tuple, dict] = {}
     for dtype in args.dtypes.split(","):
-        engines = {}
-        for mode in ("eager", "compiled"):
-            if mode in modes:
-                tokens = max(batches) * (max(contexts) + args.steps + 32)
-                engines[mode] = Engine(folder, dtype=dtype, device="cpu", kv_cache_tokens=tokens,
-                                       max_batch=max(batches), compile=mode == "compiled")
-        for batch in batches:
-            for context in contexts:
-                policies = [("dense", Dense())] + ([("raas-512", RaaS(budget=512, pin_prompt=False))] if context > 512 else [])
-                for name, policy in policies:
-                    row = {"dtype": dtype, "batch": batch, "context": context, "policy": name}
-                    for mode, engine in engines.items():
+        for mode in [m for m in ("eager", "compiled") if m in modes]:  # one engine (and pool) at a time
+            tokens = max(batches) * (max(contexts) + args.steps + 32)
+            engine = Engine(folder, dtype=dtype, device="cpu", kv_cache_tokens=tokens, max_batch=max(batches),
+                            compile=mode == "compiled")
+            for batch in batches:
+                for context in contexts:
+                    policies = [("dense", Dense())] + ([("raas-512", RaaS(budget=512, pin_prompt=False))] if context > 512 else [])
+                    for name, policy in policies:
+                        row = rows.setdefault((dtype, batch, context, name),
+                                              {"dtype": dtype, "batch": batch, "context": context, "policy": name})
                         row[f"{mode}_ms"] = step_ms(engine, policy, batch, context, args.steps)
-                    if "transformers" in modes and name == "dense" and batch == 1:
-                        base = next(iter(engines.values()))
-                        row["transformers_ms"] = speed.bench_transformers(base, speed.long_prompt(base, context), args.steps)
-                    if "eager_ms" in row and "compiled_ms" in row:
-                        row["eager_over_compiled"] = row["eager_ms"] / row["compiled_ms"]
-                    print(json.dumps(row), flush=True)
-                    rows.append(row)
-        del engines
+                        if "transformers" in modes and name == "dense" and batch == 1 and "transformers_ms" not in row:
+                            row["transformers_ms"] = speed.bench_transformers(engine, speed.long_prompt(engine, context), args.steps)
+                        print(json.dumps(row), flush=True)
+            if mode == "eager" and "transformers" in modes:
+                for context in contexts:
+                    ours, theirs = prefill_seconds(engine, context)
+                    rows[(dtype, "prefill", context)] = {"dtype": dtype, "prefill_context": context, "lemma_s": ours,
+                                                         "transformers_s": theirs, "transformers_over_lemma": theirs / ours}
+                    print(json.dumps(rows[(dtype, "prefill", context)]), flush=True)
+            del engine
+    for row in rows.values():
+        if "eager_ms" in row and "compiled_ms" in row:
+            row["eager_over_compiled"] = row["eager_ms"] / row["compiled_ms"]
+    rows = list(rows.values())
+    print(json.dumps(rows, indent=1))
     if args.out:
         report = {"date": date.today().isoformat(), "machine": platform.processor() or platform.machine(),
                   "threads": torch.get_num_threads(), "torch": torch.__version__, "model": args.model,

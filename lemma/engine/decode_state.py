@@ -72,13 +72,14 @@ class DecodeState:
         return host, torch.from_numpy(host) if self.on_host else torch.from_numpy(host).to(self.device)
 
     # ---- membership and pages (host bookkeeping between steps) ---------------------------------------
-    def set_rows(self, uids: list[int], page_lists: list[list[list[int]]]) -> None:
+    def set_rows(self, uids: list[int], page_lists: list[list[list[int]]], most_pages: int = 1) -> None:
         """Make row i hold sequence uids[i] (page_lists[i][layer] = its pages); rows that kept their
-        sequence keep their entries, rows of new or moved sequences are rewritten."""
+        sequence keep their entries, rows of new or moved sequences are rewritten. The tables grow to
+        hold `most_pages` slots (the most any of these sequences may hold)."""
         if uids == self.rows:
             return
         old = {uid: row for row, uid in enumerate(self.rows)}
-        self.ensure_slots(max((len(p) for pages in page_lists for p in pages), default=1))
+        self.ensure_slots(max([most_pages] + [len(p) for pages in page_lists for p in pages]))
         moved = self._tables_np.copy()
         for row, (uid, pages) in enumerate(zip(uids, page_lists)):
             if uid in old:

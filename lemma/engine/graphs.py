@@ -25,6 +25,7 @@ class CudaGraphs:
         an older buffer generation read freed buffers and are dropped."""
         if generation != self.generation:
             self.graphs.clear()
+            self.memory_pool = None  # the old pool may still hold a live output: start a new one
             self.generation = generation
         if key in self.graphs:
             graph, output = self.graphs[key]
@@ -33,8 +34,10 @@ class CudaGraphs:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            result = step().clone()  # the real step (and warm-up)
+            computed = step()  # the real step (and warm-up)
         torch.cuda.current_stream().wait_stream(side)
+        computed.record_stream(torch.cuda.current_stream())
+        result = computed.clone()
         if self.memory_pool is None:
             self.memory_pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()

@@ -25,7 +25,7 @@ from lemma.models.llama import CausalLM
 
 # observer(layer, born [B,Hkv,S], valid, step mass [B,Hkv,S], evicted born [B,Hkv] or -1): for traces
 Observer = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
-COMPILE_CHOICES = ("inductor", "eager", "aot_eager", "cudagraphs")
+COMPILE_CHOICES = ("inductor", "eager", "aot_eager")
 
 
 class ModelRunner:
@@ -120,7 +120,9 @@ class ModelRunner:
         """Host bookkeeping for one step: batch rows, page opens (a free page or an eviction, per layer),
         then this step's inputs in the persistent state."""
         state, page, layers = self.state, self.pool.page_size, self.pool.num_layers
-        state.set_rows([s.uid for s in seqs], [s.pages for s in seqs])
+        # tables wide enough for the most pages any running sequence may hold: they are not reallocated
+        # (and captured graphs not dropped) as sequences grow
+        state.set_rows([s.uid for s in seqs], [s.pages for s in seqs], max(max(s.capacity) for s in seqs))
         modes = np.zeros((layers, len(seqs)), dtype=np.int64)
         new_slots = np.zeros_like(modes)
         for row, seq in enumerate(seqs):
@@ -158,8 +160,11 @@ def compile_step(step: Callable, backend: str, device: torch.device) -> Callable
     import torch._dynamo.config as dynamo_config
 
     # each batch x slot bucket (and policy) is one static graph; the default limit of 8 is too few
-    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 256)
-    dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit, 4096)
+    # (older torch names the limits cache_size_limit / accumulated_cache_size_limit)
+    for name, old_name, least in (("recompile_limit", "cache_size_limit", 256),
+                                  ("accumulated_recompile_limit", "accumulated_cache_size_limit", 4096)):
+        key = name if hasattr(dynamo_config, name) else old_name
+        setattr(dynamo_config, key, max(getattr(dynamo_config, key), least))
     # inductor on CPU: a C++ wrapper instead of Python calling each kernel (1.5x on the overhead model),
     # and frozen weights (constants, linear layers prepacked: 1.3x on SmolLM2 at batch 1). The pool's
     # tensors are not parameters, so they stay inputs that the step updates in place.

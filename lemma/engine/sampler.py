@@ -93,7 +93,7 @@ def exponential_noise(seeds: torch.Tensor, counters: torch.Tensor, vocab: int) -
     row = mix32(mix32(seeds & MASK32) ^ (counters & MASK32))
     token = torch.arange(vocab, device=seeds.device, dtype=torch.int64)
     bits = mix32((row[:, None] ^ (token[None, :] * 0x9E3779B1 & MASK32)) & MASK32)
-    uniform = ((bits >> 8).float() + 0.5) / 2.0**24  # 24 bits: exact in fp32, in (0, 1), never 0 or 1
+    uniform = ((bits >> 9).float() + 0.5) / 2.0**23  # 23 bits + 0.5 is exact in fp32: strictly inside (0, 1)
     return -torch.log(uniform)
 
 
