@@ -45,6 +45,19 @@ def test_run_json(tiny_dir):
     assert data["stats"]["generated_tokens"] == len(data["token_ids"])
 
 
+def test_run_compiled_equals_eager(tiny_dir):
+    """--compile compiles the decode step (inductor here) and gives the eager run's greedy text."""
+    args = ("run", "Tell me a story", "--model", tiny_dir, "--max-tokens", 12, "--temperature", 0, "--json", "--ignore-eos")
+    eager, compiled = invoke(*args), invoke(*args, "--compile")
+    assert eager.exit_code == 0 and compiled.exit_code == 0, compiled.output
+    assert json.loads(compiled.output)["token_ids"] == json.loads(eager.output)["token_ids"]
+
+
+@pytest.mark.parametrize("command", ["run", "chat", "bench", "eval"])
+def test_compile_flag_is_offered(command):
+    assert "--compile" in invoke(command, "--help").output
+
+
 def test_info(tiny_dir):
     result = invoke("info", "--model", tiny_dir)
     assert result.exit_code == 0, result.output

@@ -67,6 +67,17 @@ def kv_bytes_per_step(engine: Engine, policy: Policy, context: int) -> int:
     return total
 
 
+def synchronized_seconds(device: torch.device, fn, *args) -> tuple[Any, float]:
+    """fn(*args) and its wall time, with the device's queue drained before and after."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    result = fn(*args)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return result, time.perf_counter() - start
+
+
 def bench_policy(engine: Engine, policy: Policy, prompt_ids: list[int], steps: int) -> dict[str, Any]:
     engine.policy = policy
     times: list[float] = []
@@ -74,13 +85,8 @@ def bench_policy(engine: Engine, policy: Policy, prompt_ids: list[int], steps: i
     decode = engine.runner.decode
 
     def timed(seqs, pol):
-        if engine.device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        logits = decode(seqs, pol)
-        if engine.device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
+        logits, seconds = synchronized_seconds(engine.device, decode, seqs, pol)
+        times.append(seconds)
         resident.append(sum(len(p) for p in seqs[0].pages) * engine.pool.layer_page_bytes)
         return logits
 
@@ -140,14 +146,9 @@ def decode_step_ms(engine: Engine, policy: Policy, prompts: list[list[int]], ste
         return step
 
     def timed(seqs, pol):
-        if engine.device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        logits = decode(seqs, pol)
-        if engine.device.type == "cuda":
-            torch.cuda.synchronize()
+        logits, seconds = synchronized_seconds(engine.device, decode, seqs, pol)
         if not fresh["new"] and len(seqs) == len(prompts):
-            times.append(time.perf_counter() - start)
+            times.append(seconds)
         return logits
 
     engine.runner.prepare, engine.runner.decode = spy_prepare, timed
