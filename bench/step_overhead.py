@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from lemma import H2O, Dense, Engine, Quest, RaaS, SamplingParams, StreamingLLM
+from lemma.evaluation import speed
 from lemma.models.config import ModelConfig
 from lemma.models.llama import CausalLM
 
@@ -43,24 +44,8 @@ def step_ms(engine: Engine, batch: int, prompt_len: int, steps: int) -> float:
     """Mean ms of one decode step of `batch` sequences over a second, identical generation (the first
     one warms up and compiles)."""
     prompts = [[1 + (i + b) % 500 for i in range(prompt_len)] for b in range(batch)]
-    params = SamplingParams(temperature=0, max_tokens=steps + 1, ignore_eos=True)
-    engine.generate(prompts, params)
-    times: list[float] = []
-    decode = engine.runner.decode
-
-    def timed(*args, **kwargs):
-        start = time.perf_counter()
-        logits = decode(*args, **kwargs)
-        times.append(time.perf_counter() - start)
-        return logits
-
-    engine.runner.decode = timed
-    try:
-        out = engine.generate(prompts, params)[0]
-    finally:
-        engine.runner.decode = decode
-    assert out.finish_reason == "length", out.error
-    return 1000 * sum(times) / len(times)
+    engine.generate(prompts, SamplingParams(temperature=0, max_tokens=steps + 1, ignore_eos=True))
+    return speed.decode_step_ms(engine, engine.policy, prompts, steps)
 
 
 def main() -> None:

@@ -80,16 +80,14 @@ class DecodeState:
             return
         old = {uid: row for row, uid in enumerate(self.rows)}
         self.ensure_slots(max([most_pages] + [len(p) for pages in page_lists for p in pages]))
-        moved = self._tables_np.copy()
+        moved = self._tables_np[:, [old.get(uid, 0) for uid in uids]]  # a copy of the rows that stay
         for row, (uid, pages) in enumerate(zip(uids, page_lists)):
-            if uid in old:
-                moved[:, row] = self._tables_np[:, old[uid]]
-            else:
+            if uid not in old:
                 moved[:, row] = -1
                 for layer, layer_pages in enumerate(pages):
                     moved[layer, row, : len(layer_pages)] = layer_pages
-        moved[:, len(uids):] = -1
-        self._tables_np[...] = moved
+        self._tables_np[:, : len(uids)] = moved
+        self._tables_np[:, len(uids):] = -1
         self.rows = list(uids)
         self._all_dirty = True
 

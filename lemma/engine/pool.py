@@ -141,8 +141,8 @@ class KVPool:
         keep = lambda t, new: torch.where(opening, new, t[layer][pages, heads])  # noqa: E731
         self.born[layer][pages, heads] = keep(self.born, logical[:, None])
         self.stamp[layer][pages, heads] = keep(self.stamp, position[:, None])
-        self.mass[layer][pages, heads] = keep(self.mass, torch.zeros((), device=pages.device))
-        self.pinned[layer][pages, heads] = keep(self.pinned, torch.zeros((), dtype=torch.bool, device=pages.device))
+        self.mass[layer][pages, heads] = keep(self.mass, 0.0)
+        self.pinned[layer][pages, heads] = keep(self.pinned, False)
 
     def write_policy_state(self, layer: int, ids: torch.Tensor, stamp: torch.Tensor, mass: torch.Tensor) -> None:
         """The policy's new timestamps and mass for the slots ids [B, Hkv, S] (empty slots go to scratch)."""

@@ -38,7 +38,6 @@ class ModelRunner:
         self.prefill_chunk = max(pool.page_size, prefill_chunk // pool.page_size * pool.page_size)
         self.state = DecodeState(pool.num_layers, max_batch, self.device)
         self.observer: Observer | None = None  # called outside the step, from the step's trace outputs
-        self.compile = compile
         self._step = self.decode_step
         self._graphs: CudaGraphs | None = None
         if compile and self.device.type == "cuda":
@@ -120,9 +119,10 @@ class ModelRunner:
         """Host bookkeeping for one step: batch rows, page opens (a free page or an eviction, per layer),
         then this step's inputs in the persistent state."""
         state, page, layers = self.state, self.pool.page_size, self.pool.num_layers
-        # tables wide enough for the most pages any running sequence may hold: they are not reallocated
-        # (and captured graphs not dropped) as sequences grow
-        state.set_rows([s.uid for s in seqs], [s.pages for s in seqs], max(max(s.capacity) for s in seqs))
+        uids = [s.uid for s in seqs]
+        if uids != state.rows:  # tables as wide as the most pages a running sequence may hold: not
+            # reallocated (and captured graphs not dropped) as sequences grow
+            state.set_rows(uids, [s.pages for s in seqs], max(max(s.capacity) for s in seqs))
         modes = np.zeros((layers, len(seqs)), dtype=np.int64)
         new_slots = np.zeros_like(modes)
         for row, seq in enumerate(seqs):
