@@ -244,7 +244,7 @@ def test_invariants_under_random_runs(checked_engine, policy, prompt_lens, max_t
                 stamp = pool.stamp[layer][ids]
                 for i, page in enumerate(s.pages[layer]):
                     for h in range(born.shape[1]):
-                        key, now = (s.index, layer, page, h), (born[i, h].item(), stamp[i, h].item())
+                        key, now = (s.uid, layer, page, h), (born[i, h].item(), stamp[i, h].item())
                         if key in last_stamp and last_stamp[key][0] == now[0]:
                             assert now[1] >= last_stamp[key][1], "a timestamp went back"
                         last_stamp[key] = now

@@ -17,6 +17,7 @@ Everything is a tensor op on the step's inputs, so the step can be compiled with
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from types import SimpleNamespace
 
 import torch
@@ -108,26 +109,44 @@ class DecodeAttention:
         return result if want_mass else (result, None)
 
 
-class PrefillAttention:
-    """One prompt chunk [start, end) of one sequence (start page-aligned): store k/v, set the metadata of
-    the pages the chunk writes, causal attention over the sequence's pages so far."""
+@dataclass
+class PrefillSegment:
+    """One sequence's chunk [start, end) of a prefill forward (start page-aligned); its tokens are rows
+    [offset, offset + end - start) of the forward."""
 
-    def __init__(self, pool: KVPool, scale: float, tables: torch.Tensor, start: int, end: int,
-                 positions: torch.Tensor, pinned: list[bool]):
-        page = pool.page_size
-        self.pool, self.scale, self.tables, self.positions, self.pinned = pool, scale, tables, positions, pinned
-        first_slot = start // page
-        self.born = torch.arange(first_slot, tables.shape[1], device=positions.device)  # logical pages written
-        self.fill = torch.clamp(end - self.born * page, max=page)
-        self.slot_of, self.offsets = positions // page, positions % page
+    tables: torch.Tensor  # [L, S] the sequence's pages in logical order, up to the chunk's end
+    start: int
+    end: int
+    offset: int
+    pinned: list[bool]  # per layer: the pages written are pinned (prompt pages under RaaS)
+
+
+class PrefillAttention:
+    """Prompt chunks of one or more sequences in one forward: per sequence, store k/v, set the metadata
+    of the pages the chunk writes, causal attention over the sequence's pages so far."""
+
+    def __init__(self, pool: KVPool, scale: float, segments: list[PrefillSegment], positions: torch.Tensor):
+        self.pool, self.scale, self.segments, self.positions = pool, scale, segments, positions
+        page, device = pool.page_size, positions.device
+        self.parts = []
+        for seg in segments:
+            rows = slice(seg.offset, seg.offset + seg.end - seg.start)
+            born = torch.arange(seg.start // page, seg.tables.shape[1], device=device)  # logical pages written
+            fill = torch.clamp(seg.end - born * page, max=page)
+            self.parts.append((seg, rows, born, fill, positions[rows] // page, positions[rows] % page))
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        pool, table = self.pool, self.tables[layer]  # [S] pages in logical order
+        pool = self.pool
         heads = pool.heads.numel()
         kc, vc = pool.k[layer], pool.v[layer]
-        reference.store_kv(kc, vc, k, v, table[self.slot_of][:, None].expand(-1, heads), self.offsets)
-        written = table[self.born]
-        fill = self.fill[:, None].expand(-1, heads)
-        hi, lo = reference.page_key_bounds(kc, written[:, None].expand(-1, heads), fill)
-        pool.write_prefilled(layer, written, self.born, fill, hi, lo, self.pinned[layer])
-        return reference.prefill_attention(q, kc, vc, table[None, :].expand(heads, -1), self.positions, self.scale)
+        outs = []
+        for seg, rows, born, fill, slot_of, offsets in self.parts:
+            table = seg.tables[layer]  # [S] pages in logical order
+            reference.store_kv(kc, vc, k[rows], v[rows], table[slot_of][:, None].expand(-1, heads), offsets)
+            written = table[born]
+            fill_heads = fill[:, None].expand(-1, heads)
+            hi, lo = reference.page_key_bounds(kc, written[:, None].expand(-1, heads), fill_heads)
+            pool.write_prefilled(layer, written, born, fill_heads, hi, lo, seg.pinned[layer])
+            outs.append(reference.prefill_attention(q[rows], kc, vc, table[None, :].expand(heads, -1),
+                                                    self.positions[rows], self.scale))
+        return outs[0] if len(outs) == 1 else torch.cat(outs)

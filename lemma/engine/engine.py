@@ -1,10 +1,17 @@
-"""Engine: load a model directory, admit requests into the static KV pool, prefill, decode, stream."""
+"""Engine: a model, its static KV pool and a step-driven loop.
+
+Requests come in through `add_request` (from any thread) and advance one `step` at a time: the
+scheduler admits what fits, every running sequence decodes one token, waiting prompts prefill in
+chunks. `generate`, `stream`, `chat` and `teacher_force` are blocking layers on that loop;
+`lemma.engine.async_engine.AsyncEngine` runs it in a background thread for asyncio callers.
+"""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +21,8 @@ from lemma.engine.policies import Dense, Policy
 from lemma.engine.pool import PAGE_SIZE, KVPool
 from lemma.engine.runner import ModelRunner
 from lemma.engine.sampler import Sampler, SamplingParams
-from lemma.engine.sequence import Chunk, Forced, Output, Sequence
+from lemma.engine.scheduler import Scheduler, StepPlan
+from lemma.engine.sequence import DECODE, Chunk, Forced, Output, RequestOutput, Sequence, Stats
 from lemma.errors import LemmaError
 from lemma.kernels import resolve_attention
 from lemma.models.llama import CausalLM
@@ -43,7 +51,9 @@ class Engine:
     """A decode engine over one model.
 
     Engine(model_dir, policy=Dense(), device=None, dtype=None, kv_cache_tokens=None, max_batch=32,
-    prefill_chunk=512, attention=None, compile=False). `engine.policy` may be changed between calls.
+    prefill_chunk=512, attention=None, compile=False). `engine.policy` (the policy of requests that name
+    none) may be changed between calls. `prefill_chunk` is the token budget of one step: the decode
+    batch plus chunks of waiting prompts (so a long prompt never stalls the running ones).
     `attention` is "triton" or "torch" (default: $LEMMA_ATTENTION, else triton on CUDA, torch elsewhere).
     `compile=True` compiles the decode step with inductor on CPU and captures it as CUDA graphs (one per
     batch and slot bucket) on CUDA; a backend name ("eager", "aot_eager", "inductor") picks the
@@ -90,8 +100,14 @@ class Engine:
         self.pool = KVPool(c.num_layers, c.num_kv_heads, c.head_dim, num_pages, self.dtype, self.device)
         self.attention = resolve_attention(attention, self.device)
         self.compile = compile
-        self.runner = ModelRunner(self.model, self.pool, prefill_chunk, self.attention, max_batch, compile)
+        self.runner = ModelRunner(self.model, self.pool, self.attention, max_batch, compile)
+        self.scheduler = Scheduler(self.pool, max_batch, prefill_chunk)
         self.sampler = Sampler(self.device)
+        self._step_lock = threading.RLock()  # one step at a time
+        self._inbox_lock = threading.Lock()  # guards the inbox, the listeners and the live ids
+        self._inbox: list[tuple[str, Any]] = []  # ("add", Sequence) or ("abort", request id), in order
+        self._listeners: dict[str, Callable[[RequestOutput], None]] = {}
+        self._live: set[str] = set()
 
     def _pool_pages(self, kv_cache_tokens: int | None, page_bytes: int) -> int:
         if kv_cache_tokens is not None:
@@ -120,86 +136,155 @@ class Engine:
             raise LemmaError(f"prompt token id {bad[0]!r} is outside the vocabulary [0, {self.config.vocab_size})")
         return ids
 
-    def _new_sequence(self, index: int, prompt: Prompt, params: SamplingParams, policy: Policy) -> Sequence:
+    def _new_sequence(self, request_id: str | None, prompt: Prompt, params: SamplingParams, policy: Policy) -> Sequence:
+        if not isinstance(params, SamplingParams):
+            raise LemmaError(f"params must be a lemma SamplingParams, got {type(params).__name__}")
+        if not isinstance(policy, Policy):
+            raise LemmaError(f"policy must be a lemma policy (Dense, RaaS, StreamingLLM, H2O, Quest), got {policy!r}")
         ids = self._prompt_ids(prompt)
         policy.check_prompt(len(ids), params.max_tokens)
-        seq = Sequence(index, ids, params, StreamingDetokenizer(self.tokenizer), self.eos_ids)
+        seq = Sequence("", ids, params, StreamingDetokenizer(self.tokenizer), self.eos_ids, policy)
+        seq.request_id = f"req-{seq.uid}" if request_id is None else str(request_id)
+        seq.seed = self.sampler.seed_for(params.seed)
         layers = range(self.config.num_layers)
         seq.capacity = [policy.capacity(len(ids), params.max_tokens, layer) for layer in layers]
-        prompt_pages = self.pool.pages_for(len(ids))
-        seq.reserved = [max(prompt_pages, cap) for cap in seq.capacity]  # prefill holds the whole prompt
-        seq.pages = [[] for _ in layers]
+        seq.reserved, seq.pages = [0 for _ in layers], [[] for _ in layers]
         seq.stats.policy = policy.describe()
-        if max(seq.reserved) > self.pool.num_pages:
-            need = max(seq.reserved) * PAGE_SIZE
+        most = max(max(self.pool.pages_for(len(ids) + 1), cap) for cap in seq.capacity)
+        if most > self.pool.num_pages:
             raise LemmaError(
-                f"request needs {need} tokens of KV cache (prompt {len(ids)} + max_tokens {params.max_tokens} "
+                f"request needs {most * PAGE_SIZE} tokens of KV cache (prompt {len(ids)} + max_tokens {params.max_tokens} "
                 f"under {policy.describe()}) but the whole pool holds {self.pool.capacity_tokens}; "
                 f"lower max_tokens, use an evicting policy, or raise kv_cache_tokens"
             )
         return seq
 
-    def _run(self, prompts: list[Prompt], params: list[SamplingParams],
-             forced: list[list[int]] | None = None) -> Iterator[tuple[Sequence, str, list[int]]]:
-        """The loop. Yields (sequence, released text, new token ids) after every token of every sequence;
-        a sequence is finished when its finish_reason is set. Requests that fail validation finish at
-        once with finish_reason "error"; the others run on. With `forced`, request i emits forced[i]
-        instead of sampling (teacher forcing) and records what the model predicted at each step."""
-        policy = self.policy
-        waiting: deque[Sequence] = deque()
-        for i, (prompt, p) in enumerate(zip(prompts, params)):
-            try:
-                waiting.append(self._new_sequence(i, prompt, p, policy))
-            except LemmaError as exc:
-                failed = Sequence(i, [], p, StreamingDetokenizer(self.tokenizer), [])
-                failed.finish_reason, failed.error = "error", str(exc)
-                yield failed, "", []
-        running: list[Sequence] = []
-        try:
-            while waiting or running:
-                while waiting and len(running) < self.max_batch:
-                    seq = waiting[0]
-                    if not self.pool.can_reserve(seq.reserved):
-                        break
-                    waiting.popleft()
-                    self.pool.reserve(seq.reserved)
-                    running.append(seq)  # from here on its pages are returned in `finally`
-                    seq.seed = self.sampler.seed_for(seq.params.seed)
-                    start = time.perf_counter()
-                    logits = self.runner.prefill(seq, policy)
-                    counters = torch.tensor([seq.num_tokens - 1], device=self.device)
-                    token = self._next_tokens(logits[None], [seq], counters, forced)[0]
-                    seq.stats.prefill_seconds = time.perf_counter() - start
-                    yield self._advance(seq, token)
-                    if seq.finish_reason:
-                        running.remove(seq)
-                        self._release(seq)
-                if not running:
-                    continue
-                start = time.perf_counter()
-                logits = self.runner.decode(running, policy)
-                tokens = self._next_tokens(logits, running, self.runner.positions(len(running)), forced)
-                elapsed = time.perf_counter() - start
-                for seq, token in zip(running, tokens):
-                    seq.stats.decode_seconds += elapsed
-                    yield self._advance(seq, token)
-                for seq in [s for s in running if s.finish_reason]:
-                    running.remove(seq)
-                    self._release(seq)
-        finally:  # an exception or an abandoned stream must still return every page
-            for seq in running:
-                self._release(seq)
+    def add_request(self, prompt: Prompt, params: SamplingParams | None = None, policy: Policy | None = None,
+                    request_id: str | None = None,
+                    on_output: Callable[[RequestOutput], None] | None = None) -> str:
+        """Queue a request (text or token ids) and return its id. Safe from any thread. A request that
+        is malformed or could never fit the pool raises LemmaError here and never reaches the loop.
+        `policy` overrides the engine's KV policy for this request. `on_output` is called (from the
+        thread that steps) with each of the request's outputs."""
+        seq = self._new_sequence(request_id, prompt, params or SamplingParams(), policy or self.policy)
+        self._submit(seq, on_output)
+        return seq.request_id
 
-    def _next_tokens(self, logits: torch.Tensor, seqs: list[Sequence], counters: torch.Tensor,
-                     forced: list[list[int]] | None) -> list[int]:
-        if forced is None:
+    def _submit(self, seq: Sequence, on_output: Callable[[RequestOutput], None] | None) -> None:
+        with self._inbox_lock:
+            if seq.request_id in self._live:
+                raise LemmaError(f"request id {seq.request_id!r} is already in use")
+            self._live.add(seq.request_id)
+            if on_output is not None:
+                self._listeners[seq.request_id] = on_output
+            self._inbox.append(("add", seq))
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request (waiting or running) at the next step; its pages go back to the pool and its
+        last output has finish_reason "abort". Unknown or finished ids are ignored. Safe from any thread."""
+        with self._inbox_lock:
+            self._inbox.append(("abort", request_id))
+
+    def has_unfinished(self) -> bool:
+        with self._inbox_lock:
+            return bool(self._inbox) or self.scheduler.has_unfinished
+
+    def step(self) -> list[RequestOutput]:
+        """Run one engine step: take in new requests and aborts, admit what fits, decode every running
+        sequence once and prefill the next prompt chunks. Returns what each request got this step (also
+        handed to its `on_output`). One thread steps at a time; others block here, they do not spin."""
+        with self._step_lock:
+            return self._step()
+
+    def _step(self) -> list[RequestOutput]:
+        outputs = self._take_inbox()
+        try:
+            outputs += self._run_plan(self.scheduler.schedule())
+        except BaseException as exc:  # the batch's device state is unknown: fail what ran, keep the pool whole
+            outputs += [self._finish(seq, "error", f"the engine step failed: {exc!r}") for seq in list(self.scheduler.running)]
+            self._deliver(outputs)
+            raise
+        self._deliver(outputs)
+        return outputs
+
+    def _take_inbox(self) -> list[RequestOutput]:
+        with self._inbox_lock:
+            inbox, self._inbox = self._inbox, []
+        outputs = []
+        for kind, item in inbox:
+            if kind == "add":
+                self.scheduler.add(item)
+            elif (seq := self.scheduler.find(item)) is not None:
+                outputs.append(self._finish(seq, "abort"))
+        return outputs
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            with self._inbox_lock:
+                listener = self._listeners.get(out.request_id)
+                if out.finished:
+                    self._listeners.pop(out.request_id, None)
+                    self._live.discard(out.request_id)
+            if listener is not None:
+                listener(out)
+
+    def _finish(self, seq: Sequence, reason: str, error: str | None = None) -> RequestOutput:
+        self.scheduler.remove(seq)
+        seq.finish_reason, seq.error = reason, error
+        seq.stats.jct_seconds = time.perf_counter() - seq.started
+        return RequestOutput(seq.request_id, "", [], reason, seq.stats, error)
+
+    def _run_plan(self, plan: StepPlan) -> list[RequestOutput]:
+        outputs: list[RequestOutput] = []
+        for policy, seqs in plan.decode.items():
+            start = time.perf_counter()
+            logits = self.runner.decode(seqs, policy)
+            tokens = self._next_tokens(logits, seqs, self.runner.positions(policy, len(seqs)))
+            elapsed = time.perf_counter() - start
+            for seq, token in zip(seqs, tokens):
+                seq.stats.decode_seconds += elapsed
+                outputs.append(self._advance(seq, token))
+        if plan.prefill:
+            start = time.perf_counter()
+            logits = self.runner.prefill(plan.prefill)
+            done = [i for i, (seq, _, _, end) in enumerate(plan.prefill) if end == seq.num_tokens]
+            seqs = [plan.prefill[i][0] for i in done]
+            for seq in seqs:
+                self.runner.finish_prefill(seq)
+                seq.status = DECODE
+            tokens = []
+            if seqs:  # the token after the last prompt position, sampled as a decode step would
+                counters = torch.tensor([seq.num_tokens - 1 for seq in seqs], device=self.device)
+                tokens = self._next_tokens(logits[done], seqs, counters)
+            elapsed = time.perf_counter() - start
+            for seq, _, _, end in plan.prefill:
+                seq.prefilled = end
+                seq.stats.prefill_seconds += elapsed
+            outputs += [self._advance(seq, token) for seq, token in zip(seqs, tokens)]
+        for seq in [s for s in self.scheduler.running if s.finish_reason]:
+            self.scheduler.remove(seq)
+        return outputs
+
+    def _next_tokens(self, logits: torch.Tensor, seqs: list[Sequence], counters: torch.Tensor) -> list[int]:
+        """Sampled tokens, or for teacher-forced requests the forced token (recording what the model
+        gave it and what it predicted)."""
+        forced = [i for i, s in enumerate(seqs) if s.forced is not None]
+        if not forced:
             return self._sample(logits, seqs, counters)
-        tokens = [forced[s.index][len(s.output_ids)] for s in seqs]
-        logprobs = torch.log_softmax(logits.float(), dim=-1)
-        chosen = logprobs.gather(1, torch.tensor(tokens, device=logits.device)[:, None])[:, 0]
-        for seq, lp, top in zip(seqs, chosen.tolist(), logits.argmax(-1).tolist()):
-            seq.forced_logprobs.append(lp)
-            seq.predicted.append(top)
+        tokens = [0] * len(seqs)
+        sampled = [i for i, s in enumerate(seqs) if s.forced is None]
+        if sampled:
+            rows = torch.tensor(sampled, device=logits.device)
+            for i, token in zip(sampled, self._sample(logits[rows], [seqs[i] for i in sampled], counters[rows])):
+                tokens[i] = token
+        rows = torch.tensor(forced, device=logits.device)
+        targets = [seqs[i].forced[len(seqs[i].output_ids)] for i in forced]
+        logprobs = torch.log_softmax(logits[rows].float(), dim=-1)
+        chosen = logprobs.gather(1, torch.tensor(targets, device=logits.device)[:, None])[:, 0]
+        for i, target, lp, top in zip(forced, targets, chosen.tolist(), logprobs.argmax(-1).tolist()):
+            seqs[i].forced_logprobs.append(lp)
+            seqs[i].predicted.append(top)
+            tokens[i] = target
         return tokens
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence], counters: torch.Tensor) -> list[int]:
@@ -211,52 +296,104 @@ class Engine:
             history = torch.tensor(rows, dtype=torch.int64, device=logits.device)
         return self.sampler(logits, params, [s.seed for s in seqs], counters, history).tolist()
 
-    def _advance(self, seq: Sequence, token: int) -> tuple[Sequence, str, list[int]]:
+    def _advance(self, seq: Sequence, token: int) -> RequestOutput:
         piece = seq.append(token)
         seq.track_peak(self.pool.layer_page_bytes)
+        now = time.perf_counter()
+        if len(seq.output_ids) == 1:
+            seq.stats.ttft_seconds = now - seq.started
         if seq.finish_reason:
-            seq.stats.jct_seconds = time.perf_counter() - seq.started
-        return seq, piece, [token]
+            seq.stats.jct_seconds = now - seq.started
+        return RequestOutput(seq.request_id, piece, [token], seq.finish_reason,
+                             seq.stats if seq.finish_reason else None)
 
-    def _release(self, seq: Sequence) -> None:
-        for layer, (pages, unused) in enumerate(zip(seq.pages, seq.reserved)):
-            self.pool.release(layer, pages, unused)
-        seq.pages, seq.reserved = [[] for _ in seq.pages], [0] * len(seq.reserved)
+    # ---- blocking layers on add_request / step ---------------------------------------------------------
+    def _follow(self, request_ids: list[str], box: deque[RequestOutput]) -> Iterator[RequestOutput]:
+        """Step until every request in `request_ids` finished, yielding their outputs (delivered to `box`)
+        as they come. Other threads' requests advance in the same steps. Requests still running when the
+        caller stops iterating are aborted and their pages are back before this returns."""
+        pending = set(request_ids)
+        try:
+            while pending:
+                while box:
+                    out = box.popleft()
+                    if out.finished:
+                        pending.discard(out.request_id)
+                    yield out
+                if pending:
+                    with self._step_lock:  # another thread's step may have delivered ours meanwhile
+                        if not box:
+                            self._step()
+        finally:
+            if pending:
+                for request_id in pending:
+                    self.abort(request_id)
+                with self._step_lock:
+                    self._deliver(self._take_inbox())
+
+    def _submit_all(self, prompts: list[Prompt], params: list[SamplingParams], box: deque[RequestOutput],
+                    forced: list[list[int]] | None = None) -> tuple[list[Sequence | None], dict[int, Output]]:
+        """Submit a batch; requests that fail validation become error Outputs at once."""
+        seqs: list[Sequence | None] = []
+        failed: dict[int, Output] = {}
+        for i, (prompt, p) in enumerate(zip(prompts, params)):
+            try:
+                seq = self._new_sequence(None, prompt, p, self.policy)
+                if forced is not None:
+                    seq.forced = forced[i]
+                self._submit(seq, box.append)
+                seqs.append(seq)
+            except LemmaError as exc:
+                seqs.append(None)
+                failed[i] = Output("", [], "error", Stats(), [], str(exc))
+        return seqs, failed
 
     # ---- public API --------------------------------------------------------------------------------
     def generate(self, prompts: Prompt | list[Prompt], params: SamplingParams | list[SamplingParams] | None = None) -> list[Output]:
-        """Run a batch of prompts (text or token ids) to completion; one Output per prompt, in order."""
+        """Run a batch of prompts (text or token ids) to completion; one Output per prompt, in order.
+        Safe to call from several threads at once: their requests share the engine's steps."""
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         prompts = list(prompts)
         plist = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
         if len(plist) != len(prompts):
             raise LemmaError(f"got {len(prompts)} prompts but {len(plist)} SamplingParams")
-        done: dict[int, Sequence] = {}
-        for seq, _, _ in self._run(prompts, plist):
-            if seq.finish_reason:
-                done[seq.index] = seq
-        return [self._output(done[i]) for i in range(len(prompts))]
+        box: deque[RequestOutput] = deque()
+        seqs, outputs = self._submit_all(prompts, plist, box)
+        for _ in self._follow([s.request_id for s in seqs if s is not None], box):
+            pass
+        for i, seq in enumerate(seqs):
+            if seq is not None:
+                outputs[i] = self._output(seq)
+        return [outputs[i] for i in range(len(prompts))]
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[Chunk]:
-        """Yield the reply piece by piece; the last Chunk carries finish_reason and stats."""
+        """Yield the reply piece by piece; the last Chunk carries finish_reason and stats. Closing the
+        iterator early aborts the request and returns its pages."""
+        box: deque[RequestOutput] = deque()
+        seq = self._new_sequence(None, prompt, params or SamplingParams(), self.policy)
+        self._submit(seq, box.append)
         held: list[int] = []  # token ids whose text is not released yet (partial UTF-8, maybe a stop string)
-        for seq, piece, ids in self._run([prompt], [params or SamplingParams()]):
-            if seq.finish_reason == "error":
-                raise LemmaError(seq.error)
-            held += ids
-            if piece or seq.finish_reason:
-                yield Chunk(piece, held, seq.finish_reason, seq.stats if seq.finish_reason else None)
+        for out in self._follow([seq.request_id], box):
+            if out.finish_reason == "error":
+                raise LemmaError(out.error)
+            held += out.token_ids
+            if out.text or out.finished:
+                yield Chunk(out.text, held, out.finish_reason, out.stats)
                 held = []
 
+    @torch.inference_mode()
     def logits(self, prompt: Prompt) -> torch.Tensor:
         """Next-token logits [T, V] (fp32) at every position of a prompt, through the paged pool."""
-        seq = self._new_sequence(0, prompt, SamplingParams(max_tokens=1), Dense())
-        self.pool.reserve(seq.reserved)
-        try:
-            return self.runner.prefill(seq, Dense(), all_logits=True)
-        finally:
-            self._release(seq)
+        seq = self._new_sequence(None, prompt, SamplingParams(max_tokens=1), Dense())
+        with self._step_lock:
+            need = [self.pool.pages_for(seq.num_tokens)] * self.config.num_layers
+            self.pool.reserve(need)
+            seq.reserved = need
+            try:
+                return self.runner.prefill([(seq, seq.policy, 0, seq.num_tokens)], all_logits=True)
+            finally:
+                self.scheduler.release(seq)
 
     def teacher_force(self, prompts: list[Prompt], targets: list[list[int]]) -> list[Forced]:
         """Replay each target continuation token by token under the current policy (eviction active),
@@ -264,11 +401,12 @@ class Engine:
         if len(prompts) != len(targets) or any(not t for t in targets):
             raise LemmaError("teacher_force needs one non-empty target list per prompt")
         params = [SamplingParams(max_tokens=len(t), ignore_eos=True) for t in targets]
-        done: dict[int, Sequence] = {}
-        for seq, _, _ in self._run(list(prompts), params, forced=[list(t) for t in targets]):
-            if seq.finish_reason:
-                done[seq.index] = seq
-        return [Forced(done[i].forced_logprobs, done[i].predicted, done[i].stats, done[i].error) for i in range(len(prompts))]
+        box: deque[RequestOutput] = deque()
+        seqs, failed = self._submit_all(list(prompts), params, box, forced=[list(t) for t in targets])
+        for _ in self._follow([s.request_id for s in seqs if s is not None], box):
+            pass
+        return [Forced(s.forced_logprobs, s.predicted, s.stats, s.error) if s is not None
+                else Forced([], [], Stats(), failed[i].error) for i, s in enumerate(seqs)]
 
     def chat_prompt(self, messages: list[dict[str, Any]]) -> list[int]:
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)

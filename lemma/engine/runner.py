@@ -14,7 +14,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from lemma.engine.attention import DecodeAttention, PrefillAttention
+from lemma.engine.attention import DecodeAttention, PrefillAttention, PrefillSegment
 from lemma.engine.decode_state import EVICT, NEW_SLOT, DecodeState, StepInputs, slot_bucket
 from lemma.engine.graphs import CudaGraphs
 from lemma.engine.policies import Policy
@@ -23,31 +23,38 @@ from lemma.engine.sequence import Sequence
 from lemma.kernels import kernel_ops
 from lemma.models.llama import CausalLM
 
+PrefillChunk = tuple[Sequence, Policy, int, int]  # (sequence, its policy, first position, end position)
 # observer(layer, born [B,Hkv,S], valid, step mass [B,Hkv,S], evicted born [B,Hkv] or -1): for traces
 Observer = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
 COMPILE_CHOICES = ("inductor", "eager", "aot_eager")
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, pool: KVPool, prefill_chunk: int = 512, attention: str = "torch",
-                 max_batch: int = 32, compile: bool | str = False):
+    def __init__(self, model: CausalLM, pool: KVPool, attention: str = "torch", max_batch: int = 32,
+                 compile: bool | str = False):
         self.model, self.pool = model, pool
         self.ops = kernel_ops(attention)
         self.device = pool.device
         self.scale = model.config.head_dim ** -0.5
-        self.prefill_chunk = max(pool.page_size, prefill_chunk // pool.page_size * pool.page_size)
-        self.state = DecodeState(pool.num_layers, max_batch, self.device)
+        self.max_batch = max_batch
+        self.states: dict[Policy, DecodeState] = {}  # one persistent step state per policy in use
         self.observer: Observer | None = None  # called outside the step, from the step's trace outputs
         self._step = self.decode_step
-        self._graphs: CudaGraphs | None = None
+        self._graphs: dict[Policy, CudaGraphs] | None = None
         if compile and self.device.type == "cuda":
             # launches are what a GPU step loses to: capture the step once per bucket, replay it after;
             # compile="inductor" also fuses it with inductor first
-            self._graphs = CudaGraphs()
+            self._graphs = {}
             if compile is not True:
                 self._step = compile_step(self.decode_step, compile, self.device)
         elif compile:
             self._step = compile_step(self.decode_step, "inductor" if compile is True else compile, self.device)
+
+    def state_for(self, policy: Policy) -> DecodeState:
+        """The persistent decode state of the sequences running under `policy`."""
+        if policy not in self.states:
+            self.states[policy] = DecodeState(self.pool.num_layers, self.max_batch, self.device)
+        return self.states[policy]
 
     def _append_page(self, seq: Sequence, layer: int) -> int:
         page = self.pool.take(layer)
@@ -57,26 +64,34 @@ class ModelRunner:
 
     # ---- prefill ------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def prefill(self, seq: Sequence, policy: Policy, all_logits: bool = False) -> torch.Tensor:
-        """Run the whole prompt through the model in page-aligned chunks (dense attention), then cut
-        layers over their capacity down to it. Returns the last position's logits [V] (or [T, V])."""
-        ids, pool = seq.prompt_ids, self.pool
-        pinned = [policy.pin_prompt_pages() and policy.sparse(layer) for layer in range(pool.num_layers)]
-        rows = []
-        for start in range(0, len(ids), self.prefill_chunk):
-            end = min(start + self.prefill_chunk, len(ids))
+    def prefill(self, chunks: list[PrefillChunk], all_logits: bool = False) -> torch.Tensor:
+        """One forward over prompt chunks of one or more sequences: each chunk's tokens are stored in
+        its sequence's pages (taken from its reservation) under dense causal attention. Returns the
+        logits of each chunk's last position [n, V] (or of every position [T, V])."""
+        pool, page = self.pool, self.pool.page_size
+        tokens, positions, segments, last, offset = [], [], [], [], 0
+        for seq, policy, start, end in chunks:
+            assert start % page == 0, "prefill chunks start on a page boundary"
             for layer in range(pool.num_layers):
                 while len(seq.pages[layer]) < pool.pages_for(end):
                     self._append_page(seq, layer)
-            positions = torch.arange(start, end, device=self.device)
+            tokens += seq.all_ids[start:end]
+            pinned = [policy.pin_prompt_pages() and policy.sparse(layer) for layer in range(pool.num_layers)]
             tables = torch.tensor([pages[: pool.pages_for(end)] for pages in seq.pages], device=self.device)
-            attend = PrefillAttention(pool, self.scale, tables, start, end, positions, pinned)
-            last = None if all_logits else torch.tensor([end - start - 1], device=self.device)
-            tokens = torch.tensor(ids[start:end], device=self.device)
-            rows.append(self.model(tokens, positions, attend, logits_at=last))
-        seq.track_peak(pool.layer_page_bytes)  # the whole prompt is resident until the cut
+            segments.append(PrefillSegment(tables, start, end, offset, pinned))
+            offset += end - start
+            last.append(offset - 1)
+        positions = torch.cat([torch.arange(s.start, s.end, device=self.device) for s in segments])
+        attend = PrefillAttention(pool, self.scale, segments, positions)
+        at = None if all_logits else torch.tensor(last, device=self.device)
+        logits = self.model(torch.tensor(tokens, device=self.device), positions, attend, logits_at=at)
+        for seq, *_ in chunks:
+            seq.track_peak(pool.layer_page_bytes)  # the whole prompt is resident until the cut
+        return logits
+
+    def finish_prefill(self, seq: Sequence) -> None:
+        """The prompt is in: layers over their capacity keep their sink page and most recent pages."""
         self._cut_to_capacity(seq)
-        return torch.cat(rows) if all_logits else rows[-1][0]
 
     def _cut_to_capacity(self, seq: Sequence) -> None:
         """A prompt longer than a layer's capacity keeps its first page (the sink) and its most recent
@@ -98,8 +113,9 @@ class ModelRunner:
         step = self.prepare(seqs, policy)
         trace = self.observer is not None
         if self._graphs is not None and not trace:
-            logits = self._graphs.run((policy, step.bucket), self.state.generation,
-                                      lambda: self._step(policy, False, *self._args(step))[0])
+            graphs = self._graphs.setdefault(policy, CudaGraphs())
+            logits = graphs.run(step.bucket, self.state_for(policy).generation,
+                                lambda: self._step(policy, False, *self._args(step))[0])
         else:
             logits, traces = self._step(policy, trace, *self._args(step))
             for layer, born, valid, mass, evicted in traces:
@@ -107,9 +123,9 @@ class ModelRunner:
                 self.observer(layer, born[:n], valid[:n], mass[:n], evicted[:n])
         return logits[: len(seqs)]
 
-    def positions(self, batch: int) -> torch.Tensor:
-        """The positions the last decode step fed, on the device: [batch]."""
-        return self.state.inputs[1, :batch]
+    def positions(self, policy: Policy, batch: int) -> torch.Tensor:
+        """The positions the last decode step under `policy` fed, on the device: [batch]."""
+        return self.state_for(policy).inputs[1, :batch]
 
     @staticmethod
     def _args(step: StepInputs) -> tuple[torch.Tensor, ...]:
@@ -118,7 +134,7 @@ class ModelRunner:
     def prepare(self, seqs: list[Sequence], policy: Policy) -> StepInputs:
         """Host bookkeeping for one step: batch rows, page opens (a free page or an eviction, per layer),
         then this step's inputs in the persistent state."""
-        state, page, layers = self.state, self.pool.page_size, self.pool.num_layers
+        state, page, layers = self.state_for(policy), self.pool.page_size, self.pool.num_layers
         uids = [s.uid for s in seqs]
         if uids != state.rows:  # tables as wide as the most pages a running sequence may hold: not
             # reallocated (and captured graphs not dropped) as sequences grow

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from lemma.engine.sampler import SamplingParams
 from lemma.models.tokenizer import StreamingDetokenizer
@@ -16,7 +17,9 @@ class Stats:
     generated_tokens: int = 0
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
-    jct_seconds: float = 0.0  # job completion time: admission to finish
+    jct_seconds: float = 0.0  # job completion time: submission to finish
+    ttft_seconds: float = 0.0  # submission to the first generated token
+    preemptions: int = 0  # times its pages were taken back and its tokens recomputed later
     peak_kv_pages: int = 0  # most pages held in any one layer
     peak_kv_bytes: int = 0  # K and V bytes held, all layers
     pages_evicted: int = 0  # pages evicted per layer and KV head
@@ -43,6 +46,23 @@ class Output:
 
 
 @dataclass
+class RequestOutput:
+    """What one engine step gave one request: its new tokens and their releasable text. The last
+    output of a request carries finish_reason ("stop", "length", "abort" or "error") and stats."""
+
+    request_id: str
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None
+    stats: Stats | None = None
+    error: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
 class Forced:
     """A teacher-forced replay: per target token, its log-probability and the model's top-1 token."""
 
@@ -65,13 +85,20 @@ class Chunk:
         return self.text
 
 
+WAITING, PREFILL, DECODE, FINISHED = "waiting", "prefill", "decode", "finished"
+
+
 class Sequence:
     _uids = itertools.count()
 
-    def __init__(self, index: int, prompt_ids: list[int], params: SamplingParams,
-                 detokenizer: StreamingDetokenizer, eos_ids: list[int]):
+    def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                 detokenizer: StreamingDetokenizer, eos_ids: list[int], policy: Any = None):
         self.uid = next(Sequence._uids)  # unique for the process: names the sequence's batch row
-        self.index = index
+        self.request_id = request_id
+        self.policy = policy  # its KV policy (the engine's when the request named none)
+        self.status = WAITING
+        self.prefilled = 0  # tokens of prompt (+ output, after a preemption) already in the pool
+        self.forced: list[int] | None = None  # teacher forcing: the tokens to emit instead of sampling
         self.prompt_ids = prompt_ids
         self.params = params
         self.seed = 0  # the sampling seed: params.seed, or drawn at admission
@@ -93,6 +120,15 @@ class Sequence:
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def grows(self) -> bool:
+        """Takes pages on demand (and may be preempted), rather than reserving its budget up front."""
+        return not self.policy.evicts
 
     @property
     def last_token(self) -> int:

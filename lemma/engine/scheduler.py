@@ -1,0 +1,156 @@
+"""Scheduler: which requests run, who gets pages, and what one engine step computes.
+
+Host bookkeeping only (no model, no tensors). Requests wait in FIFO order and are admitted while the
+batch has room and the pool can promise their pages:
+
+- an evicting policy reserves its whole budget at admission (it never needs more, so it is never
+  preempted);
+- Dense and Quest take pages on demand: admission reserves the tokens present plus the next one, and
+  each later page is reserved when the sequence reaches it. When the pool cannot give one, the newest
+  running on-demand request is preempted: its pages go back and it waits at the head of the queue, to
+  be recomputed from its prompt and the tokens it already generated (same greedy output).
+
+Each step decodes every decoding sequence (one static step per policy) and prefills chunks of the
+prefilling ones under a token budget, several prompts in one forward, so long prompts never stall
+the running batch.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from lemma.engine.policies import Policy
+from lemma.engine.pool import KVPool
+from lemma.engine.sequence import DECODE, FINISHED, PREFILL, WAITING, Sequence
+
+
+@dataclass
+class StepPlan:
+    decode: dict[Policy, list[Sequence]] = field(default_factory=dict)  # admission order within a policy
+    prefill: list[tuple[Sequence, Policy, int, int]] = field(default_factory=list)  # (seq, policy, start, end)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        return not self.decode and not self.prefill
+
+
+class Scheduler:
+    def __init__(self, pool: KVPool, max_batch: int, step_tokens: int):
+        self.pool, self.max_batch = pool, max_batch
+        page = pool.page_size
+        self.step_tokens = max(page, step_tokens // page * page)  # prefill chunks end on page boundaries
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # admission order, prefilling and decoding
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    @property
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def find(self, request_id: str) -> Sequence | None:
+        for seq in (*self.running, *self.waiting):
+            if seq.request_id == request_id:
+                return seq
+        return None
+
+    def remove(self, seq: Sequence) -> None:
+        """Take a request out (finished, aborted or failed): its pages go back to the pool."""
+        if seq in self.running:
+            self.running.remove(seq)
+            self.release(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        seq.status = FINISHED
+
+    def release(self, seq: Sequence) -> None:
+        for layer, (pages, unused) in enumerate(zip(seq.pages, seq.reserved)):
+            self.pool.release(layer, pages, unused)
+        seq.pages, seq.reserved = [[] for _ in seq.pages], [0] * len(seq.reserved)
+
+    # ---- one step ----------------------------------------------------------------------------------
+    def schedule(self) -> StepPlan:
+        self._admit()
+        plan = StepPlan(preempted=self._grow())
+        for seq in self.running:
+            if seq.status == DECODE:
+                plan.decode.setdefault(seq.policy, []).append(seq)
+        decoding = sum(len(seqs) for seqs in plan.decode.values())
+        plan.prefill = self._chunks(self.step_tokens - decoding)
+        return plan
+
+    def reservation(self, seq: Sequence) -> list[int]:
+        """Pages per layer to promise `seq` at admission."""
+        tokens = seq.num_tokens  # the prompt, plus what it generated before a preemption
+        if seq.grows:  # what it holds after prefill and its first decode step
+            return [self.pool.pages_for(tokens + 1)] * self.pool.num_layers
+        return [max(self.pool.pages_for(tokens), cap) for cap in seq.capacity]  # prefill holds the whole prompt
+
+    def _admit(self) -> None:
+        while self.waiting and len(self.running) < self.max_batch:
+            seq = self.waiting[0]
+            need = self.reservation(seq)
+            if not self.pool.can_reserve(need):
+                # requests are checked against the whole pool when added, so with nothing running it fits
+                assert self.running, f"request {seq.request_id} cannot be admitted into an idle pool"
+                return
+            self.waiting.popleft()
+            self.pool.reserve(need)
+            seq.reserved, seq.pages = need, [[] for _ in need]
+            seq.status, seq.prefilled = PREFILL, 0
+            self.running.append(seq)
+
+    def _page_needs(self, seq: Sequence) -> list[int]:
+        """Pages per layer `seq` must still be promised for its next decode step."""
+        if not seq.grows or (seq.num_tokens - 1) % self.pool.page_size:
+            return [0] * self.pool.num_layers
+        return [int(len(pages) < cap and left == 0) for pages, cap, left in zip(seq.pages, seq.capacity, seq.reserved)]
+
+    def _grow(self) -> list[Sequence]:
+        """Promise every decoding sequence that opens a page this step one more page per layer, oldest
+        first; preempt the newest on-demand requests when the pool runs out."""
+        preempted: list[Sequence] = []
+        for seq in list(self.running):
+            if seq.status != DECODE or seq not in self.running:
+                continue
+            need = self._page_needs(seq)
+            if not any(need):
+                continue
+            while not self.pool.can_reserve(need):
+                victim = next(s for s in reversed(self.running) if s.grows)  # seq itself grows
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is seq:
+                    break
+            else:
+                self.pool.reserve(need)
+                seq.reserved = [left + n for left, n in zip(seq.reserved, need)]
+        return preempted
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.release(seq)
+        seq.status, seq.prefilled = WAITING, 0
+        seq.stats.preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def _chunks(self, budget: int) -> list[tuple[Sequence, Policy, int, int]]:
+        """Prefill chunks for this step within `budget` tokens; the first prefilling sequence always
+        moves by at least a page, whatever the decode batch takes."""
+        page, chunks = self.pool.page_size, []
+        for seq in self.running:
+            if seq.status != PREFILL:
+                continue
+            room = budget if chunks else max(budget, page)
+            start, total = seq.prefilled, seq.num_tokens
+            end = min(total, start + room)
+            if end < total:
+                end = start + (end - start) // page * page
+            if end <= start:
+                break
+            chunks.append((seq, seq.policy, start, end))
+            budget -= end - start
+        return chunks
