@@ -185,6 +185,13 @@ class Engine:
         with self._inbox_lock:
             self._inbox.append(("abort", request_id))
 
+    def abort_all(self) -> None:
+        """Abort every request submitted and not finished yet."""
+        with self._inbox_lock:
+            live = list(self._live)
+        for request_id in live:
+            self.abort(request_id)
+
     def has_unfinished(self) -> bool:
         with self._inbox_lock:
             return bool(self._inbox) or self.scheduler.has_unfinished

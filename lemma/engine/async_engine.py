@@ -1,0 +1,76 @@
+"""AsyncEngine: an Engine's step loop in one background thread, with a per-request async stream for
+asyncio callers (the HTTP server uses it).
+
+The thread steps while there is work and otherwise sleeps on an event (woken by a submit or an abort),
+so an idle server uses no CPU. Outputs cross back into the event loop with call_soon_threadsafe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import AsyncIterator
+
+from lemma.engine.engine import Engine, Prompt
+from lemma.engine.policies import Policy
+from lemma.engine.sampler import SamplingParams
+from lemma.engine.sequence import RequestOutput
+
+log = logging.getLogger("lemma")
+IDLE_WAIT_SECONDS = 1.0  # the loop rechecks for work at least this often, even without a wake-up
+
+
+class AsyncEngine:
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self._wake = threading.Event()
+        self._closing = False
+        self._thread = threading.Thread(target=self._loop, name="lemma-engine", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._closing:
+            if not self.engine.has_unfinished():
+                self._wake.wait(IDLE_WAIT_SECONDS)
+                self._wake.clear()
+                continue
+            try:
+                self.engine.step()
+            except Exception:  # the step's requests already got an "error" output; keep serving the rest
+                log.exception("engine step failed")
+
+    def submit(self, prompt: Prompt, params: SamplingParams | None = None, policy: Policy | None = None,
+               request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Queue a request and return its outputs as an async iterator; call from the event loop. Bad
+        requests raise LemmaError here, before anything is queued. Leaving the iterator before the last
+        output (a closed connection, a cancelled task) aborts the request."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        request_id = self.engine.add_request(prompt, params, policy, request_id,
+                                             on_output=lambda out: loop.call_soon_threadsafe(queue.put_nowait, out))
+        self._wake.set()
+        return self._outputs(request_id, queue)
+
+    async def _outputs(self, request_id: str, queue: asyncio.Queue[RequestOutput]) -> AsyncIterator[RequestOutput]:
+        finished = False
+        try:
+            while not finished:
+                out = await queue.get()
+                finished = out.finished
+                yield out
+        finally:
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        self.engine.abort(request_id)
+        self._wake.set()
+
+    def close(self) -> None:
+        """Stop the loop thread (requests still running are aborted and their pages returned)."""
+        self.engine.abort_all()
+        self._closing = True
+        self._wake.set()
+        self._thread.join()
+        self.engine.step()  # apply the aborts
