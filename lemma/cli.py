@@ -12,8 +12,8 @@ from typing import Any, Callable, Optional
 
 import typer
 
-from lemma.engine.sequence import suffix_overlap
 from lemma.errors import LemmaError
+from lemma.reasoning import ThinkSplitter
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="lemma: a compact decode engine for Llama/Qwen-style models that makes long reasoning cheap.")
@@ -62,31 +62,6 @@ def _engine(model: Optional[str], device: Optional[str], dtype: Optional[str], q
 
 def _styled(text: str, dim: bool) -> str:
     return typer.style(text, dim=True) if dim and sys.stdout.isatty() else text
-
-
-class ThinkSplitter:
-    """Splits streamed text into (text, thinking) runs at <think> and </think>, markers split across
-    pieces included."""
-
-    OPEN, CLOSE = "<think>", "</think>"
-
-    def __init__(self) -> None:
-        self.thinking, self.buffer = False, ""
-
-    def feed(self, piece: str, final: bool = False) -> list[tuple[str, bool]]:
-        self.buffer += piece
-        runs: list[tuple[str, bool]] = []
-        while True:
-            marker = self.CLOSE if self.thinking else self.OPEN
-            at = self.buffer.find(marker)
-            if at < 0:
-                break
-            runs.append((self.buffer[:at], self.thinking))
-            self.buffer, self.thinking = self.buffer[at + len(marker):], not self.thinking
-        keep = 0 if final else suffix_overlap(self.buffer, marker)
-        runs.append((self.buffer[: len(self.buffer) - keep], self.thinking))
-        self.buffer = self.buffer[len(self.buffer) - keep:]
-        return [(text, thinking) for text, thinking in runs if text]
 
 
 def _stream_reply(engine: Any, prompt_ids: list[int], params: Any, show_think: bool) -> tuple[str, Any, bool]:

@@ -6,7 +6,8 @@ import pytest
 from typer.testing import CliRunner
 
 from ggufs import write_gguf
-from lemma.cli import ThinkSplitter, _stream_reply, app
+from lemma.cli import _stream_reply, app
+from lemma.reasoning import ThinkSplitter
 
 runner = CliRunner()
 PAGE_TOKENS = 16

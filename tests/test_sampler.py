@@ -6,7 +6,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lemma import Engine, SamplingParams
-from lemma.engine.sampler import Sampler, apply_repetition_penalty, exponential_noise, filter_logits
+from lemma.engine.sampler import (Sampler, apply_reply_penalties, apply_repetition_penalty, exponential_noise,
+                                  filter_logits)
 
 
 def direct_keep(logits: torch.Tensor, top_k: int, top_p: float, min_p: float) -> set[int]:
@@ -50,6 +51,21 @@ def test_repetition_penalty_as_transformers():
     logits = torch.tensor([[2.0, -1.0, 0.5, 3.0]])
     out = apply_repetition_penalty(logits, torch.tensor([[0, 1, -1]]), torch.tensor([2.0]))
     assert out.tolist() == [[1.0, -2.0, 0.5, 3.0]]
+
+
+def test_presence_and_frequency_penalties_as_openai():
+    logits = torch.tensor([[2.0, -1.0, 0.5, 3.0], [1.0, 1.0, 1.0, 1.0]])
+    reply = torch.tensor([[3, 3, 0], [1, -1, -1]])
+    out = apply_reply_penalties(logits, reply, torch.tensor([0.5, 0.0]), torch.tensor([1.0, 0.25]))
+    assert out.tolist() == [[2.0 - 0.5 - 1.0, -1.0, 0.5, 3.0 - 1.0 - 1.0], [1.0, 0.75, 1.0, 1.0]]
+
+
+def test_frequency_penalty_stops_greedy_repetition(tiny_dir):
+    engine = Engine(tiny_dir, kv_cache_tokens=512)
+    plain = engine.generate(["a a a a"], SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))[0].token_ids
+    spread = engine.generate(["a a a a"], SamplingParams(temperature=0, max_tokens=30, ignore_eos=True,
+                                                         frequency_penalty=2.0, presence_penalty=2.0))[0].token_ids
+    assert len(set(spread)) > len(set(plain))
 
 
 def test_sampler_seeded_rows_are_reproducible_and_follow_the_distribution():
@@ -112,6 +128,8 @@ def test_stop_string_spanning_two_tokens(tiny_dir):
     ({"min_p": 2.0}, "min_p must be in [0, 1], got 2.0"),
     ({"repetition_penalty": 0.0}, "repetition_penalty must be > 0, got 0.0"),
     ({"stop": [""]}, "stop strings must be non-empty strings"),
+    ({"presence_penalty": 2.5}, "presence_penalty must be in [-2, 2], got 2.5"),
+    ({"frequency_penalty": -3}, "frequency_penalty must be in [-2, 2], got -3"),
 ])
 def test_bad_sampling_params(kwargs, message):
     from lemma import LemmaError

@@ -296,12 +296,17 @@ class Engine:
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence], counters: torch.Tensor) -> list[int]:
         params = [s.params for s in seqs]
-        history = torch.empty(0)
+
+        def padded(rows: list[list[int]]) -> torch.Tensor:
+            width = max(map(len, rows), default=0)
+            return torch.tensor([r + [-1] * (width - len(r)) for r in rows], dtype=torch.int64, device=logits.device)
+
+        history = reply = torch.empty(0)
         if any(p.repetition_penalty != 1.0 for p in params):
-            width = max(s.num_tokens for s in seqs)
-            rows = [s.prompt_ids + s.output_ids + [-1] * (width - s.num_tokens) for s in seqs]
-            history = torch.tensor(rows, dtype=torch.int64, device=logits.device)
-        return self.sampler(logits, params, [s.seed for s in seqs], counters, history).tolist()
+            history = padded([s.all_ids for s in seqs])
+        if any(p.presence_penalty or p.frequency_penalty for p in params):
+            reply = padded([s.output_ids for s in seqs])
+        return self.sampler(logits, params, [s.seed for s in seqs], counters, history, reply).tolist()
 
     def _advance(self, seq: Sequence, token: int) -> RequestOutput:
         piece = seq.append(token)

@@ -20,7 +20,9 @@ class SamplingParams:
     top_k: int = 0  # 0 = off
     top_p: float = 1.0
     min_p: float = 0.0
-    repetition_penalty: float = 1.0
+    repetition_penalty: float = 1.0  # on every token seen (prompt and reply), as transformers
+    presence_penalty: float = 0.0  # subtracted once from tokens the reply already holds (OpenAI)
+    frequency_penalty: float = 0.0  # subtracted per occurrence in the reply (OpenAI)
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False
@@ -35,6 +37,8 @@ class SamplingParams:
             (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
             (0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
             (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
+            (-2 <= self.presence_penalty <= 2, "presence_penalty must be in [-2, 2]"),
+            (-2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]"),
             (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings"),
         ]
         for ok, message in checks:
@@ -57,6 +61,17 @@ def apply_repetition_penalty(logits: torch.Tensor, history: torch.Tensor, penalt
     pen = penalty[:, None].expand_as(logits)
     penalised = torch.where(logits > 0, logits / pen, logits * pen)
     return torch.where(seen, penalised, logits)
+
+
+def apply_reply_penalties(logits: torch.Tensor, reply: torch.Tensor, frequency: torch.Tensor,
+                          presence: torch.Tensor) -> torch.Tensor:
+    """OpenAI's penalties: reply [B, T] the reply's token ids so far (-1 = padding); frequency and
+    presence [B]. logit -= frequency * count + presence * (count > 0)."""
+    vocab = logits.shape[-1]
+    counts = torch.zeros(logits.shape[0], vocab + 1, dtype=logits.dtype, device=logits.device)
+    counts.scatter_add_(1, torch.where(reply >= 0, reply, vocab), torch.ones_like(reply, dtype=logits.dtype))
+    counts = counts[:, :vocab]
+    return logits - frequency[:, None] * counts - presence[:, None] * (counts > 0).to(logits.dtype)
 
 
 def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
@@ -105,6 +120,9 @@ class BatchParams:
         self.all_greedy = all(p.greedy for p in params)
         self.penalised = any(p.repetition_penalty != 1.0 for p in params)
         self.penalty = as_tensor([p.repetition_penalty for p in params], torch.float32)
+        self.reply_penalised = any(p.presence_penalty or p.frequency_penalty for p in params)
+        self.frequency = as_tensor([p.frequency_penalty for p in params], torch.float32)
+        self.presence = as_tensor([p.presence_penalty for p in params], torch.float32)
         self.temperature = as_tensor([p.temperature if p.temperature > 0 else 1.0 for p in params], torch.float32)
         self.top_k = as_tensor([p.top_k for p in params], torch.int64)
         self.top_p = as_tensor([p.top_p for p in params], torch.float32)
@@ -127,18 +145,22 @@ class Sampler:
         return self._entropy.getrandbits(32) if seed is None else seed
 
     def batch_params(self, params: list[SamplingParams], seeds: list[int]) -> BatchParams:
-        key = tuple((p.temperature, p.top_k, p.top_p, p.min_p, p.repetition_penalty) for p in params) + tuple(seeds)
+        key = tuple((p.temperature, p.top_k, p.top_p, p.min_p, p.repetition_penalty, p.presence_penalty,
+                     p.frequency_penalty) for p in params) + tuple(seeds)
         if self._cached is None or self._cached[0] != key:
             self._cached = (key, BatchParams(params, seeds, self.device))
         return self._cached[1]
 
     def __call__(self, logits: torch.Tensor, params: list[SamplingParams], seeds: list[int], counters: torch.Tensor,
-                 history: torch.Tensor) -> torch.Tensor:
+                 history: torch.Tensor, reply: torch.Tensor | None = None) -> torch.Tensor:
         """logits [B, V] fp32 -> next token ids [B]. counters [B] (on the device): the position each row
-        samples after, so every draw of a request gets fresh noise."""
+        samples after, so every draw of a request gets fresh noise. history [B, T]: prompt and reply ids
+        (for repetition_penalty), reply [B, T']: the reply's ids (presence/frequency), -1 padded."""
         batch = self.batch_params(params, seeds)
         if batch.penalised:
             logits = apply_repetition_penalty(logits, history, batch.penalty)
+        if batch.reply_penalised:
+            logits = apply_reply_penalties(logits, reply, batch.frequency, batch.presence)
         greedy_ids = logits.argmax(-1)
         if batch.all_greedy:
             return greedy_ids
