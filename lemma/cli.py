@@ -311,8 +311,10 @@ def main() -> None:
 
 
 from lemma.cli_measure import register  # noqa: E402  (the measuring commands import from this module)
+from lemma.cli_serve import register as register_serve  # noqa: E402
 
 register(app)
+register_serve(app)
 
 
 if __name__ == "__main__":

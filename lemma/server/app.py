@@ -1,0 +1,273 @@
+"""`lemma serve`: an OpenAI-compatible HTTP front (FastAPI) on an AsyncEngine.
+
+/v1/chat/completions and /v1/completions (streamed as server-sent events or whole), /v1/models,
+/health. Malformed requests get an OpenAI-style JSON error with status 400 before anything reaches
+the engine; a client that goes away aborts its request, so its pages return to the pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from lemma.engine.async_engine import AsyncEngine
+from lemma.engine.sequence import RequestOutput
+from lemma.errors import LemmaError
+from lemma.reasoning import ThinkSplitter, opens_thinking, split_reasoning
+from lemma.server.protocol import (APIError, ChatCompletionRequest, CompletionRequest, GenerationRequest,
+                                   lemma_stats, now, usage)
+
+DISCONNECT_POLL_SECONDS = 0.25
+
+
+class Server:
+    """What the routes share: the engine, the served model's name, the key, the reasoning switch."""
+
+    def __init__(self, engine: AsyncEngine, model_name: str, api_key: str | None = None,
+                 reasoning: bool | None = None):
+        self.engine, self.model_name, self.api_key = engine, model_name, api_key
+        tokenizer = engine.engine.tokenizer
+        if reasoning is None:  # models that think in <think> ... </think>
+            reasoning = tokenizer.token_id("<think>") is not None and tokenizer.token_id("</think>") is not None
+        self.reasoning = reasoning
+
+    # ---- request -> engine ----------------------------------------------------------------------------
+    def max_tokens(self, req: GenerationRequest, requested: int | None, prompt_len: int) -> int:
+        engine = self.engine.engine
+        context = engine.config.max_position_embeddings
+        if prompt_len >= context:
+            raise APIError(400, f"prompt of {prompt_len} tokens fills the model's context of {context} tokens", "messages")
+        if requested is not None:
+            if prompt_len + requested > context:
+                raise APIError(400, f"prompt ({prompt_len} tokens) + max_tokens ({requested}) exceeds the model's "
+                                    f"context of {context} tokens", "max_tokens")
+            return requested
+        room = context - prompt_len
+        policy = self.policy(req) or engine.policy
+        if not policy.evicts:  # a policy that keeps every page must fit the pool
+            room = min(room, engine.pool.capacity_tokens - prompt_len - 1)
+        if room < 1:
+            raise APIError(400, f"prompt of {prompt_len} tokens leaves no room in the KV pool", "messages")
+        return room
+
+    @staticmethod
+    def policy(req: GenerationRequest):
+        if req.kv_policy is None:
+            return None
+        try:
+            return req.kv_policy.build()
+        except LemmaError as exc:
+            raise APIError(400, f"kv_policy: {exc}", "kv_policy") from None
+
+    def submit(self, req: GenerationRequest, prompt_ids: list[int], requested: int | None, request_id: str):
+        max_tokens = self.max_tokens(req, requested, len(prompt_ids))
+        try:
+            params = req.sampling(max_tokens)
+            return self.engine.submit(prompt_ids, params, self.policy(req), request_id)
+        except LemmaError as exc:
+            raise APIError(400, str(exc)) from None
+
+    def check_model(self, req: GenerationRequest) -> None:
+        if req.model not in (None, "", self.model_name):
+            raise APIError(404, f"model {req.model!r} is not served here (this server serves {self.model_name!r})",
+                           "model", code="model_not_found")
+
+
+async def collect(outputs: AsyncIterator[RequestOutput], http: Request) -> tuple[str, list[int], RequestOutput | None]:
+    """The whole reply; None as the last output when the client went away (the request is aborted)."""
+    parts: list[str] = []
+    ids: list[int] = []
+
+    async def drain() -> RequestOutput:
+        async for out in outputs:
+            parts.append(out.text)
+            ids.extend(out.token_ids)
+            if out.finished:
+                return out
+        raise RuntimeError("the request's outputs ended without a finish")
+
+    task = asyncio.ensure_future(drain())
+    while True:
+        done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_SECONDS)
+        if done:
+            return "".join(parts), ids, task.result()
+        if await http.is_disconnected():
+            task.cancel()  # leaving the outputs aborts the request
+            await asyncio.gather(task, return_exceptions=True)
+            return "".join(parts), ids, None
+
+
+def sse(data: dict[str, Any] | str) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
+
+
+def finish_reason(out: RequestOutput) -> str:
+    if out.finish_reason == "error":
+        raise APIError(500, out.error or "generation failed", kind="server_error")
+    return out.finish_reason  # "stop" or "length"
+
+
+def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
+              reasoning: bool | None = None) -> FastAPI:
+    server = Server(engine, model_name, api_key, reasoning)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        await run_in_threadpool(engine.close)
+
+    app = FastAPI(title="lemma", lifespan=lifespan)
+    app.state.server = server
+
+    @app.exception_handler(APIError)
+    async def api_error(_: Request, exc: APIError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {"msg": "invalid request", "loc": ()}
+        where = ".".join(str(part) for part in first.get("loc", ()) if part != "body")
+        message = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
+        if first.get("type") == "json_invalid":
+            message, where = "the body is not valid JSON", None
+        elif first.get("type") == "missing":
+            message = f"{where} is required"
+        elif where and not message.startswith(where.split(".")[0]):
+            message = f"{where}: {message}"
+        return JSONResponse(APIError(400, message, where or None).body(), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse(APIError(exc.status_code, str(exc.detail)).body(), status_code=exc.status_code)
+
+    async def authorized(request: Request) -> None:
+        if api_key is not None and request.headers.get("authorization") != f"Bearer {api_key}":
+            raise APIError(401, "missing or wrong API key (send Authorization: Bearer <key>)",
+                           kind="authentication_error", code="invalid_api_key")
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/v1/models", dependencies=[Depends(authorized)])
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "lemma"}]}
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(authorized)])
+    async def chat_completions(req: ChatCompletionRequest, http: Request) -> Response:
+        server.check_model(req)
+        tokenizer = engine.engine.tokenizer
+        messages = [m.as_template_message() for m in req.messages]
+        try:
+            text = await run_in_threadpool(tokenizer.apply_chat_template, messages, True)
+        except LemmaError as exc:
+            raise APIError(400, str(exc), "messages") from None
+        prompt_ids = await run_in_threadpool(tokenizer.encode, text, False)
+        thinking = server.reasoning and opens_thinking(text)
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        outputs = server.submit(req, prompt_ids, req.requested_max_tokens, request_id)
+        if req.stream:
+            return StreamingResponse(chat_events(req, outputs, request_id, len(prompt_ids), thinking),
+                                     media_type="text/event-stream")
+        reply, ids, last = await collect(outputs, http)
+        if last is None:
+            return Response(status_code=499)
+        reason = finish_reason(last)
+        reasoning_content, content = split_reasoning(reply, thinking) if server.reasoning else (None, reply)
+        message = {"role": "assistant", "content": content}
+        if reasoning_content is not None:
+            message["reasoning_content"] = reasoning_content
+        return JSONResponse({
+            "id": request_id, "object": "chat.completion", "created": now(), "model": model_name,
+            "choices": [{"index": 0, "message": message, "finish_reason": reason, "logprobs": None}],
+            "usage": usage(len(prompt_ids), len(ids)), "lemma": lemma_stats(last.stats)})
+
+    async def chat_events(req: ChatCompletionRequest, outputs: AsyncIterator[RequestOutput], request_id: str,
+                          prompt_len: int, thinking: bool) -> AsyncIterator[str]:
+        created = now()
+        splitter = ThinkSplitter(thinking) if server.reasoning else None
+        generated = 0
+
+        def chunk(delta: dict[str, Any], reason: str | None = None, **extra: Any) -> str:
+            body = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model_name,
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": reason, "logprobs": None}], **extra}
+            if req.include_usage:
+                body["usage"] = None
+            return sse(body)
+
+        try:
+            yield chunk({"role": "assistant", "content": ""})
+            async for out in outputs:
+                generated += len(out.token_ids)
+                if out.finish_reason == "error":
+                    yield sse(APIError(500, out.error or "generation failed", kind="server_error").body())
+                    return
+                runs = splitter.feed(out.text, final=out.finished) if splitter else [(out.text, False)]
+                for text, inside in runs:
+                    if text:
+                        yield chunk({"reasoning_content": text} if inside else {"content": text})
+                if out.finished:
+                    yield chunk({}, out.finish_reason, lemma=lemma_stats(out.stats))
+            if req.include_usage:
+                yield sse({"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model_name,
+                           "choices": [], "usage": usage(prompt_len, generated)})
+            yield sse("[DONE]")
+        finally:
+            await outputs.aclose()  # a client gone mid-stream: abort, pages back
+
+    @app.post("/v1/completions", dependencies=[Depends(authorized)])
+    async def completions(req: CompletionRequest, http: Request) -> Response:
+        server.check_model(req)
+        if isinstance(req.prompt, str):
+            prompt_ids = await run_in_threadpool(engine.engine.tokenizer.encode, req.prompt, True)
+        else:
+            prompt_ids = list(req.prompt)
+        request_id = f"cmpl-{uuid.uuid4().hex}"
+        outputs = server.submit(req, prompt_ids, req.requested_max_tokens, request_id)
+        if req.stream:
+            return StreamingResponse(completion_events(req, outputs, request_id, len(prompt_ids)),
+                                     media_type="text/event-stream")
+        text, ids, last = await collect(outputs, http)
+        if last is None:
+            return Response(status_code=499)
+        return JSONResponse({
+            "id": request_id, "object": "text_completion", "created": now(), "model": model_name,
+            "choices": [{"index": 0, "text": text, "finish_reason": finish_reason(last), "logprobs": None}],
+            "usage": usage(len(prompt_ids), len(ids)), "lemma": lemma_stats(last.stats)})
+
+    async def completion_events(req: CompletionRequest, outputs: AsyncIterator[RequestOutput], request_id: str,
+                                prompt_len: int) -> AsyncIterator[str]:
+        created, generated = now(), 0
+        try:
+            async for out in outputs:
+                generated += len(out.token_ids)
+                if out.finish_reason == "error":
+                    yield sse(APIError(500, out.error or "generation failed", kind="server_error").body())
+                    return
+                if out.text or out.finished:
+                    body = {"id": request_id, "object": "text_completion", "created": created, "model": model_name,
+                            "choices": [{"index": 0, "text": out.text, "finish_reason": out.finish_reason,
+                                         "logprobs": None}]}
+                    if out.finished:
+                        body["lemma"] = lemma_stats(out.stats)
+                    if req.include_usage:
+                        body["usage"] = None
+                    yield sse(body)
+            if req.include_usage:
+                yield sse({"id": request_id, "object": "text_completion", "created": created, "model": model_name,
+                           "choices": [], "usage": usage(prompt_len, generated)})
+            yield sse("[DONE]")
+        finally:
+            await outputs.aclose()
+
+    return app

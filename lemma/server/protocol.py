@@ -1,0 +1,161 @@
+"""The OpenAI-compatible request bodies the server accepts, as pydantic models, and what it answers.
+
+Unknown fields are ignored (clients send many); fields lemma cannot honour (n > 1, logprobs, echo,
+best_of > 1) are rejected with a 400 that names them rather than silently dropped.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from lemma.engine.policies import Policy, make_policy
+from lemma.engine.sampler import SamplingParams
+from lemma.engine.sequence import Stats
+
+
+class APIError(Exception):
+    """Answered as {"error": {...}} with this HTTP status."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.kind, self.code = status, message, param, kind, code
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+class KVPolicySpec(BaseModel):
+    """lemma's extra body field: the KV policy of this request, e.g. {"name": "raas", "budget": 512}."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    budget: int | None = None
+    pin_prompt: bool | None = None
+    dense_layers: int = 0
+
+    def build(self) -> Policy:
+        if self.name.lower() == "dense":
+            return make_policy("dense", self.budget)
+        options: dict[str, Any] = {"dense_layers": self.dense_layers}
+        if self.pin_prompt is not None:
+            options["pin_prompt"] = self.pin_prompt
+        return make_policy(self.name, self.budget, **options)
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class GenerationRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=-1)  # -1 or 0: off
+    min_p: float = Field(0.0, ge=0, le=1)
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    repetition_penalty: float = Field(1.0, gt=0)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    n: int = 1
+    logprobs: Any = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    ignore_eos: bool = False  # lemma/vLLM extra: generate all max_tokens
+    kv_policy: KVPolicySpec | None = None  # lemma extra
+
+    @model_validator(mode="after")
+    def _supported(self) -> "GenerationRequest":
+        if self.n != 1:
+            raise ValueError("n: only n=1 is supported; send one request per sample")
+        if self.logprobs:
+            raise ValueError("logprobs: not supported")
+        return self
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    def sampling(self, max_tokens: int) -> SamplingParams:
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        return SamplingParams(max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
+                              top_k=max(self.top_k, 0), min_p=self.min_p, presence_penalty=self.presence_penalty,
+                              frequency_penalty=self.frequency_penalty, repetition_penalty=self.repetition_penalty,
+                              seed=self.seed, stop=stop, ignore_eos=self.ignore_eos)
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    reasoning_content: str | None = None  # given back by clients; not rendered
+
+    def as_template_message(self) -> dict[str, str]:
+        text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or [])
+        return {"role": "system" if self.role == "developer" else self.role, "content": text}
+
+
+class ChatCompletionRequest(GenerationRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+
+class CompletionRequest(GenerationRequest):
+    prompt: str | list[int] | list[str]
+    echo: bool = False
+    best_of: int | None = None
+    suffix: str | None = None
+
+    @model_validator(mode="after")
+    def _single_prompt(self) -> "CompletionRequest":
+        if self.echo:
+            raise ValueError("echo: not supported")
+        if self.best_of not in (None, 1):
+            raise ValueError("best_of: only 1 is supported")
+        if self.suffix:
+            raise ValueError("suffix: not supported")
+        if isinstance(self.prompt, list) and self.prompt and isinstance(self.prompt[0], str):
+            if len(self.prompt) != 1:
+                raise ValueError("prompt: one prompt per request (send one request per prompt)")
+            self.prompt = self.prompt[0]
+        if not self.prompt:
+            raise ValueError("prompt: must not be empty")
+        return self
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        return self.max_tokens
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def lemma_stats(stats: Stats | None) -> dict[str, Any] | None:
+    """lemma's per-request stats, as the `lemma` field of a response."""
+    if stats is None:
+        return None
+    fields = ("policy", "peak_kv_bytes", "peak_kv_pages", "pages_evicted", "preemptions", "ttft_seconds",
+              "prefill_seconds", "decode_seconds", "jct_seconds")
+    return {name: getattr(stats, name) for name in fields}
+
+
+def now() -> int:
+    return int(time.time())
