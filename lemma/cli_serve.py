@@ -27,6 +27,8 @@ def serve(
     prefill_chunk: int = typer.Option(512, "--prefill-chunk", help="Tokens per engine step: the decode batch plus prompt chunks."),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="LEMMA_API_KEY",
                                           help="Require 'Authorization: Bearer KEY' on /v1 routes."),
+    default_max_tokens: Optional[int] = typer.Option(None, "--default-max-tokens",
+                                                     help="max_tokens of requests that give none (default: the rest of the context)."),
     served_name: Optional[str] = typer.Option(None, "--served-model-name", help="Model id clients send (default: the model's name)."),
     reasoning: str = typer.Option("auto", "--reasoning-parser",
                                   help="auto, think or none: put <think> text in reasoning_content (auto: when the tokenizer has <think>)."),
@@ -41,6 +43,8 @@ def serve(
     """
     if reasoning not in ("auto", "think", "none"):
         raise LemmaError(f"--reasoning-parser must be auto, think or none, got {reasoning!r}")
+    if default_max_tokens is not None and default_max_tokens < 1:
+        raise LemmaError(f"--default-max-tokens must be >= 1, got {default_max_tokens}")
     if not 0 < port < 65536:
         raise LemmaError(f"--port must be in 1..65535, got {port}")
     import uvicorn
@@ -51,7 +55,8 @@ def serve(
     engine = _engine(model, device, dtype, policy=_policy(policy, budget, pin_prompt, dense_layers), compile=compile,
                      max_batch=max_batch, kv_cache_tokens=kv_cache_tokens, prefill_chunk=prefill_chunk)
     name = served_name or engine.model_dir.name
-    app = build_app(AsyncEngine(engine), name, api_key, {"auto": None, "think": True, "none": False}[reasoning])
+    app = build_app(AsyncEngine(engine), name, api_key, {"auto": None, "think": True, "none": False}[reasoning],
+                    default_max_tokens)
     if host not in LOOPBACK and api_key is None:
         typer.echo(f"warning: serving on {host} without --api-key: anyone who can reach it can use it", err=True)
     typer.echo(f"lemma serve: {name}, {engine.policy.describe()}, KV pool {engine.pool.capacity_tokens} tokens, "

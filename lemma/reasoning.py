@@ -15,8 +15,6 @@ class ThinkSplitter:
     """Splits streamed text into (text, thinking) runs at <think> and </think>, markers split across
     pieces included."""
 
-    OPEN, CLOSE = OPEN, CLOSE
-
     def __init__(self, thinking: bool = False) -> None:
         self.thinking, self.buffer = thinking, ""  # thinking=True: the prompt already opened <think>
 
@@ -24,7 +22,7 @@ class ThinkSplitter:
         self.buffer += piece
         runs: list[tuple[str, bool]] = []
         while True:
-            marker = self.CLOSE if self.thinking else self.OPEN
+            marker = CLOSE if self.thinking else OPEN
             at = self.buffer.find(marker)
             if at < 0:
                 break

@@ -26,7 +26,7 @@ def assert_one_line_error(result, *fragments):
         assert fragment in lines[0]
 
 
-@pytest.mark.parametrize("command", ["run", "chat", "pull", "convert", "info"])
+@pytest.mark.parametrize("command", ["run", "chat", "pull", "convert", "info", "serve"])
 def test_every_command_has_help_with_an_example(command):
     result = invoke(command, "--help")
     assert result.exit_code == 0 and "Example: lemma" in result.output
@@ -229,3 +229,42 @@ def test_trace_command(tiny_dir, tmp_path):
     assert "60 decode steps" not in result.output and "59 decode steps" in result.output
     assert out.stat().st_size > 0
     assert_one_line_error(invoke("trace", "x", "--model", tiny_dir, "--layer", 9), "--layer must be in [0, 2), got 9")
+
+
+def test_serve_bad_inputs(tiny_dir):
+    assert_one_line_error(invoke("serve", "--model", tiny_dir, "--reasoning-parser", "maybe"), "--reasoning-parser")
+    assert_one_line_error(invoke("serve", "--model", tiny_dir, "--port", "70000"), "--port")
+    assert_one_line_error(invoke("serve", "--model", tiny_dir, "--policy", "raas", "--budget", "20"), "budget")
+
+
+def test_serve_starts_answers_and_stops(tiny_dir):
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-c", "from lemma.cli import main; main()", "serve", "--model",
+                               str(tiny_dir), "--port", str(port), "--kv-cache-tokens", "1024", "--api-key", "k"],
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 60
+        while True:
+            assert server.poll() is None and time.time() < deadline, "lemma serve did not come up"
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except OSError:
+                time.sleep(0.2)
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions",
+                                         data=json.dumps({"prompt": "abc", "max_tokens": 5, "ignore_eos": True}).encode(),
+                                         headers={"content-type": "application/json", "authorization": "Bearer k"})
+        body = json.loads(urllib.request.urlopen(request, timeout=30).read())
+        assert body["usage"]["completion_tokens"] == 5 and body["choices"][0]["finish_reason"] == "length"
+    finally:
+        server.terminate()
+        server.wait(30)
+    assert "on http://127.0.0.1:" in server.stderr.read()

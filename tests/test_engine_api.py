@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from lemma import Dense, Engine, LemmaError, RaaS, SamplingParams, StreamingLLM
+from lemma import Dense, Engine, LemmaError, Quest, RaaS, SamplingParams, StreamingLLM
 from lemma.engine.async_engine import AsyncEngine
 
 GREEDY = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
@@ -169,6 +169,35 @@ def test_preemption_resumes_with_identical_output(tiny_dir, policy):
     assert small.pool.all_free
 
 
+def test_resume_on_other_pages_after_other_requests_left(tiny_dir):
+    """A Dense request preempts itself while RaaS requests hold the pool; one of them finishes, and the
+    Dense request resumes on the pages it left behind (other page ids than before): still the same
+    tokens, and the RaaS requests are undisturbed."""
+    params = {"d": SamplingParams(temperature=0, max_tokens=100, ignore_eos=True),
+              "r1": SamplingParams(temperature=0, max_tokens=80, ignore_eos=True),
+              "r2": SamplingParams(temperature=0, max_tokens=150, ignore_eos=True)}
+    policies = {"d": Dense(), "r1": RaaS(budget=64), "r2": RaaS(budget=64)}
+    alone = {rid: Engine(tiny_dir, kv_cache_tokens=4096, policy=policies[rid]).generate([PROMPTS[0]], params[rid])[0]
+             for rid in params}
+    engine = Engine(tiny_dir, kv_cache_tokens=16 * 12)  # 12 pages: two RaaS budgets leave 4 for Dense
+    for rid in ("r1", "r2", "d"):
+        engine.add_request(PROMPTS[0], params[rid], policy=policies[rid], request_id=rid)
+    outputs = run_to_end(engine)
+    finals = {o.request_id: o for o in outputs if o.finished}
+    assert finals["d"].stats.preemptions == 1
+    for rid in params:
+        assert joined(outputs, rid) == alone[rid].token_ids, rid
+    assert engine.pool.all_free
+
+
+def test_quest_grows_on_demand_and_survives_preemption(tiny_dir):
+    params = SamplingParams(temperature=0, max_tokens=70, ignore_eos=True)
+    small = Engine(tiny_dir, kv_cache_tokens=16 * 14, policy=Quest(budget=48))
+    outs = in_thread(lambda: small.generate(PROMPTS[:3], params))
+    assert all(o.finish_reason == "length" and len(o.token_ids) == 70 for o in outs)
+    assert sum(o.stats.preemptions for o in outs) > 0 and small.pool.all_free
+
+
 def test_sampled_request_resumes_identically_after_preemption(tiny_dir):
     params = [SamplingParams(temperature=0.9, top_p=0.95, max_tokens=70, ignore_eos=True, seed=s) for s in (1, 2, 3)]
     alone = [Engine(tiny_dir, kv_cache_tokens=4096).generate([p], q)[0].token_ids for p, q in zip(PROMPTS, params)]
@@ -239,6 +268,7 @@ def test_async_engine_streams_and_aborts(tiny_dir):
         async for _ in stream:
             break
         await stream.aclose()  # leaving early aborts
+        async_engine.submit(PROMPTS[3], SamplingParams(temperature=0, max_tokens=500, ignore_eos=True))  # dropped unread
         return full
 
     try:

@@ -167,6 +167,7 @@ def test_bad_requests_get_400_json_and_never_reach_the_engine(served):
         (dict(messages=ASK, extra_body={"kv_policy": {"name": "raas", "budget": 7}}), "at least 2 pages"),
         (dict(messages=ASK, extra_body={"kv_policy": {"name": "nope"}}), "unknown policy 'nope'"),
         (dict(messages=ASK, top_p=0), "top_p"),
+        (dict(messages=ASK, tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}]), "tool calling"),
     ]
     try:
         for kwargs, fragment in cases:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import weakref
 from collections.abc import AsyncIterator
 
 from lemma.engine.engine import Engine, Prompt
@@ -44,24 +45,35 @@ class AsyncEngine:
                request_id: str | None = None) -> AsyncIterator[RequestOutput]:
         """Queue a request and return its outputs as an async iterator; call from the event loop. Bad
         requests raise LemmaError here, before anything is queued. Leaving the iterator before the last
-        output (a closed connection, a cancelled task) aborts the request."""
+        output (a closed connection, a cancelled task), or dropping it unread, aborts the request."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
-        request_id = self.engine.add_request(prompt, params, policy, request_id,
-                                             on_output=lambda out: loop.call_soon_threadsafe(queue.put_nowait, out))
-        self._wake.set()
-        return self._outputs(request_id, queue)
 
-    async def _outputs(self, request_id: str, queue: asyncio.Queue[RequestOutput]) -> AsyncIterator[RequestOutput]:
-        finished = False
+        def post(out: RequestOutput) -> None:  # on the engine thread
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(queue.put_nowait, out)
+
+        request_id = self.engine.add_request(prompt, params, policy, request_id, on_output=post)
+        self._wake.set()
+        finished = [False]
+        outputs = self._outputs(request_id, queue, finished)
+        weakref.finalize(outputs, self._abort_unless, finished, request_id)
+        return outputs
+
+    async def _outputs(self, request_id: str, queue: asyncio.Queue[RequestOutput],
+                       finished: list[bool]) -> AsyncIterator[RequestOutput]:
         try:
-            while not finished:
+            while not finished[0]:
                 out = await queue.get()
-                finished = out.finished
+                finished[0] = out.finished
                 yield out
         finally:
-            if not finished:
-                self.abort(request_id)
+            self._abort_unless(finished, request_id)
+
+    def _abort_unless(self, finished: list[bool], request_id: str) -> None:
+        if not finished[0]:
+            finished[0] = True
+            self.abort(request_id)
 
     def abort(self, request_id: str) -> None:
         self.engine.abort(request_id)

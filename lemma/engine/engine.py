@@ -8,6 +8,7 @@ chunks. `generate`, `stream`, `chat` and `teacher_force` are blocking layers on 
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import deque
@@ -23,12 +24,14 @@ from lemma.engine.runner import ModelRunner
 from lemma.engine.sampler import Sampler, SamplingParams
 from lemma.engine.scheduler import Scheduler, StepPlan
 from lemma.engine.sequence import DECODE, Chunk, Forced, Output, RequestOutput, Sequence, Stats
+from lemma.engine.tokens import next_tokens
 from lemma.errors import LemmaError
 from lemma.kernels import resolve_attention
 from lemma.models.llama import CausalLM
 from lemma.models.loader import load_model
 from lemma.models.tokenizer import StreamingDetokenizer, Tokenizer
 
+log = logging.getLogger("lemma")
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 CPU_KV_BYTES = 1 << 30  # default pool on CPU: 1 GiB
@@ -103,7 +106,7 @@ class Engine:
         self.runner = ModelRunner(self.model, self.pool, self.attention, max_batch, compile)
         self.scheduler = Scheduler(self.pool, max_batch, prefill_chunk)
         self.sampler = Sampler(self.device)
-        self._step_lock = threading.RLock()  # one step at a time
+        self._step_lock = threading.Lock()  # one step at a time (not re-entrant: nothing may step mid-step)
         self._inbox_lock = threading.Lock()  # guards the inbox, the listeners and the live ids
         self._inbox: list[tuple[str, Any]] = []  # ("add", Sequence) or ("abort", request id), in order
         self._listeners: dict[str, Callable[[RequestOutput], None]] = {}
@@ -233,7 +236,14 @@ class Engine:
                     self._listeners.pop(out.request_id, None)
                     self._live.discard(out.request_id)
             if listener is not None:
-                listener(out)
+                try:
+                    listener(out)
+                except Exception:  # a reader that is gone must not break the step for everyone else
+                    log.exception("on_output of request %s failed; aborting it", out.request_id)
+                    if not out.finished:
+                        self.abort(out.request_id)
+                        with self._inbox_lock:
+                            self._listeners.pop(out.request_id, None)
 
     def _finish(self, seq: Sequence, reason: str, error: str | None = None) -> RequestOutput:
         self.scheduler.remove(seq)
@@ -246,7 +256,7 @@ class Engine:
         for policy, seqs in plan.decode.items():
             start = time.perf_counter()
             logits = self.runner.decode(seqs, policy)
-            tokens = self._next_tokens(logits, seqs, self.runner.positions(policy, len(seqs)))
+            tokens = next_tokens(self.sampler, logits, seqs, self.runner.positions(policy, len(seqs)))
             elapsed = time.perf_counter() - start
             for seq, token in zip(seqs, tokens):
                 seq.stats.decode_seconds += elapsed
@@ -262,7 +272,7 @@ class Engine:
             tokens = []
             if seqs:  # the token after the last prompt position, sampled as a decode step would
                 counters = torch.tensor([seq.num_tokens - 1 for seq in seqs], device=self.device)
-                tokens = self._next_tokens(logits[done], seqs, counters)
+                tokens = next_tokens(self.sampler, logits[done], seqs, counters)
             elapsed = time.perf_counter() - start
             for seq, _, _, end in plan.prefill:
                 seq.prefilled = end
@@ -270,43 +280,8 @@ class Engine:
             outputs += [self._advance(seq, token) for seq, token in zip(seqs, tokens)]
         for seq in [s for s in self.scheduler.running if s.finish_reason]:
             self.scheduler.remove(seq)
+        self.runner.forget_policies(keep={s.policy for s in self.scheduler.running})
         return outputs
-
-    def _next_tokens(self, logits: torch.Tensor, seqs: list[Sequence], counters: torch.Tensor) -> list[int]:
-        """Sampled tokens, or for teacher-forced requests the forced token (recording what the model
-        gave it and what it predicted)."""
-        forced = [i for i, s in enumerate(seqs) if s.forced is not None]
-        if not forced:
-            return self._sample(logits, seqs, counters)
-        tokens = [0] * len(seqs)
-        sampled = [i for i, s in enumerate(seqs) if s.forced is None]
-        if sampled:
-            rows = torch.tensor(sampled, device=logits.device)
-            for i, token in zip(sampled, self._sample(logits[rows], [seqs[i] for i in sampled], counters[rows])):
-                tokens[i] = token
-        rows = torch.tensor(forced, device=logits.device)
-        targets = [seqs[i].forced[len(seqs[i].output_ids)] for i in forced]
-        logprobs = torch.log_softmax(logits[rows].float(), dim=-1)
-        chosen = logprobs.gather(1, torch.tensor(targets, device=logits.device)[:, None])[:, 0]
-        for i, target, lp, top in zip(forced, targets, chosen.tolist(), logprobs.argmax(-1).tolist()):
-            seqs[i].forced_logprobs.append(lp)
-            seqs[i].predicted.append(top)
-            tokens[i] = target
-        return tokens
-
-    def _sample(self, logits: torch.Tensor, seqs: list[Sequence], counters: torch.Tensor) -> list[int]:
-        params = [s.params for s in seqs]
-
-        def padded(rows: list[list[int]]) -> torch.Tensor:
-            width = max(map(len, rows), default=0)
-            return torch.tensor([r + [-1] * (width - len(r)) for r in rows], dtype=torch.int64, device=logits.device)
-
-        history = reply = torch.empty(0)
-        if any(p.repetition_penalty != 1.0 for p in params):
-            history = padded([s.all_ids for s in seqs])
-        if any(p.presence_penalty or p.frequency_penalty for p in params):
-            reply = padded([s.output_ids for s in seqs])
-        return self.sampler(logits, params, [s.seed for s in seqs], counters, history, reply).tolist()
 
     def _advance(self, seq: Sequence, token: int) -> RequestOutput:
         piece = seq.append(token)
@@ -340,8 +315,13 @@ class Engine:
             if pending:
                 for request_id in pending:
                     self.abort(request_id)
-                with self._step_lock:
-                    self._deliver(self._take_inbox())
+                # apply the aborts now unless a step is running (then that step's successor does); never
+                # wait here: this may run from a generator finalised inside a step
+                if self._step_lock.acquire(blocking=False):
+                    try:
+                        self._deliver(self._take_inbox())
+                    finally:
+                        self._step_lock.release()
 
     def _submit_all(self, prompts: list[Prompt], params: list[SamplingParams], box: deque[RequestOutput],
                     forced: list[list[int]] | None = None) -> tuple[list[Sequence | None], dict[int, Output]]:
@@ -403,7 +383,9 @@ class Engine:
             self.pool.reserve(need)
             seq.reserved = need
             try:
-                return self.runner.prefill([(seq, seq.policy, 0, seq.num_tokens)], all_logits=True)
+                chunk, n = self.scheduler.step_tokens, seq.num_tokens
+                return torch.cat([self.runner.prefill([(seq, seq.policy, start, min(start + chunk, n))], all_logits=True)
+                                  for start in range(0, n, chunk)])
             finally:
                 self.scheduler.release(seq)
 

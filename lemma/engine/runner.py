@@ -27,6 +27,7 @@ PrefillChunk = tuple[Sequence, Policy, int, int]  # (sequence, its policy, first
 # observer(layer, born [B,Hkv,S], valid, step mass [B,Hkv,S], evicted born [B,Hkv] or -1): for traces
 Observer = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
 COMPILE_CHOICES = ("inductor", "eager", "aot_eager")
+MAX_POLICY_STATES = 8  # distinct KV policies whose decode state (and CUDA graphs) are kept while idle
 
 
 class ModelRunner:
@@ -49,6 +50,16 @@ class ModelRunner:
                 self._step = compile_step(self.decode_step, compile, self.device)
         elif compile:
             self._step = compile_step(self.decode_step, "inductor" if compile is True else compile, self.device)
+
+    def forget_policies(self, keep: set[Policy]) -> None:
+        """Past MAX_POLICY_STATES policies, drop the step states (and CUDA graphs) of those not running,
+        so per-request policies cannot grow memory without bound."""
+        if len(self.states) <= MAX_POLICY_STATES:
+            return
+        for policy in [p for p in self.states if p not in keep]:
+            del self.states[policy]
+            if self._graphs is not None:
+                self._graphs.pop(policy, None)
 
     def state_for(self, policy: Policy) -> DecodeState:
         """The persistent decode state of the sequences running under `policy`."""

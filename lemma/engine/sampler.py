@@ -139,7 +139,7 @@ class Sampler:
     def __init__(self, device: torch.device):
         self.device = device
         self._entropy = random.SystemRandom()
-        self._cached: tuple[tuple, BatchParams] | None = None
+        self._cached: dict[tuple, BatchParams] = {}  # a few batch compositions (decode groups, prefill)
 
     def seed_for(self, seed: int | None) -> int:
         return self._entropy.getrandbits(32) if seed is None else seed
@@ -147,9 +147,11 @@ class Sampler:
     def batch_params(self, params: list[SamplingParams], seeds: list[int]) -> BatchParams:
         key = tuple((p.temperature, p.top_k, p.top_p, p.min_p, p.repetition_penalty, p.presence_penalty,
                      p.frequency_penalty) for p in params) + tuple(seeds)
-        if self._cached is None or self._cached[0] != key:
-            self._cached = (key, BatchParams(params, seeds, self.device))
-        return self._cached[1]
+        if key not in self._cached:
+            if len(self._cached) >= 8:
+                self._cached.pop(next(iter(self._cached)))
+            self._cached[key] = BatchParams(params, seeds, self.device)
+        return self._cached[key]
 
     def __call__(self, logits: torch.Tensor, params: list[SamplingParams], seeds: list[int], counters: torch.Tensor,
                  history: torch.Tensor, reply: torch.Tensor | None = None) -> torch.Tensor:

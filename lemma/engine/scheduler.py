@@ -8,7 +8,10 @@ batch has room and the pool can promise their pages:
 - Dense and Quest take pages on demand: admission reserves the tokens present plus the next one, and
   each later page is reserved when the sequence reaches it. When the pool cannot give one, the newest
   running on-demand request is preempted: its pages go back and it waits at the head of the queue, to
-  be recomputed from its prompt and the tokens it already generated (same greedy output).
+  be recomputed from its prompt and the tokens it already generated. Dense continues as if nothing
+  happened (the same greedy tokens, up to prefill/decode rounding on near-ties in low precision);
+  Quest's rebuilt cache comes from dense prefill, while its decode-time K/V above layer 0 came from
+  sparse attention, so its later tokens may differ from an unpreempted run.
 
 Each step decodes every decoding sequence (one static step per policy) and prefills chunks of the
 prefilling ones under a token budget, several prompts in one forward, so long prompts never stall
@@ -29,11 +32,6 @@ from lemma.engine.sequence import DECODE, FINISHED, PREFILL, WAITING, Sequence
 class StepPlan:
     decode: dict[Policy, list[Sequence]] = field(default_factory=dict)  # admission order within a policy
     prefill: list[tuple[Sequence, Policy, int, int]] = field(default_factory=list)  # (seq, policy, start, end)
-    preempted: list[Sequence] = field(default_factory=list)
-
-    @property
-    def empty(self) -> bool:
-        return not self.decode and not self.prefill
 
 
 class Scheduler:
@@ -43,6 +41,10 @@ class Scheduler:
         self.step_tokens = max(page, step_tokens // page * page)  # prefill chunks end on page boundaries
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # admission order, prefilling and decoding
+        self.peak_running = 0  # most requests running at once so far
+        self.preemptions = 0
+        self.decode_steps = 0  # steps that decoded, and the sequences they decoded (mean batch = ratio)
+        self.decoded = 0
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -73,12 +75,15 @@ class Scheduler:
 
     # ---- one step ----------------------------------------------------------------------------------
     def schedule(self) -> StepPlan:
+        self._grow()  # running requests get their next pages before anyone new is admitted
         self._admit()
-        plan = StepPlan(preempted=self._grow())
+        plan = StepPlan()
         for seq in self.running:
             if seq.status == DECODE:
                 plan.decode.setdefault(seq.policy, []).append(seq)
         decoding = sum(len(seqs) for seqs in plan.decode.values())
+        self.decode_steps += decoding > 0
+        self.decoded += decoding
         plan.prefill = self._chunks(self.step_tokens - decoding)
         return plan
 
@@ -102,6 +107,7 @@ class Scheduler:
             seq.reserved, seq.pages = need, [[] for _ in need]
             seq.status, seq.prefilled = PREFILL, 0
             self.running.append(seq)
+            self.peak_running = max(self.peak_running, len(self.running))
 
     def _page_needs(self, seq: Sequence) -> list[int]:
         """Pages per layer `seq` must still be promised for its next decode step."""
@@ -109,10 +115,9 @@ class Scheduler:
             return [0] * self.pool.num_layers
         return [int(len(pages) < cap and left == 0) for pages, cap, left in zip(seq.pages, seq.capacity, seq.reserved)]
 
-    def _grow(self) -> list[Sequence]:
+    def _grow(self) -> None:
         """Promise every decoding sequence that opens a page this step one more page per layer, oldest
         first; preempt the newest on-demand requests when the pool runs out."""
-        preempted: list[Sequence] = []
         for seq in list(self.running):
             if seq.status != DECODE or seq not in self.running:
                 continue
@@ -122,19 +127,19 @@ class Scheduler:
             while not self.pool.can_reserve(need):
                 victim = next(s for s in reversed(self.running) if s.grows)  # seq itself grows
                 self._preempt(victim)
-                preempted.append(victim)
                 if victim is seq:
                     break
             else:
                 self.pool.reserve(need)
                 seq.reserved = [left + n for left, n in zip(seq.reserved, need)]
-        return preempted
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.release(seq)
         seq.status, seq.prefilled = WAITING, 0
+        seq.new_uid()  # its old batch row (and page table) must not be taken for its new pages
         seq.stats.preemptions += 1
+        self.preemptions += 1
         self.waiting.appendleft(seq)
 
     def _chunks(self, budget: int) -> list[tuple[Sequence, Policy, int, int]]:

@@ -101,7 +101,7 @@ class Sequence:
         self.forced: list[int] | None = None  # teacher forcing: the tokens to emit instead of sampling
         self.prompt_ids = prompt_ids
         self.params = params
-        self.seed = 0  # the sampling seed: params.seed, or drawn at admission
+        self.seed = 0  # the sampling seed: params.seed, or drawn when the request is added
         self.detok = detokenizer
         self.eos_ids = set() if params.ignore_eos else set(eos_ids)
         self.output_ids: list[int] = []
@@ -116,6 +116,10 @@ class Sequence:
         self.pending = ""  # detokenized text held back because it may start a stop string
         self.stats = Stats(prompt_tokens=len(prompt_ids))
         self.started = time.perf_counter()
+
+    def new_uid(self) -> None:
+        """A new identity for the decode state's batch rows (after a preemption)."""
+        self.uid = next(Sequence._uids)
 
     @property
     def num_tokens(self) -> int:

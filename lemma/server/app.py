@@ -8,9 +8,10 @@ the engine; a client that goes away aborts its request, so its pages return to t
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -21,6 +22,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lemma.engine.async_engine import AsyncEngine
+from lemma.engine.policies import Policy
 from lemma.engine.sequence import RequestOutput
 from lemma.errors import LemmaError
 from lemma.reasoning import ThinkSplitter, opens_thinking, split_reasoning
@@ -34,15 +36,16 @@ class Server:
     """What the routes share: the engine, the served model's name, the key, the reasoning switch."""
 
     def __init__(self, engine: AsyncEngine, model_name: str, api_key: str | None = None,
-                 reasoning: bool | None = None):
+                 reasoning: bool | None = None, default_max_tokens: int | None = None):
         self.engine, self.model_name, self.api_key = engine, model_name, api_key
+        self.default_max_tokens = default_max_tokens
         tokenizer = engine.engine.tokenizer
         if reasoning is None:  # models that think in <think> ... </think>
             reasoning = tokenizer.token_id("<think>") is not None and tokenizer.token_id("</think>") is not None
         self.reasoning = reasoning
 
     # ---- request -> engine ----------------------------------------------------------------------------
-    def max_tokens(self, req: GenerationRequest, requested: int | None, prompt_len: int) -> int:
+    def max_tokens(self, requested: int | None, prompt_len: int, policy: Policy) -> int:
         engine = self.engine.engine
         context = engine.config.max_position_embeddings
         if prompt_len >= context:
@@ -52,28 +55,28 @@ class Server:
                 raise APIError(400, f"prompt ({prompt_len} tokens) + max_tokens ({requested}) exceeds the model's "
                                     f"context of {context} tokens", "max_tokens")
             return requested
-        room = context - prompt_len
-        policy = self.policy(req) or engine.policy
-        if not policy.evicts:  # a policy that keeps every page must fit the pool
+        room = context - prompt_len  # as vLLM: the rest of the context
+        if self.default_max_tokens is not None:
+            room = min(room, self.default_max_tokens)
+        if not policy.evicts or policy.dense_layers:  # layers that keep every page must fit the pool
             room = min(room, engine.pool.capacity_tokens - prompt_len - 1)
         if room < 1:
             raise APIError(400, f"prompt of {prompt_len} tokens leaves no room in the KV pool", "messages")
         return room
 
-    @staticmethod
-    def policy(req: GenerationRequest):
+    def policy(self, req: GenerationRequest) -> Policy:
         if req.kv_policy is None:
-            return None
+            return self.engine.engine.policy
         try:
             return req.kv_policy.build()
         except LemmaError as exc:
             raise APIError(400, f"kv_policy: {exc}", "kv_policy") from None
 
     def submit(self, req: GenerationRequest, prompt_ids: list[int], requested: int | None, request_id: str):
-        max_tokens = self.max_tokens(req, requested, len(prompt_ids))
+        policy = self.policy(req)
+        max_tokens = self.max_tokens(requested, len(prompt_ids), policy)
         try:
-            params = req.sampling(max_tokens)
-            return self.engine.submit(prompt_ids, params, self.policy(req), request_id)
+            return self.engine.submit(prompt_ids, req.sampling(max_tokens), policy, request_id)
         except LemmaError as exc:
             raise APIError(400, str(exc)) from None
 
@@ -111,6 +114,30 @@ def sse(data: dict[str, Any] | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 
 
+async def event_stream(outputs: AsyncIterator[RequestOutput], first: list[dict[str, Any]],
+                       render: Callable[[RequestOutput], list[dict[str, Any]]],
+                       usage_event: Callable[[int], dict[str, Any] | None]) -> AsyncIterator[str]:
+    """One request as server-sent events: `first`, then render(out) for every output, then the usage
+    event (if any) and [DONE]. Leaving early (a client gone mid-stream) aborts the request."""
+    generated = 0
+    try:
+        for body in first:
+            yield sse(body)
+        async for out in outputs:
+            generated += len(out.token_ids)
+            if out.finish_reason == "error":
+                yield sse(APIError(500, out.error or "generation failed", kind="server_error").body())
+                return
+            for body in render(out):
+                yield sse(body)
+        last = usage_event(generated)
+        if last is not None:
+            yield sse(last)
+        yield sse("[DONE]")
+    finally:
+        await outputs.aclose()
+
+
 def finish_reason(out: RequestOutput) -> str:
     if out.finish_reason == "error":
         raise APIError(500, out.error or "generation failed", kind="server_error")
@@ -118,8 +145,11 @@ def finish_reason(out: RequestOutput) -> str:
 
 
 def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
-              reasoning: bool | None = None) -> FastAPI:
-    server = Server(engine, model_name, api_key, reasoning)
+              reasoning: bool | None = None, default_max_tokens: int | None = None) -> FastAPI:
+    """The app over a running AsyncEngine (closed when the app shuts down). reasoning: None = on when
+    the tokenizer knows <think>. default_max_tokens caps requests that give none (default: the rest of
+    the model's context, within the pool for layers that keep every page)."""
+    server = Server(engine, model_name, api_key, reasoning, default_max_tokens)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -151,13 +181,23 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
         return JSONResponse(APIError(exc.status_code, str(exc.detail)).body(), status_code=exc.status_code)
 
     async def authorized(request: Request) -> None:
-        if api_key is not None and request.headers.get("authorization") != f"Bearer {api_key}":
+        given = request.headers.get("authorization", "").encode()
+        if api_key is not None and not hmac.compare_digest(given, f"Bearer {api_key}".encode()):
             raise APIError(401, "missing or wrong API key (send Authorization: Bearer <key>)",
                            kind="authentication_error", code="invalid_api_key")
 
     @app.get("/health")
     async def health() -> dict[str, str]:
         return {"status": "ok"}
+
+    @app.get("/stats", dependencies=[Depends(authorized)])
+    async def stats() -> dict[str, Any]:
+        """The engine's queue and pool right now (for load tests and dashboards)."""
+        scheduler, pool = engine.engine.scheduler, engine.engine.pool
+        return {"running": len(scheduler.running), "waiting": len(scheduler.waiting),
+                "peak_running": scheduler.peak_running, "preemptions": scheduler.preemptions,
+                "mean_decode_batch": scheduler.decoded / max(scheduler.decode_steps, 1),
+                "kv_pages": pool.num_pages, "kv_pages_free": min(map(pool.available, range(pool.num_layers)))}
 
     @app.get("/v1/models", dependencies=[Depends(authorized)])
     async def models() -> dict[str, Any]:
@@ -192,38 +232,32 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
             "choices": [{"index": 0, "message": message, "finish_reason": reason, "logprobs": None}],
             "usage": usage(len(prompt_ids), len(ids)), "lemma": lemma_stats(last.stats)})
 
-    async def chat_events(req: ChatCompletionRequest, outputs: AsyncIterator[RequestOutput], request_id: str,
-                          prompt_len: int, thinking: bool) -> AsyncIterator[str]:
+    def chat_events(req: ChatCompletionRequest, outputs: AsyncIterator[RequestOutput], request_id: str,
+                    prompt_len: int, thinking: bool) -> AsyncIterator[str]:
         created = now()
         splitter = ThinkSplitter(thinking) if server.reasoning else None
-        generated = 0
 
-        def chunk(delta: dict[str, Any], reason: str | None = None, **extra: Any) -> str:
+        def chunk(delta: dict[str, Any], reason: str | None = None, **extra: Any) -> dict[str, Any]:
             body = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model_name,
                     "choices": [{"index": 0, "delta": delta, "finish_reason": reason, "logprobs": None}], **extra}
             if req.include_usage:
                 body["usage"] = None
-            return sse(body)
+            return body
 
-        try:
-            yield chunk({"role": "assistant", "content": ""})
-            async for out in outputs:
-                generated += len(out.token_ids)
-                if out.finish_reason == "error":
-                    yield sse(APIError(500, out.error or "generation failed", kind="server_error").body())
-                    return
-                runs = splitter.feed(out.text, final=out.finished) if splitter else [(out.text, False)]
-                for text, inside in runs:
-                    if text:
-                        yield chunk({"reasoning_content": text} if inside else {"content": text})
-                if out.finished:
-                    yield chunk({}, out.finish_reason, lemma=lemma_stats(out.stats))
-            if req.include_usage:
-                yield sse({"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model_name,
-                           "choices": [], "usage": usage(prompt_len, generated)})
-            yield sse("[DONE]")
-        finally:
-            await outputs.aclose()  # a client gone mid-stream: abort, pages back
+        def render(out: RequestOutput) -> list[dict[str, Any]]:
+            runs = splitter.feed(out.text, final=out.finished) if splitter else [(out.text, False)]
+            bodies = [chunk({"reasoning_content": text} if inside else {"content": text}) for text, inside in runs if text]
+            if out.finished:
+                bodies.append(chunk({}, out.finish_reason, lemma=lemma_stats(out.stats)))
+            return bodies
+
+        def usage_event(generated: int) -> dict[str, Any] | None:
+            if not req.include_usage:
+                return None
+            return {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model_name,
+                    "choices": [], "usage": usage(prompt_len, generated)}
+
+        return event_stream(outputs, [chunk({"role": "assistant", "content": ""})], render, usage_event)
 
     @app.post("/v1/completions", dependencies=[Depends(authorized)])
     async def completions(req: CompletionRequest, http: Request) -> Response:
@@ -245,29 +279,27 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
             "choices": [{"index": 0, "text": text, "finish_reason": finish_reason(last), "logprobs": None}],
             "usage": usage(len(prompt_ids), len(ids)), "lemma": lemma_stats(last.stats)})
 
-    async def completion_events(req: CompletionRequest, outputs: AsyncIterator[RequestOutput], request_id: str,
-                                prompt_len: int) -> AsyncIterator[str]:
-        created, generated = now(), 0
-        try:
-            async for out in outputs:
-                generated += len(out.token_ids)
-                if out.finish_reason == "error":
-                    yield sse(APIError(500, out.error or "generation failed", kind="server_error").body())
-                    return
-                if out.text or out.finished:
-                    body = {"id": request_id, "object": "text_completion", "created": created, "model": model_name,
-                            "choices": [{"index": 0, "text": out.text, "finish_reason": out.finish_reason,
-                                         "logprobs": None}]}
-                    if out.finished:
-                        body["lemma"] = lemma_stats(out.stats)
-                    if req.include_usage:
-                        body["usage"] = None
-                    yield sse(body)
+    def completion_events(req: CompletionRequest, outputs: AsyncIterator[RequestOutput], request_id: str,
+                          prompt_len: int) -> AsyncIterator[str]:
+        created = now()
+
+        def body(choices: list[dict[str, Any]]) -> dict[str, Any]:
+            return {"id": request_id, "object": "text_completion", "created": created, "model": model_name,
+                    "choices": choices}
+
+        def render(out: RequestOutput) -> list[dict[str, Any]]:
+            if not (out.text or out.finished):
+                return []
+            event = body([{"index": 0, "text": out.text, "finish_reason": out.finish_reason, "logprobs": None}])
+            if out.finished:
+                event["lemma"] = lemma_stats(out.stats)
             if req.include_usage:
-                yield sse({"id": request_id, "object": "text_completion", "created": created, "model": model_name,
-                           "choices": [], "usage": usage(prompt_len, generated)})
-            yield sse("[DONE]")
-        finally:
-            await outputs.aclose()
+                event["usage"] = None
+            return [event]
+
+        def usage_event(generated: int) -> dict[str, Any] | None:
+            return {**body([]), "usage": usage(prompt_len, generated)} if req.include_usage else None
+
+        return event_stream(outputs, [], render, usage_event)
 
     return app

@@ -70,6 +70,10 @@ class GenerationRequest(BaseModel):
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False  # lemma/vLLM extra: generate all max_tokens
     kv_policy: KVPolicySpec | None = None  # lemma extra
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    response_format: Any = None
 
     @model_validator(mode="after")
     def _supported(self) -> "GenerationRequest":
@@ -77,6 +81,11 @@ class GenerationRequest(BaseModel):
             raise ValueError("n: only n=1 is supported; send one request per sample")
         if self.logprobs:
             raise ValueError("logprobs: not supported")
+        for name in ("tools", "tool_choice", "functions"):
+            if getattr(self, name):
+                raise ValueError(f"{name}: tool calling is not supported")
+        if self.response_format not in (None, {"type": "text"}):
+            raise ValueError("response_format: only {'type': 'text'} is supported")
         return self
 
     @property

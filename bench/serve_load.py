@@ -1,0 +1,170 @@
+"""Load test of `lemma serve`: N concurrent clients asking for long generations from one KV pool.
+
+For each KV policy a fresh server starts on 127.0.0.1 (a subprocess), N streaming chat clients (the
+`openai` async client) send GSM8K questions at once with ignore_eos, and we measure: completed
+requests/s, output tokens/s, time to first token and time per output token (p50/p99), the most
+requests running at once (the server's /stats) and preemptions. The pool is sized so Dense cannot
+hold every request at full length: it must queue or preempt, while an evicting policy's requests
+each fit in their budget. Bounded: --time-limit seconds per policy, then the rest is cancelled.
+
+    .venv/bin/python -m bench.serve_load --clients 8 --max-tokens 1024 --kv-cache-tokens 4096 \
+        --policies dense,raas-256,raas-512,streaming-512
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "gsm8k_test.jsonl"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def questions(n: int) -> list[str]:
+    if DATA.is_file():
+        rows = [json.loads(line)["question"] for line in DATA.open()][:n]
+    else:
+        rows = []
+    return [rows[i] if i < len(rows) else f"Question {i}: what is {i} * 17? Think step by step." for i in range(n)]
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+def get_json(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return json.loads(response.read())
+
+
+def start_server(args: argparse.Namespace, policy: str, port: int) -> subprocess.Popen:
+    name, _, budget = policy.partition("-")
+    command = [sys.executable, "-c", "from lemma.cli import main; main()", "serve", "--model", args.model, "--port", str(port),
+               "--policy", name, "--kv-cache-tokens", str(args.kv_cache_tokens), "--max-batch", str(args.max_batch)]
+    if budget:
+        command += ["--budget", budget]
+    if args.compile:
+        command.append("--compile")
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"server for {policy} exited: {server.stderr.read()}")
+        try:
+            get_json(f"http://127.0.0.1:{port}/health")
+            return server
+        except OSError:
+            time.sleep(0.2)
+    server.kill()
+    raise RuntimeError(f"server for {policy} did not start in 120 s")
+
+
+async def one_client(client, model: str, question: str, max_tokens: int) -> dict:
+    sent = time.perf_counter()
+    stamps: list[float] = []
+    tokens = 0
+    stream = await client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": question}], max_tokens=max_tokens, temperature=0,
+        stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+    async for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            stamps.append(time.perf_counter())
+        if chunk.usage:
+            tokens = chunk.usage.completion_tokens
+    done = time.perf_counter()
+    return {"ttft": stamps[0] - sent if stamps else float("nan"),
+            "tpot": (stamps[-1] - stamps[0]) / max(tokens - 1, 1) if stamps else float("nan"),
+            "tokens": tokens, "seconds": done - sent}
+
+
+async def load(args: argparse.Namespace, port: int) -> tuple[list[dict], float, int]:
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0,
+                                timeout=args.time_limit + 60)
+    start = time.perf_counter()
+    tasks = [asyncio.create_task(one_client(client, args.model, q, args.max_tokens)) for q in questions(args.clients)]
+    done, pending = await asyncio.wait(tasks, timeout=args.time_limit)
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
+    elapsed = time.perf_counter() - start
+    results = [t.result() for t in done if t.exception() is None]
+    failed = [repr(t.exception()) for t in done if t.exception() is not None]
+    if failed:
+        print(f"  {len(failed)} failed: {failed[0]}", file=sys.stderr)
+    await client.close()
+    return results, elapsed, len(pending)
+
+
+def run_policy(args: argparse.Namespace, policy: str) -> dict:
+    port = free_port()
+    server = start_server(args, policy, port)
+    try:
+        results, elapsed, cancelled = asyncio.run(load(args, port))
+        stats = get_json(f"http://127.0.0.1:{port}/stats")
+    finally:
+        server.terminate()
+        server.wait(30)
+    tokens = sum(r["tokens"] for r in results)
+    return {"policy": policy, "clients": args.clients, "max_tokens": args.max_tokens,
+            "kv_cache_tokens": args.kv_cache_tokens, "completed": len(results), "cancelled": cancelled,
+            "seconds": elapsed, "requests_per_s": len(results) / elapsed, "output_tokens_per_s": tokens / elapsed,
+            "ttft_p50_s": percentile([r["ttft"] for r in results], 50),
+            "ttft_p99_s": percentile([r["ttft"] for r in results], 99),
+            "tpot_p50_ms": 1000 * percentile([r["tpot"] for r in results], 50),
+            "tpot_p99_ms": 1000 * percentile([r["tpot"] for r in results], 99),
+            "peak_running": stats["peak_running"], "mean_decode_batch": stats["mean_decode_batch"],
+            "preemptions": stats["preemptions"],
+            "mean_request_s": statistics.mean(r["seconds"] for r in results) if results else float("nan")}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--max-tokens", type=int, default=1024)
+    parser.add_argument("--kv-cache-tokens", type=int, default=4096)
+    parser.add_argument("--max-batch", type=int, default=32)
+    parser.add_argument("--policies", default="dense,raas-256,raas-512,streaming-512")
+    parser.add_argument("--time-limit", type=float, default=900, help="seconds per policy before the rest is cancelled")
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--out", default="bench/results/serve_load.jsonl")
+    args = parser.parse_args()
+    rows = []
+    for policy in args.policies.split(","):
+        row = run_policy(args, policy)
+        row.update(threads=os.environ.get("OMP_NUM_THREADS", "default"), date=time.strftime("%Y-%m-%d"))
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    with open(args.out, "a") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    header = f"{'policy':<14} {'done':>5} {'req/s':>7} {'tok/s':>7} {'TTFT p50/p99 s':>15} {'TPOT p50/p99 ms':>16} {'peak run':>8} {'mean batch':>10} {'preempt':>7}"
+    print(header)
+    for r in rows:
+        print(f"{r['policy']:<14} {r['completed']:>5} {r['requests_per_s']:>7.3f} {r['output_tokens_per_s']:>7.1f} "
+              f"{r['ttft_p50_s']:>7.2f}/{r['ttft_p99_s']:<7.2f} {r['tpot_p50_ms']:>8.1f}/{r['tpot_p99_ms']:<7.1f} "
+              f"{r['peak_running']:>8} {r['mean_decode_batch']:>10.1f} {r['preemptions']:>7}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,46 @@
+"""The token each sequence emits after a forward: sampled (with the histories penalties need), or,
+for a teacher-forced request, the forced token, recording its log-probability and the model's argmax."""
+
+from __future__ import annotations
+
+import torch
+
+from lemma.engine.sampler import Sampler
+from lemma.engine.sequence import Sequence
+
+
+def next_tokens(sampler: Sampler, logits: torch.Tensor, seqs: list[Sequence], counters: torch.Tensor) -> list[int]:
+    """Sampled tokens, or for teacher-forced requests the forced token (recording what the model
+    gave it and what it predicted)."""
+    forced = [i for i, s in enumerate(seqs) if s.forced is not None]
+    if not forced:
+        return sample(sampler, logits, seqs, counters)
+    tokens = [0] * len(seqs)
+    sampled = [i for i, s in enumerate(seqs) if s.forced is None]
+    if sampled:
+        rows = torch.tensor(sampled, device=logits.device)
+        for i, token in zip(sampled, sample(sampler, logits[rows], [seqs[i] for i in sampled], counters[rows])):
+            tokens[i] = token
+    rows = torch.tensor(forced, device=logits.device)
+    targets = [seqs[i].forced[len(seqs[i].output_ids)] for i in forced]
+    logprobs = torch.log_softmax(logits[rows].float(), dim=-1)
+    chosen = logprobs.gather(1, torch.tensor(targets, device=logits.device)[:, None])[:, 0]
+    for i, target, lp, top in zip(forced, targets, chosen.tolist(), logprobs.argmax(-1).tolist()):
+        seqs[i].forced_logprobs.append(lp)
+        seqs[i].predicted.append(top)
+        tokens[i] = target
+    return tokens
+
+def sample(sampler: Sampler, logits: torch.Tensor, seqs: list[Sequence], counters: torch.Tensor) -> list[int]:
+    params = [s.params for s in seqs]
+
+    def padded(rows: list[list[int]]) -> torch.Tensor:
+        width = max(map(len, rows), default=0)
+        return torch.tensor([r + [-1] * (width - len(r)) for r in rows], dtype=torch.int64, device=logits.device)
+
+    history = reply = torch.empty(0)
+    if any(p.repetition_penalty != 1.0 for p in params):
+        history = padded([s.all_ids for s in seqs])
+    if any(p.presence_penalty or p.frequency_penalty for p in params):
+        reply = padded([s.output_ids for s in seqs])
+    return sampler(logits, params, [s.seed for s in seqs], counters, history, reply).tolist()
