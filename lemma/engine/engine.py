@@ -61,6 +61,10 @@ class Engine:
     `compile=True` compiles the decode step with inductor on CPU and captures it as CUDA graphs (one per
     batch and slot bucket) on CUDA; a backend name ("eager", "aot_eager", "inductor") picks the
     torch.compile backend. The eager step stays the reference.
+
+    Threads: add_request, abort, abort_all and has_unfinished may be called from any thread; step runs
+    one at a time (a second caller blocks until the first returns); generate, stream, chat and
+    teacher_force may run in several threads at once on one engine (their requests share steps).
     """
 
     def __init__(self, model_dir: str | Path, policy: Policy | None = None, device: str | torch.device | None = None,
