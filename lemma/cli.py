@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import os
@@ -35,12 +36,41 @@ def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Bad input ends in one line on stderr and exit code 1, never a traceback."""
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if sys.stdin is None:  # started with stdin closed: reading it is end of input
+            sys.stdin = open(os.devnull)
+        if sys.stdout is None:  # started with stdout closed
+            _quiet_stdout()
+            typer.echo("error: standard output was closed", err=True)
+            raise typer.Exit(1)
         try:
             return fn(*args, **kwargs)
         except LemmaError as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(1) from None
+        except (BrokenPipeError, ValueError, OSError) as exc:
+            if not _output_gone(exc):
+                raise
+            _quiet_stdout()
+            typer.echo("error: standard output was closed", err=True)
+            raise typer.Exit(1) from None
     return wrapper
+
+
+def _output_gone(exc: BaseException) -> bool:
+    """stdout closed under us: a broken pipe, a closed descriptor, or writing to a closed file."""
+    if isinstance(exc, BrokenPipeError):
+        return True
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.EBADF, errno.EPIPE)
+    return "closed file" in str(exc)
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush does not fail again."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        sys.stdout = open(os.devnull, "w")
 
 
 def _policy(name: str, budget: int, pin_prompt: bool = True, dense_layers: int = 0):
@@ -140,9 +170,11 @@ def run(
         typer.echo(json.dumps({"model": str(engine.model_dir), "text": out.text, "finish_reason": out.finish_reason,
                                "token_ids": out.token_ids, "stats": out.stats.as_dict()}))
         return
-    _, stats, _ = _stream_reply(engine, ids, params, think)
+    _, stats, interrupted = _stream_reply(engine, ids, params, think)
     if stats is not None:
         typer.echo(_styled(stats_line(stats), True), err=True)
+    if interrupted:
+        raise typer.Exit(130)  # as any command stopped by Ctrl-C
 
 
 @app.command()
@@ -179,7 +211,7 @@ def chat(
     while True:
         try:
             line = input("> ")
-        except EOFError:
+        except (EOFError, RuntimeError, OSError, ValueError):  # Ctrl-D, or stdin closed or missing
             typer.echo("")
             return
         except KeyboardInterrupt:

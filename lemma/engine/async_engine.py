@@ -13,8 +13,9 @@ import threading
 import weakref
 from collections.abc import AsyncIterator
 
-from lemma.engine.engine import Engine, Prompt
+from lemma.engine.engine import Engine
 from lemma.engine.policies import Policy
+from lemma.engine.prompts import Prompt
 from lemma.engine.sampler import SamplingParams
 from lemma.engine.sequence import RequestOutput
 

@@ -18,7 +18,9 @@ from typing import Any
 
 import torch
 
+from lemma.engine.options import check_limits, pool_pages, resolve_device, resolve_dtype
 from lemma.engine.policies import Dense, Policy
+from lemma.engine.prompts import Prompt, chat_ids, is_conversation, prompt_ids
 from lemma.engine.pool import PAGE_SIZE, KVPool
 from lemma.engine.runner import ModelRunner
 from lemma.engine.sampler import Sampler, SamplingParams
@@ -32,22 +34,6 @@ from lemma.models.loader import load_model
 from lemma.models.tokenizer import StreamingDetokenizer, Tokenizer
 
 log = logging.getLogger("lemma")
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
-CPU_KV_BYTES = 1 << 30  # default pool on CPU: 1 GiB
-CUDA_KV_FRACTION = 0.85  # default pool on CUDA: this share of the memory free after loading weights
-
-Prompt = str | list[int]
-
-
-def _resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    if dtype is None:
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise LemmaError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
-    return DTYPES[dtype]
 
 
 class Engine:
@@ -71,8 +57,11 @@ class Engine:
                  dtype: str | torch.dtype | None = None, kv_cache_tokens: int | None = None,
                  max_batch: int = 32, prefill_chunk: int = 512, attention: str | None = None,
                  compile: bool | str = False):
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        dtype = _resolve_dtype(dtype, device)
+        device = resolve_device(device)
+        dtype = resolve_dtype(dtype, device)
+        check_limits(max_batch, prefill_chunk, compile)
+        if not isinstance(model_dir, (str, Path)):
+            raise LemmaError(f"model_dir must be a path to a model folder, got {model_dir!r}")
         model = load_model(Path(model_dir), device, dtype)
         self._setup(model, Tokenizer(model_dir), Path(model_dir), policy, kv_cache_tokens, max_batch, prefill_chunk,
                     attention, compile)
@@ -91,11 +80,8 @@ class Engine:
     def _setup(self, model: CausalLM, tokenizer: Tokenizer, model_dir: Path, policy: Policy | None,
                kv_cache_tokens: int | None, max_batch: int, prefill_chunk: int, attention: str | None,
                compile: bool | str) -> None:
-        if policy is not None and not isinstance(policy, Policy):
-            raise LemmaError(f"policy must be a lemma policy (Dense, RaaS, StreamingLLM, H2O, Quest), got {policy!r}")
-        if max_batch < 1:
-            raise LemmaError(f"max_batch must be >= 1, got {max_batch}")
-        self.policy = policy or Dense()
+        check_limits(max_batch, prefill_chunk, compile)
+        self.policy = Dense() if policy is None else policy
         self.model, self.tokenizer, self.model_dir = model, tokenizer, model_dir
         self.device, self.dtype = model.model.embed_tokens.weight.device, model.model.embed_tokens.weight.dtype
         self.config = model.config
@@ -103,7 +89,7 @@ class Engine:
         self.max_batch = max_batch
         c = self.config
         page_bytes = KVPool.bytes_per_page(c.num_layers, c.num_kv_heads, c.head_dim, self.dtype)
-        num_pages = self._pool_pages(kv_cache_tokens, page_bytes)
+        num_pages = pool_pages(kv_cache_tokens, page_bytes, self.device)
         self.pool = KVPool(c.num_layers, c.num_kv_heads, c.head_dim, num_pages, self.dtype, self.device)
         self.attention = resolve_attention(attention, self.device)
         self.compile = compile
@@ -116,39 +102,24 @@ class Engine:
         self._listeners: dict[str, Callable[[RequestOutput], None]] = {}
         self._live: set[str] = set()
 
-    def _pool_pages(self, kv_cache_tokens: int | None, page_bytes: int) -> int:
-        if kv_cache_tokens is not None:
-            if kv_cache_tokens < 1:
-                raise LemmaError(f"kv_cache_tokens must be positive, got {kv_cache_tokens}")
-            return -(-kv_cache_tokens // PAGE_SIZE)
-        if self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)
-            budget = int(free * CUDA_KV_FRACTION)
-        else:
-            budget = CPU_KV_BYTES
-        return max(1, budget // page_bytes)
+    @property
+    def policy(self) -> Policy:
+        """The KV policy of requests that name none; may be changed between calls."""
+        return self._policy
+
+    @policy.setter
+    def policy(self, policy: Policy) -> None:
+        if not isinstance(policy, Policy):
+            raise LemmaError(f"policy must be a lemma policy (Dense, RaaS, StreamingLLM, H2O, Quest), got {policy!r}")
+        self._policy = policy
 
     # ---- requests ---------------------------------------------------------------------------------
-    def _prompt_ids(self, prompt: Prompt) -> list[int]:
-        if isinstance(prompt, str):
-            if not prompt:
-                raise LemmaError("prompt is empty")
-            ids = self.tokenizer.encode(prompt, add_special_tokens=True)
-        else:
-            ids = list(prompt)
-        if not ids:
-            raise LemmaError("prompt is empty (no tokens)")
-        bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < self.config.vocab_size]
-        if bad:
-            raise LemmaError(f"prompt token id {bad[0]!r} is outside the vocabulary [0, {self.config.vocab_size})")
-        return ids
-
     def _new_sequence(self, request_id: str | None, prompt: Prompt, params: SamplingParams, policy: Policy) -> Sequence:
         if not isinstance(params, SamplingParams):
             raise LemmaError(f"params must be a lemma SamplingParams, got {type(params).__name__}")
         if not isinstance(policy, Policy):
             raise LemmaError(f"policy must be a lemma policy (Dense, RaaS, StreamingLLM, H2O, Quest), got {policy!r}")
-        ids = self._prompt_ids(prompt)
+        ids = prompt_ids(self.tokenizer, prompt, self.config.vocab_size)
         policy.check_prompt(len(ids), params.max_tokens)
         seq = Sequence("", ids, params, StreamingDetokenizer(self.tokenizer), self.eos_ids, policy)
         seq.request_id = f"req-{seq.uid}" if request_id is None else str(request_id)
@@ -287,7 +258,10 @@ class Engine:
         self.runner.forget_policies(keep={s.policy for s in self.scheduler.running})
         return outputs
 
-    def _advance(self, seq: Sequence, token: int) -> RequestOutput:
+    def _advance(self, seq: Sequence, token: int | None) -> RequestOutput:
+        if token is None:
+            return self._finish(seq, "error", f"the model produced non-finite logits (NaN or inf) at position "
+                                              f"{seq.num_tokens - 1}; its weights may be broken")
         piece = seq.append(token)
         seq.track_peak(self.pool.layer_page_bytes)
         now = time.perf_counter()
@@ -346,10 +320,15 @@ class Engine:
 
     # ---- public API --------------------------------------------------------------------------------
     def generate(self, prompts: Prompt | list[Prompt], params: SamplingParams | list[SamplingParams] | None = None) -> list[Output]:
-        """Run a batch of prompts (text or token ids) to completion; one Output per prompt, in order.
+        """Run a batch of prompts to completion; one Output per prompt, in order. A prompt is raw text (a
+        completion), token ids, or a conversation ([{"role": "user", "content": ...}], rendered with the
+        chat template: what an instruct model needs to answer).
         Safe to call from several threads at once: their requests share the engine's steps."""
-        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+        if isinstance(prompts, str) or is_conversation(prompts) or (
+                isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
+        if not isinstance(prompts, (list, tuple)):
+            raise LemmaError(f"prompts must be a prompt or a list of prompts, got {type(prompts).__name__}")
         prompts = list(prompts)
         plist = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
         if len(plist) != len(prompts):
@@ -396,8 +375,15 @@ class Engine:
     def teacher_force(self, prompts: list[Prompt], targets: list[list[int]]) -> list[Forced]:
         """Replay each target continuation token by token under the current policy (eviction active),
         as generation would see it; per token: log-probability of the target and the model's argmax."""
-        if len(prompts) != len(targets) or any(not t for t in targets):
-            raise LemmaError("teacher_force needs one non-empty target list per prompt")
+        if not isinstance(prompts, (list, tuple)) or not isinstance(targets, (list, tuple)) or len(prompts) != len(targets):
+            raise LemmaError("teacher_force needs a list of prompts and one target list per prompt")
+        vocab = self.config.vocab_size
+        for i, target in enumerate(targets):
+            if not isinstance(target, (list, tuple)) or not target:
+                raise LemmaError(f"targets[{i}] must be a non-empty list of token ids")
+            bad = [t for t in target if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab]
+            if bad:
+                raise LemmaError(f"targets[{i}] token id {bad[0]!r} is outside the vocabulary [0, {vocab})")
         params = [SamplingParams(max_tokens=len(t), ignore_eos=True) for t in targets]
         box: deque[RequestOutput] = deque()
         seqs, failed = self._submit_all(list(prompts), params, box, forced=[list(t) for t in targets])
@@ -407,8 +393,8 @@ class Engine:
                 else Forced([], [], Stats(), failed[i].error) for i, s in enumerate(seqs)]
 
     def chat_prompt(self, messages: list[dict[str, Any]]) -> list[int]:
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        """Token ids of a conversation rendered with the chat template (generate accepts it directly)."""
+        return chat_ids(self.tokenizer, messages)
 
     def chat(self, messages: list[dict[str, Any]], params: SamplingParams | None = None) -> Output:
         """One assistant reply to a conversation, rendered with the model's chat template."""

@@ -11,7 +11,7 @@ is evicted and its slot takes the new tokens. Baselines at the same page granula
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import ClassVar
 
 import torch
@@ -40,7 +40,9 @@ class Policy:
                 lower = self.budget // PAGE_SIZE * PAGE_SIZE
                 raise LemmaError(f"{self.name} budget must be a multiple of the page size {PAGE_SIZE}, got {self.budget} "
                                  f"(use {lower} or {lower + PAGE_SIZE})")
-        if not isinstance(self.dense_layers, int) or self.dense_layers < 0:
+        if self.budget is not None and isinstance(self.budget, bool):
+            raise LemmaError(f"{self.name} budget must be a number of tokens, got {self.budget!r}")
+        if isinstance(self.dense_layers, bool) or not isinstance(self.dense_layers, int) or self.dense_layers < 0:
             raise LemmaError(f"dense_layers must be an integer >= 0, got {self.dense_layers!r}")
 
     @property
@@ -108,6 +110,12 @@ class RaaS(Policy):
             raise LemmaError("raas needs a budget in tokens")
         if self.refresh not in ("bound", "mass"):
             raise LemmaError(f"raas refresh must be 'bound' or 'mass', got {self.refresh!r}")
+        if not isinstance(self.pin_prompt, bool):
+            raise LemmaError(f"raas pin_prompt must be True or False, got {self.pin_prompt!r}")
+        threshold = self.refresh_threshold
+        if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
+                                      or not 0 < threshold <= 1):
+            raise LemmaError(f"raas refresh_threshold must be a number in (0, 1], got {threshold!r}")
 
     @property
     def needs_bound(self) -> bool:  # type: ignore[override]
@@ -194,9 +202,15 @@ POLICIES: dict[str, type[Policy]] = {p.name: p for p in (Dense, RaaS, StreamingL
 
 def make_policy(name: str, budget: int | None = None, **options) -> Policy:
     """A policy by name ('dense', 'raas', 'streaming', 'h2o', 'quest')."""
+    if not isinstance(name, str):
+        raise LemmaError(f"policy name must be a string, got {name!r}")
     key = name.lower().replace("streamingllm", "streaming")
     if key not in POLICIES:
         raise LemmaError(f"unknown policy {name!r}; known: {', '.join(POLICIES)}")
+    known = {f.name for f in fields(POLICIES[key])}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise LemmaError(f"{key} has no option {unknown[0]!r}; its options: {', '.join(sorted(known))}")
     if key == "dense":
         return Dense(budget=budget, **options)
     return POLICIES[key](budget=budget if budget is not None else 1024, **options)

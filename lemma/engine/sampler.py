@@ -13,6 +13,20 @@ import torch
 from lemma.errors import LemmaError
 
 
+def check_number(name: str, value: object, rule: str, low: float | None = None, high: float | None = None,
+                 low_open: bool = False, integer: bool = False) -> None:
+    """Raise `<name> must be <rule>, got <value>` unless value is a finite number (an int when integer)
+    in range; bools are not numbers."""
+    ok = isinstance(value, int if integer else (int, float)) and not isinstance(value, bool)
+    ok = ok and value == value and abs(value) != float("inf")  # not NaN, not infinite
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value <= high
+    if not ok:
+        raise LemmaError(f"{name} must be {rule}, got {value!r}")
+
+
 @dataclass
 class SamplingParams:
     max_tokens: int = 256
@@ -30,21 +44,21 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        checks = [
-            (isinstance(self.max_tokens, int) and self.max_tokens > 0, "max_tokens must be a positive integer"),
-            (self.temperature >= 0, "temperature must be >= 0"),
-            (isinstance(self.top_k, int) and self.top_k >= 0, "top_k must be an integer >= 0 (0 = off)"),
-            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
-            (0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
-            (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
-            (-2 <= self.presence_penalty <= 2, "presence_penalty must be in [-2, 2]"),
-            (-2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]"),
-            (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                field_name = message.split()[0]
-                raise LemmaError(f"{message}, got {getattr(self, field_name, self.stop)!r}")
+        check_number("max_tokens", self.max_tokens, "a positive integer", low=1, integer=True)
+        check_number("temperature", self.temperature, ">= 0", low=0)
+        check_number("top_k", self.top_k, "an integer >= 0 (0 = off)", low=0, integer=True)
+        check_number("top_p", self.top_p, "in (0, 1]", low=0, high=1, low_open=True)
+        check_number("min_p", self.min_p, "in [0, 1]", low=0, high=1)
+        check_number("repetition_penalty", self.repetition_penalty, "> 0", low=0, low_open=True)
+        check_number("presence_penalty", self.presence_penalty, "in [-2, 2]", low=-2, high=2)
+        check_number("frequency_penalty", self.frequency_penalty, "in [-2, 2]", low=-2, high=2)
+        if self.seed is not None:
+            check_number("seed", self.seed, "an integer that fits in 64 bits", low=-(2**63), high=2**64 - 1, integer=True)
+        if not isinstance(self.stop, (list, tuple)) or not all(isinstance(s, str) and s for s in self.stop):
+            raise LemmaError(f"stop strings must be non-empty strings, got {self.stop!r}")
+        self.stop = list(self.stop)
+        if not isinstance(self.ignore_eos, bool):
+            raise LemmaError(f"ignore_eos must be True or False, got {self.ignore_eos!r}")
 
     @property
     def greedy(self) -> bool:

@@ -9,13 +9,14 @@ from lemma.engine.sampler import Sampler
 from lemma.engine.sequence import Sequence
 
 
-def next_tokens(sampler: Sampler, logits: torch.Tensor, seqs: list[Sequence], counters: torch.Tensor) -> list[int]:
+def next_tokens(sampler: Sampler, logits: torch.Tensor, seqs: list[Sequence],
+                counters: torch.Tensor) -> list[int | None]:
     """Sampled tokens, or for teacher-forced requests the forced token (recording what the model
-    gave it and what it predicted)."""
+    gave it and what it predicted); None where the logits are not finite (NaN/inf: broken weights)."""
     forced = [i for i, s in enumerate(seqs) if s.forced is not None]
     if not forced:
         return sample(sampler, logits, seqs, counters)
-    tokens = [0] * len(seqs)
+    tokens: list[int | None] = [0] * len(seqs)
     sampled = [i for i, s in enumerate(seqs) if s.forced is None]
     if sampled:
         rows = torch.tensor(sampled, device=logits.device)
@@ -29,9 +30,13 @@ def next_tokens(sampler: Sampler, logits: torch.Tensor, seqs: list[Sequence], co
         seqs[i].forced_logprobs.append(lp)
         seqs[i].predicted.append(top)
         tokens[i] = target
+    finite = torch.isfinite(logits[rows]).all(-1).tolist()
+    for i, ok in zip(forced, finite):
+        tokens[i] = tokens[i] if ok else None
     return tokens
 
-def sample(sampler: Sampler, logits: torch.Tensor, seqs: list[Sequence], counters: torch.Tensor) -> list[int]:
+
+def sample(sampler: Sampler, logits: torch.Tensor, seqs: list[Sequence], counters: torch.Tensor) -> list[int | None]:
     params = [s.params for s in seqs]
 
     def padded(rows: list[list[int]]) -> torch.Tensor:
@@ -43,4 +48,7 @@ def sample(sampler: Sampler, logits: torch.Tensor, seqs: list[Sequence], counter
         history = padded([s.all_ids for s in seqs])
     if any(p.presence_penalty or p.frequency_penalty for p in params):
         reply = padded([s.output_ids for s in seqs])
-    return sampler(logits, params, [s.seed for s in seqs], counters, history, reply).tolist()
+    tokens = sampler(logits, params, [s.seed for s in seqs], counters, history, reply)
+    finite = torch.isfinite(logits).all(-1)
+    rows = torch.stack([tokens, finite.to(tokens.dtype)]).tolist()  # one host transfer for both
+    return [token if ok else None for token, ok in zip(*rows)]

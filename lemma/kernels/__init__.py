@@ -21,6 +21,9 @@ def resolve_attention(choice: str | None, device: torch.device) -> str:
     choice = choice or os.environ.get(ATTENTION_ENV) or ("triton" if device.type == "cuda" else "torch")
     if choice not in CHOICES:
         raise LemmaError(f"attention must be one of {', '.join(CHOICES)}, got {choice!r}")
+    if choice == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise LemmaError(f"attention 'triton' needs a CUDA GPU (or TRITON_INTERPRET=1 to interpret the kernels on "
+                         f"CPU); unset {ATTENTION_ENV} or set it to torch")
     return choice
 
 

@@ -4,6 +4,7 @@ and a streaming detokenizer that never emits half a UTF-8 character."""
 from __future__ import annotations
 
 import json
+import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -71,7 +72,13 @@ class Tokenizer:
         return self.hf.token_to_id(text)
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        ids = self.hf.encode(text, add_special_tokens=False).ids
+        if not isinstance(text, str):
+            raise LemmaError(f"text to tokenize must be a str, got {type(text).__name__}")
+        try:
+            ids = self.hf.encode(text, add_special_tokens=False).ids
+        except Exception as exc:  # e.g. lone surrogates from undecodable bytes
+            raise LemmaError(f"text cannot be tokenized ({type(exc).__name__}: {str(exc).splitlines()[0][:120]}); "
+                             f"is it valid UTF-8?") from None
         if add_special_tokens and self.add_bos and (bos := self.hf.token_to_id(self.bos_token)) is not None:
             if not ids or ids[0] != bos:
                 ids = [bos] + ids
@@ -86,24 +93,78 @@ class Tokenizer:
         for i, message in enumerate(messages):
             if not isinstance(message, dict) or "role" not in message or "content" not in message:
                 raise LemmaError(f"messages[{i}] must be a dict with 'role' and 'content', got {message!r}")
-        try:
-            return _template_env().from_string(self.chat_template).render(
-                messages=messages,
-                add_generation_prompt=add_generation_prompt,
-                bos_token=self.bos_token or "",
-                eos_token=self.eos_token or "",
-                **extra,
-            )
-        except TemplateError as exc:
-            raise LemmaError(f"chat template failed to render: {exc}") from None
+            if not isinstance(message["role"], str) or not isinstance(message["content"], str):
+                raise LemmaError(f"messages[{i}]: role and content must be strings, got "
+                                 f"{type(message['role']).__name__} and {type(message['content']).__name__}")
+        context = dict(messages=messages, add_generation_prompt=add_generation_prompt, bos_token=self.bos_token or "",
+                       eos_token=self.eos_token or "", **extra)
+        return render_template(self.chat_template, context)
 
 
 def _raise_exception(message: str) -> None:
     raise TemplateError(message)
 
 
-def _template_env() -> ImmutableSandboxedEnvironment:
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+TEMPLATE_SECONDS = 2.0  # a chat template is data from a downloaded model: it gets this long ...
+TEMPLATE_CHARS = 4_000_000  # ... and may write this much
+
+
+class _Budget(ImmutableSandboxedEnvironment):
+    """The sandbox, plus a deadline checked at every call and attribute lookup, and string or list
+    products capped in size, so a hostile template fails instead of hanging."""
+
+    deadline = 0.0
+    intercepted_binops = frozenset(["*", "**"])
+
+    def _tick(self) -> None:
+        if time.monotonic() > self.deadline:
+            raise TemplateError(f"took longer than {TEMPLATE_SECONDS:g} s")
+
+    def call(self, context, obj, *args, **kwargs):  # noqa: ANN001
+        self._tick()
+        return super().call(context, obj, *args, **kwargs)
+
+    def getattr(self, obj, attribute):  # noqa: ANN001
+        self._tick()
+        return super().getattr(obj, attribute)
+
+    def getitem(self, obj, argument):  # noqa: ANN001
+        self._tick()
+        return super().getitem(obj, argument)
+
+    def call_binop(self, context, operator, left, right):  # noqa: ANN001
+        self._tick()
+        if operator == "*" and isinstance(left, (str, list)) and isinstance(right, int) and len(left) * right > TEMPLATE_CHARS:
+            raise TemplateError(f"builds a value over {TEMPLATE_CHARS} long")
+        if operator == "*" and isinstance(right, (str, list)) and isinstance(left, int) and len(right) * left > TEMPLATE_CHARS:
+            raise TemplateError(f"builds a value over {TEMPLATE_CHARS} long")
+        if operator == "**" and isinstance(right, (int, float)) and abs(right) > 256:
+            raise TemplateError("raises to a power over 256")
+        return super().call_binop(context, operator, left, right)
+
+
+def render_template(source: str, context: dict[str, Any]) -> str:
+    """Render a chat template in the sandbox within TEMPLATE_SECONDS and TEMPLATE_CHARS."""
+    env = _template_env()
+    try:
+        template = env.from_string(source)
+        env.deadline = time.monotonic() + TEMPLATE_SECONDS
+        parts, size = [], 0
+        for part in template.generate(**context):
+            size += len(part)
+            if size > TEMPLATE_CHARS:
+                raise TemplateError(f"wrote over {TEMPLATE_CHARS} characters")
+            env._tick()
+            parts.append(part)
+        return "".join(parts)
+    except TemplateError as exc:
+        raise LemmaError(f"chat template failed to render: {exc}") from None
+    except (RecursionError, MemoryError, OverflowError, TypeError, ValueError, ZeroDivisionError) as exc:
+        raise LemmaError(f"chat template failed to render: {type(exc).__name__}: {exc}") from None
+
+
+def _template_env() -> _Budget:
+    env = _Budget(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
     env.filters["tojson"] = lambda value, indent=None, ensure_ascii=False: json.dumps(value, indent=indent, ensure_ascii=ensure_ascii)
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
