@@ -5,9 +5,7 @@ from __future__ import annotations
 import errno
 import functools
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -297,14 +295,7 @@ def convert(
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if dtype not in dtypes:
         raise LemmaError(f"--dtype must be one of {', '.join(dtypes)}, got {dtype!r}")
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise LemmaError(f"{out_dir}: already exists and is not empty")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent) as tmp:
-        folder = convert_gguf(gguf_file, Path(tmp) / "model", dtype=dtypes[dtype])
-        if out_dir.exists():
-            out_dir.rmdir()
-        os.replace(folder, out_dir)
+    convert_gguf(gguf_file, out_dir, dtype=dtypes[dtype])  # checks everything first; the folder appears whole
     typer.echo(f"wrote {out_dir}")
 
 

@@ -1,8 +1,12 @@
-"""ModelConfig: the decoder's hyper-parameters, read from config.json in transformers 4.x or 5.x form."""
+"""ModelConfig: the decoder's hyper-parameters, read from config.json in transformers 4.x or 5.x form.
+
+Every field is checked before any tensor is read; a wrong type or value is one line,
+`<source>: <field>: <what is wrong>`."""
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,6 +15,101 @@ from lemma.errors import LemmaError
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+REQUIRED = object()  # default of a field that must be present
+
+
+def shown(value: Any, limit: int = 40) -> str:
+    """A short one-line repr of a JSON value for an error message."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def finite_float(value: Any) -> float | None:
+    """A JSON number as a finite float, else None (strings, bools, nan, inf, ints beyond float range)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
+
+
+class CheckedFields:
+    """Checked reads from one JSON object (or a GGUF file's metadata); `prefix` goes before a key in
+    messages ("rope_scaling." for a nested object)."""
+
+    def __init__(self, raw: dict[str, Any], source: str, prefix: str = ""):
+        self.raw, self.source, self.prefix = raw, source, prefix
+
+    def error(self, key: str, problem: str) -> LemmaError:
+        return LemmaError(f"{self.source}: {self.prefix}{key}: {problem}")
+
+    def _present(self, key: str, default: Any) -> Any:
+        value = self.raw.get(key, default)
+        if value is REQUIRED:
+            raise self.error(key, "is missing")
+        return value
+
+    def positive_int(self, key: str, default: Any = REQUIRED) -> int:
+        value = self._present(key, default)
+        if not is_int(value) or value <= 0:
+            raise self.error(key, f"must be a positive integer, got {shown(value)}")
+        return value
+
+    def optional_positive_int(self, key: str) -> int | None:
+        """Absent and null (the transformers way of saying "derive it") both give None."""
+        return None if self.raw.get(key) is None else self.positive_int(key)
+
+    def positive_number(self, key: str, default: Any = REQUIRED) -> float:
+        value = self._present(key, default)
+        number = finite_float(value)
+        if number is None or number <= 0:
+            raise self.error(key, f"must be a positive number, got {shown(value)}")
+        return number
+
+    def flag(self, key: str, default: bool = False) -> bool:
+        value = self.raw.get(key, default)
+        if not isinstance(value, bool):
+            raise self.error(key, f"must be true or false, got {shown(value)}")
+        return value
+
+    def optional_str(self, key: str) -> str | None:
+        value = self.raw.get(key)
+        if value is not None and not isinstance(value, str):
+            raise self.error(key, f"must be a string, got {shown(value)}")
+        return value
+
+    def optional_object(self, key: str) -> dict[str, Any] | None:
+        value = self.raw.get(key)
+        if value is not None and not isinstance(value, dict):
+            raise self.error(key, f"must be an object, got {shown(value)}")
+        return value
+
+    def optional_token_id(self, key: str) -> int | None:
+        value = self.raw.get(key)
+        if value is not None and (not is_int(value) or value < 0):
+            raise self.error(key, f"must be a token id (an integer >= 0), got {shown(value)}")
+        return value
+
+    def strings(self, key: str) -> list[str]:
+        """A required, non-empty list of strings."""
+        value = self._present(key, REQUIRED)
+        if not isinstance(value, list) or not value or not all(isinstance(item, str) for item in value):
+            raise self.error(key, f"must be a non-empty list of strings, got {shown(value)}")
+        return value
+
+    def token_ids(self, key: str) -> list[int]:
+        """An id or a list of ids; absent or null is no ids."""
+        value = self.raw.get(key)
+        ids = [] if value is None else value if isinstance(value, list) else [value]
+        if not all(is_int(i) and i >= 0 for i in ids):
+            raise self.error(key, f"must be a token id or a list of token ids, got {shown(value)}")
+        return ids
 
 
 @dataclass(frozen=True)
@@ -41,53 +140,41 @@ class ModelConfig:
         return self.num_heads // self.num_kv_heads
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any], source: str = "config.json") -> "ModelConfig":
+    def from_dict(cls, raw: Any, source: str = "config.json") -> "ModelConfig":
+        if not isinstance(raw, dict):
+            raise LemmaError(f"{source}: must be a JSON object with the model's fields, got {type(raw).__name__}")
+        fields = CheckedFields(raw, source)
         model_type = raw.get("model_type")
-        if model_type not in SUPPORTED_MODEL_TYPES:
+        if not isinstance(model_type, str) or model_type not in SUPPORTED_MODEL_TYPES:
             raise LemmaError(
-                f"{source}: unsupported model_type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+                f"{source}: unsupported model_type {shown(model_type)}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
             )
-        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
-            if not isinstance(raw.get(key), int) or raw[key] <= 0:
-                raise LemmaError(f"{source}: {key} must be a positive integer, got {raw.get(key)!r}")
-        num_heads = raw["num_attention_heads"]
-        num_kv_heads = raw.get("num_key_value_heads") or num_heads
-        if num_heads % num_kv_heads:
-            raise LemmaError(f"{source}: num_attention_heads {num_heads} is not a multiple of num_key_value_heads {num_kv_heads}")
-        head_dim = raw.get("head_dim") or raw["hidden_size"] // num_heads
-
-        # transformers 5.x folds rope_theta and rope_scaling into rope_parameters.
-        rope = dict(raw.get("rope_parameters") or raw.get("rope_scaling") or {})
-        rope_theta = float(rope.pop("rope_theta", raw.get("rope_theta", 10000.0)))
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type not in SUPPORTED_ROPE_TYPES:
-            raise LemmaError(f"{source}: unsupported rope type {rope_type!r}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
-        rope["rope_type"] = rope_type
-
-        eos = raw.get("eos_token_id")
-        eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
+        hidden_size = fields.positive_int("hidden_size")
+        num_heads, num_kv_heads, head_dim = _attention_shape(fields, hidden_size)
+        rope_theta, rope_scaling = _rope(fields)
+        attention_bias = fields.flag("attention_bias")
         return cls(
             model_type=model_type,
-            vocab_size=raw["vocab_size"],
-            hidden_size=raw["hidden_size"],
-            intermediate_size=raw["intermediate_size"],
-            num_layers=raw["num_hidden_layers"],
+            vocab_size=fields.positive_int("vocab_size"),
+            hidden_size=hidden_size,
+            intermediate_size=fields.positive_int("intermediate_size"),
+            num_layers=fields.positive_int("num_hidden_layers"),
             num_heads=num_heads,
             num_kv_heads=num_kv_heads,
             head_dim=head_dim,
-            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+            rms_norm_eps=fields.positive_number("rms_norm_eps", 1e-6),
             rope_theta=rope_theta,
-            rope_scaling=rope,
-            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            rope_scaling=rope_scaling,
+            tie_word_embeddings=fields.flag("tie_word_embeddings"),
             # Qwen2 always has q/k/v bias and no o bias; the others put attention_bias on all four.
-            qkv_bias=model_type == "qwen2" or bool(raw.get("attention_bias", False)),
-            o_bias=model_type != "qwen2" and bool(raw.get("attention_bias", False)),
-            mlp_bias=bool(raw.get("mlp_bias", False)),
+            qkv_bias=model_type == "qwen2" or attention_bias,
+            o_bias=model_type != "qwen2" and attention_bias,
+            mlp_bias=fields.flag("mlp_bias"),
             qk_norm=model_type == "qwen3",
-            max_position_embeddings=int(raw.get("max_position_embeddings", 4096)),
-            torch_dtype=raw.get("dtype") or raw.get("torch_dtype"),
-            eos_token_id=eos_ids,
-            bos_token_id=raw.get("bos_token_id"),
+            max_position_embeddings=fields.positive_int("max_position_embeddings", 4096),
+            torch_dtype=fields.optional_str("dtype") or fields.optional_str("torch_dtype"),
+            eos_token_id=fields.token_ids("eos_token_id"),
+            bos_token_id=fields.optional_token_id("bos_token_id"),
         )
 
     @classmethod
@@ -101,4 +188,49 @@ class ModelConfig:
             raw = json.loads(path.read_text())
         except json.JSONDecodeError as exc:
             raise LemmaError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        except ValueError as exc:  # e.g. an integer longer than Python's int/str conversion limit
+            raise LemmaError(f"{path}: not valid JSON ({exc})") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise LemmaError(f"{path}: cannot read ({getattr(exc, 'strerror', None) or exc})") from None
         return cls.from_dict(raw, source=str(path))
+
+
+def _attention_shape(fields: CheckedFields, hidden_size: int) -> tuple[int, int, int]:
+    """-> (num_heads, num_kv_heads, head_dim)."""
+    num_heads = fields.positive_int("num_attention_heads")
+    num_kv_heads = fields.optional_positive_int("num_key_value_heads") or num_heads
+    if num_heads % num_kv_heads:
+        raise fields.error("num_key_value_heads", f"{num_kv_heads} does not divide num_attention_heads {num_heads}")
+    head_dim = fields.optional_positive_int("head_dim")
+    derived = ""
+    if head_dim is None:
+        head_dim, derived = hidden_size // num_heads, f" (hidden_size {hidden_size} // num_attention_heads {num_heads})"
+        if head_dim == 0:
+            raise fields.error("num_attention_heads", f"{num_heads} is more than hidden_size {hidden_size}")
+    if head_dim % 2:
+        raise fields.error("head_dim", f"must be even for rotary position embeddings, got {head_dim}{derived}")
+    return num_heads, num_kv_heads, head_dim
+
+
+def _rope(fields: CheckedFields) -> tuple[float, dict[str, Any]]:
+    """-> (rope_theta, the scaling dict with a checked rope_type and the numbers that type needs)."""
+    # transformers 5.x folds rope_theta and rope_scaling into rope_parameters.
+    key = "rope_parameters" if fields.optional_object("rope_parameters") else "rope_scaling"
+    rope = dict(fields.optional_object(key) or {})
+    nested = CheckedFields(rope, fields.source, prefix=f"{key}.")
+    rope_theta = nested.positive_number("rope_theta") if "rope_theta" in rope else fields.positive_number("rope_theta", 10000.0)
+    rope.pop("rope_theta", None)
+    type_key = "rope_type" if "rope_type" in rope else "type"
+    rope_type = rope.get(type_key, "default")
+    if not isinstance(rope_type, str) or rope_type not in SUPPORTED_ROPE_TYPES:
+        raise nested.error(type_key, f"unsupported rope type {shown(rope_type)}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
+    rope["rope_type"] = rope_type
+    if rope_type in ("linear", "llama3"):
+        rope["factor"] = nested.positive_number("factor")
+    if rope_type == "llama3":
+        rope["original_max_position_embeddings"] = nested.positive_int("original_max_position_embeddings")
+        low, high = nested.positive_number("low_freq_factor"), nested.positive_number("high_freq_factor")
+        if high <= low:
+            raise nested.error("high_freq_factor", f"must be more than low_freq_factor {low}, got {high}")
+        rope.update(low_freq_factor=low, high_freq_factor=high)
+    return rope_theta, rope

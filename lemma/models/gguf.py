@@ -14,6 +14,8 @@ import numpy as np
 import torch
 
 from lemma.errors import LemmaError
+from lemma.models.config import CheckedFields, ModelConfig, shown
+from lemma.models.staging import check_new_folder, write_new_folder
 
 SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3")
 
@@ -48,58 +50,67 @@ PRE_TOKENIZERS = {
 }
 
 
-def _field(reader: Any, key: str, default: Any = None) -> Any:
-    field = reader.fields.get(key)
-    if field is None:
-        return default
-    value = field.contents()
-    return value
+def read_metadata(reader: Any, source: Path) -> CheckedFields:
+    """The file's key/value metadata, for checked reads naming the file and the key."""
+    values: dict[str, Any] = {}
+    for key, field in reader.fields.items():
+        try:
+            values[key] = field.contents()
+        except (UnicodeDecodeError, ValueError, IndexError) as exc:
+            raise LemmaError(f"{source}: GGUF metadata {key}: unreadable ({exc})") from None
+    return CheckedFields(values, str(source), prefix="GGUF metadata ")
 
 
-def _unpermute(w: np.ndarray, heads: int) -> np.ndarray:
+def _unpermute(w: np.ndarray, heads: int, source: Path, name: str) -> np.ndarray:
     """llama.cpp's converter interleaves the two RoPE halves of llama q/k rows; put them back."""
     rows = w.shape[0]
+    if rows % (2 * heads):
+        raise LemmaError(f"{source}: GGUF tensor {name} has {rows} rows, which do not split into {heads} heads")
     return w.reshape(heads, rows // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def gguf_config(reader: Any) -> dict[str, Any]:
-    arch = _field(reader, "general.architecture")
+def gguf_config(metadata: CheckedFields, tensor_names: set[str]) -> dict[str, Any]:
+    """The config.json of the model, checked as ModelConfig checks a config.json."""
+    arch = metadata.raw.get("general.architecture")
+    if arch is None:
+        raise metadata.error("general.architecture", "is missing")
     if arch not in SUPPORTED_ARCHS:
-        raise LemmaError(f"GGUF architecture {arch!r} is not supported; supported: {', '.join(SUPPORTED_ARCHS)}")
-    get = lambda key, default=None: _field(reader, f"{arch}.{key}", default)  # noqa: E731
-    heads = int(get("attention.head_count"))
-    hidden = int(get("embedding_length"))
-    tokens = _field(reader, "tokenizer.ggml.tokens") or []
-    names = {t.name for t in reader.tensors}
+        raise LemmaError(f"{metadata.source}: GGUF architecture {shown(arch)} is not supported; "
+                         f"supported: {', '.join(SUPPORTED_ARCHS)}")
+    tokens = metadata.strings("tokenizer.ggml.tokens")
+    heads = metadata.positive_int(f"{arch}.attention.head_count")
     config: dict[str, Any] = {
         "architectures": [{"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[arch]],
         "model_type": arch,
-        "vocab_size": int(get("vocab_size", len(tokens))),
-        "hidden_size": hidden,
-        "intermediate_size": int(get("feed_forward_length")),
-        "num_hidden_layers": int(get("block_count")),
+        "vocab_size": metadata.positive_int(f"{arch}.vocab_size", len(tokens)),
+        "hidden_size": metadata.positive_int(f"{arch}.embedding_length"),
+        "intermediate_size": metadata.positive_int(f"{arch}.feed_forward_length"),
+        "num_hidden_layers": metadata.positive_int(f"{arch}.block_count"),
         "num_attention_heads": heads,
-        "num_key_value_heads": int(get("attention.head_count_kv", heads)),
-        "head_dim": int(get("attention.key_length", hidden // heads)),
-        "rms_norm_eps": float(get("attention.layer_norm_rms_epsilon", 1e-6)),
-        "rope_theta": float(get("rope.freq_base", 10000.0)),
-        "max_position_embeddings": int(get("context_length", 4096)),
-        "tie_word_embeddings": "output.weight" not in names,
-        "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
-        "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id"),
+        "num_key_value_heads": metadata.positive_int(f"{arch}.attention.head_count_kv", heads),
+        "rms_norm_eps": metadata.positive_number(f"{arch}.attention.layer_norm_rms_epsilon", 1e-6),
+        "rope_theta": metadata.positive_number(f"{arch}.rope.freq_base", 10000.0),
+        "max_position_embeddings": metadata.positive_int(f"{arch}.context_length", 4096),
+        "tie_word_embeddings": "output.weight" not in tensor_names,
+        "bos_token_id": metadata.optional_token_id("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": metadata.optional_token_id("tokenizer.ggml.eos_token_id"),
         "torch_dtype": "float32",
     }
+    head_dim = metadata.optional_positive_int(f"{arch}.attention.key_length")
+    if head_dim is not None:  # else hidden_size // num_attention_heads, as in a config.json
+        config["head_dim"] = head_dim
     if arch == "llama":
-        config["attention_bias"] = "blk.0.attn_q.bias" in names
-    scaling = get("rope.scaling.type")
+        config["attention_bias"] = "blk.0.attn_q.bias" in tensor_names
+    scaling = metadata.optional_str(f"{arch}.rope.scaling.type")
     if scaling not in (None, "none"):
         if scaling != "linear":
-            raise LemmaError(f"GGUF rope scaling {scaling!r} is not supported (only linear)")
-        config["rope_scaling"] = {"rope_type": "linear", "factor": float(get("rope.scaling.factor"))}
+            raise metadata.error(f"{arch}.rope.scaling.type", f"{scaling!r} is not supported (only linear)")
+        config["rope_scaling"] = {"rope_type": "linear", "factor": metadata.positive_number(f"{arch}.rope.scaling.factor")}
+    ModelConfig.from_dict(config, source=metadata.source)  # the checks across fields (heads, head_dim)
     return config
 
 
-def gguf_tensors(reader: Any, config: dict[str, Any], dtype: torch.dtype,
+def gguf_tensors(reader: Any, config: dict[str, Any], dtype: torch.dtype, source: Path,
                  progress: Callable[[int], None] | None = None) -> dict[str, torch.Tensor]:
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
@@ -107,43 +118,51 @@ def gguf_tensors(reader: Any, config: dict[str, Any], dtype: torch.dtype,
     out: dict[str, torch.Tensor] = {}
     for t in reader.tensors:
         if t.name == "rope_freqs.weight":
-            raise LemmaError("GGUF tensor rope_freqs.weight (llama3-style rope scaling factors) is not supported yet")
+            raise LemmaError(f"{source}: GGUF tensor rope_freqs.weight (llama3-style rope scaling factors) "
+                             "is not supported yet")
         name = TOP_TENSORS.get(t.name)
         if name is None:
             m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", t.name)
             if m is None or m.group(2) not in LAYER_TENSORS:
-                raise LemmaError(f"GGUF tensor {t.name} has no Hugging Face counterpart")
+                raise LemmaError(f"{source}: GGUF tensor {t.name} has no Hugging Face counterpart")
             name = f"model.layers.{m.group(1)}.{LAYER_TENSORS[m.group(2)]}.{m.group(3)}"
         try:
             array = dequantize(t.data, t.tensor_type)
         except NotImplementedError:
             qtype = GGMLQuantizationType(t.tensor_type).name
-            raise LemmaError(f"GGUF tensor {t.name}: quantization {qtype} cannot be dequantized by the gguf package") from None
+            raise LemmaError(f"{source}: GGUF tensor {t.name}: quantization {qtype} cannot be dequantized "
+                             "by the gguf package") from None
         array = np.asarray(array, dtype=np.float32).reshape(tuple(int(d) for d in reversed(t.shape)))
         if config["model_type"] == "llama" and t.name.endswith(("attn_q.weight", "attn_q.bias")):
-            array = _unpermute(array, config["num_attention_heads"])
+            array = _unpermute(array, config["num_attention_heads"], source, t.name)
         elif config["model_type"] == "llama" and t.name.endswith(("attn_k.weight", "attn_k.bias")):
-            array = _unpermute(array, config["num_key_value_heads"])
+            array = _unpermute(array, config["num_key_value_heads"], source, t.name)
         out[name] = torch.from_numpy(np.array(array, copy=True)).to(dtype)
         if progress:
             progress(1)
     return out
 
 
-def gguf_tokenizer(reader: Any) -> tuple[Any, dict[str, Any], list[int]]:
+def gguf_tokenizer(metadata: CheckedFields) -> tuple[Any, dict[str, Any], list[int]]:
     """-> (tokenizers.Tokenizer, tokenizer_config dict, eos ids)."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
-    kind = _field(reader, "tokenizer.ggml.model")
+    kind = metadata.raw.get("tokenizer.ggml.model")
+    if kind is None:
+        raise metadata.error("tokenizer.ggml.model", "is missing")
     if kind != "gpt2":
-        raise LemmaError(f"GGUF tokenizer model {kind!r} is not supported (only byte-level BPE, 'gpt2')")
-    pre = _field(reader, "tokenizer.ggml.pre", "default")
+        raise LemmaError(f"{metadata.source}: GGUF tokenizer model {shown(kind)} is not supported "
+                         "(only byte-level BPE, 'gpt2')")
+    pre = metadata.optional_str("tokenizer.ggml.pre") or "default"
     if pre not in PRE_TOKENIZERS:
-        raise LemmaError(f"GGUF pre-tokenizer {pre!r} is not supported; supported: {', '.join(PRE_TOKENIZERS)}")
+        raise LemmaError(f"{metadata.source}: GGUF pre-tokenizer {pre!r} is not supported; "
+                         f"supported: {', '.join(PRE_TOKENIZERS)}")
     regex, split_digits, nfc = PRE_TOKENIZERS[pre]
-    tokens: list[str] = list(_field(reader, "tokenizer.ggml.tokens"))
-    types: list[int] = list(_field(reader, "tokenizer.ggml.token_type", [1] * len(tokens)))
-    merges = [tuple(m.split(" ", 1)) for m in _field(reader, "tokenizer.ggml.merges", [])]
+    tokens = metadata.strings("tokenizer.ggml.tokens")
+    types = metadata.raw.get("tokenizer.ggml.token_type", [1] * len(tokens))
+    if not isinstance(types, list) or len(types) != len(tokens):
+        raise metadata.error("tokenizer.ggml.token_type", f"must hold one type per token ({len(tokens)}), got {shown(types)}")
+    merges = [tuple(m.split(" ", 1)) for m in metadata.strings("tokenizer.ggml.merges")]
     vocab = {tok: i for i, tok in enumerate(tokens)}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
     steps = []
@@ -162,50 +181,57 @@ def gguf_tokenizer(reader: Any) -> tuple[Any, dict[str, Any], list[int]]:
     tok.add_tokens([AddedToken(t, special=ty == 3, normalized=False) for t, ty in zip(tokens, types) if ty in (3, 4)])
 
     def token_at(key: str) -> str | None:
-        index = _field(reader, key)
-        return tokens[int(index)] if index is not None and 0 <= int(index) < len(tokens) else None
+        index = metadata.optional_token_id(key)
+        return tokens[index] if index is not None and index < len(tokens) else None
 
-    eos_ids = sorted({int(i) for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id")
-                      if (i := _field(reader, k)) is not None})
+    eos_ids = sorted({i for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id")
+                      if (i := metadata.optional_token_id(k)) is not None})
+    arch = metadata.raw["general.architecture"]
     tok_config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": token_at("tokenizer.ggml.bos_token_id"),
         "eos_token": token_at("tokenizer.ggml.eos_token_id"),
         "pad_token": token_at("tokenizer.ggml.padding_token_id"),
         "unk_token": token_at("tokenizer.ggml.unknown_token_id"),
-        "add_bos_token": bool(_field(reader, "tokenizer.ggml.add_bos_token", False)),
-        "chat_template": _field(reader, "tokenizer.chat_template"),
-        "model_max_length": int(_field(reader, f"{_field(reader, 'general.architecture')}.context_length", 4096)),
+        "add_bos_token": metadata.flag("tokenizer.ggml.add_bos_token"),
+        "chat_template": metadata.optional_str("tokenizer.chat_template"),
+        "model_max_length": metadata.positive_int(f"{arch}.context_length", 4096),
     }
     return tok, tok_config, eos_ids
 
 
 def convert_gguf(gguf_path: str | Path, out_dir: str | Path, dtype: torch.dtype = torch.float32,
                  progress: Callable[[int, int], Callable[[int], None]] | None = None) -> Path:
-    """Write the HF folder for `gguf_path` into out_dir (which must not exist yet or be empty).
+    """Write the HF folder for `gguf_path` at out_dir, which must not exist yet or be an empty folder.
+    Everything is read and checked before anything is written, and the folder appears whole or not at all.
     `progress(total, ...)` may return a callback advanced once per tensor."""
     from gguf import GGUFReader
-    from safetensors.torch import save_file
 
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     if not gguf_path.is_file():
         raise LemmaError(f"GGUF file not found: {gguf_path}")
+    check_new_folder(out_dir)
     try:
         reader = GGUFReader(str(gguf_path))
     except Exception as exc:  # the gguf package raises ValueError/struct errors on a bad file
         raise LemmaError(f"{gguf_path}: not a readable GGUF file ({exc})") from None
-    config = gguf_config(reader)
-    tokenizer, tok_config, eos_ids = gguf_tokenizer(reader)
+    metadata = read_metadata(reader, gguf_path)
+    config = gguf_config(metadata, {t.name for t in reader.tensors})
+    tokenizer, tok_config, eos_ids = gguf_tokenizer(metadata)
     advance = progress(len(reader.tensors)) if progress else None
-    tensors = gguf_tensors(reader, config, dtype, advance)
+    tensors = gguf_tensors(reader, config, dtype, gguf_path, advance)
     config["torch_dtype"] = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[dtype]
     if eos_ids:
         config["eos_token_id"] = eos_ids if len(eos_ids) > 1 else eos_ids[0]
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
-    tokenizer.save(str(out_dir / "tokenizer.json"))
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2))
-    (out_dir / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2, ensure_ascii=False))
     generation = {"bos_token_id": config.get("bos_token_id"), "eos_token_id": eos_ids or config.get("eos_token_id")}
-    (out_dir / "generation_config.json").write_text(json.dumps(generation, indent=2))
-    return out_dir
+
+    def write(folder: Path) -> None:
+        from safetensors.torch import save_file
+
+        save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        tokenizer.save(str(folder / "tokenizer.json"))
+        (folder / "config.json").write_text(json.dumps(config, indent=2))
+        (folder / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2, ensure_ascii=False))
+        (folder / "generation_config.json").write_text(json.dumps(generation, indent=2))
+
+    return write_new_folder(out_dir, write)

