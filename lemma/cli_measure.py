@@ -10,6 +10,7 @@ import typer
 
 from lemma.cli import CompileOpt, DeviceOpt, DtypeOpt, ModelOpt, _engine, friendly_errors
 from lemma.errors import LemmaError
+from lemma.evaluation import outputs
 
 
 def _ints(text: str, flag: str) -> list[int]:
@@ -23,10 +24,17 @@ def _names(text: str) -> list[str]:
     from lemma.engine.policies import POLICIES
 
     names = [n.strip().lower() for n in text.split(",") if n.strip()]
+    if not names:
+        raise LemmaError("--policies names no policy")
     for name in names:
         if name not in POLICIES:
             raise LemmaError(f"unknown policy {name!r}; known: {', '.join(POLICIES)}")
     return names
+
+
+def _at_least(value: int | None, minimum: int, flag: str) -> None:
+    if value is not None and value < minimum:
+        raise LemmaError(f"{flag} must be at least {minimum}, got {value}")
 
 
 def table(rows: list[dict[str, Any]], columns: list[tuple[str, str, str]]) -> str:
@@ -64,21 +72,26 @@ def bench(
     policies cut the prompt to their budget (RaaS runs with the prompt unpinned here).
     Example: lemma bench --context 1024,4096 --policies dense,raas --vs-transformers
     """
-    from lemma.engine.policies import make_policy
     from lemma.evaluation import plots, speed
 
     contexts = _ints(context, "--context")
-    names = _names(policies)
-    if not contexts or min(contexts) < 1 or steps < 3:
-        raise LemmaError("--context needs positive lengths and --steps at least 3")
+    if not contexts:
+        raise LemmaError("--context names no length")
+    for length in contexts:
+        _at_least(length, 1, "--context")
+    _at_least(steps, 3, "--steps")  # the first two steps warm caches up and are not timed
+    bench_policies = {name: _bench_policy(name, budget) for name in _names(policies)}  # a bad --budget fails here
+    outputs.check_replaceable(out, "--out", _is_bench_results, "a lemma bench results file")
+    png = outputs.plot_next_to(out, "--out")
     from lemma import Engine
     from lemma.models.store import resolve_model
 
-    engine = Engine(resolve_model(model), device=device, dtype=dtype, kv_cache_tokens=max(contexts) + steps + 64,
-                    max_batch=1, compile=compile)
+    model_dir = resolve_model(model)
+    kv_tokens = speed.check_fits(model_dir, max(contexts), steps, device, dtype)
+    engine = Engine(model_dir, device=device, dtype=dtype, kv_cache_tokens=kv_tokens, max_batch=1, compile=compile)
     peak = speed.copy_bandwidth(engine.device)
     rows = []
-    bar, advance = _progress(len(contexts) * (len(names) + vs_transformers), "benchmarking")
+    bar, advance = _progress(len(contexts) * (len(bench_policies) + vs_transformers), "benchmarking")
     with bar:
         for ctx in contexts:
             prompt = speed.long_prompt(engine, ctx)
@@ -86,12 +99,11 @@ def bench(
             if vs_transformers:
                 theirs = speed.bench_transformers(engine, prompt, steps)
                 advance(1)
-            for name in names:
-                options = {"pin_prompt": False} if name == "raas" else {}
-                policy = make_policy(name, None if name == "dense" else budget, **options)
+            for name, policy in bench_policies.items():
                 row = speed.bench_policy(engine, policy, prompt, steps)
                 row["policy_name"] = name
-                row["percent_of_copy_bandwidth"] = 100 * row.get("achieved_gb_per_s", 0) * 1e9 / peak
+                if "achieved_gb_per_s" in row:
+                    row["percent_of_copy_bandwidth"] = 100 * row["achieved_gb_per_s"] * 1e9 / peak
                 if theirs is not None:
                     row["transformers_ms_per_token"] = theirs
                     row["speedup_vs_transformers"] = theirs / row["ms_per_token"] if "ms_per_token" in row else None
@@ -105,12 +117,26 @@ def bench(
     typer.echo(f"model {engine.model_dir.name} on {engine.device} ({str(engine.dtype)[6:]}), budget {budget}, "
                f"copy bandwidth {peak / 1e9:.1f} GB/s")
     typer.echo(table(rows, columns))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"model": engine.model_dir.name, "device": str(engine.device), "budget": budget,
-                               "copy_gb_per_s": peak / 1e9, "rows": rows}, indent=2))
-    plots.bench_plot([dict(r, policy=r["policy_name"]) for r in rows if "ms_per_token" in r], out.with_suffix(".png"),
+    for row in rows:
+        if "error" in row:
+            typer.echo(f"{row['policy']} at context {row['context']} failed: {row['error']}")
+    with outputs.writing(out, "--out"):
+        out.write_text(json.dumps({"model": engine.model_dir.name, "device": str(engine.device), "budget": budget,
+                                   "copy_gb_per_s": peak / 1e9, "rows": rows}, indent=2))
+    plots.bench_plot([dict(r, policy=r["policy_name"]) for r in rows if "ms_per_token" in r], png,
                      f"{engine.model_dir.name}: decode cost and KV memory vs context (budget {budget})")
-    typer.echo(f"wrote {out} and {out.with_suffix('.png')}")
+    typer.echo(f"wrote {out} and {png}")
+
+
+def _bench_policy(name: str, budget: int):
+    """RaaS runs with the prompt unpinned: the bench prompts are longer than the budget."""
+    from lemma.engine.policies import make_policy
+
+    return make_policy(name, None if name == "dense" else budget, **({"pin_prompt": False} if name == "raas" else {}))
+
+
+def _is_bench_results(path: Path) -> bool:
+    return outputs.is_json_object_with(path, ("copy_gb_per_s", "rows"))
 
 
 def evaluate(
@@ -137,10 +163,14 @@ def evaluate(
     from lemma.evaluation.datasets import load_problems
     from lemma.evaluation.results import ResultsFile
 
+    _at_least(limit, 1, "--limit")
+    _at_least(max_tokens, 1, "--max-tokens")
+    _at_least(batch, 1, "--batch")
+    grid = _eval_grid(_names(policies), _ints(budgets, "--budgets"), pin_prompt, fidelity)
     problems = load_problems(data, limit)
-    grid = runs.policy_grid(_names(policies), _ints(budgets, "--budgets"), pin_prompt)
-    engine = _engine(model, device, dtype, compile=compile, max_batch=max(batch, 1))
-    results = ResultsFile(out)
+    png = outputs.plot_next_to(out, "--out")
+    results = ResultsFile(out, "--out")  # refuses a file that is not a lemma results file, before the run
+    engine = _engine(model, device, dtype, compile=compile, max_batch=min(batch, len(problems)))
     work = len(problems) * (len(grid) + (1 if fidelity else 0))
     bar, advance = _progress(work, "fidelity" if fidelity else "accuracy")
     try:
@@ -155,6 +185,9 @@ def evaluate(
         raise typer.Exit(130) from None
     ids = {p.id for p in problems}
     if fidelity:
+        failed = [r for r in results.of("trace") if r["id"] in ids and "tokens" not in r]
+        if failed:
+            typer.echo(f"{len(failed)} of {len(problems)} Dense traces failed and are left out; first: {failed[0]['error']}")
         rows = runs.summarize_fidelity([r for r in results.of("fidelity") if r["id"] in ids])
         columns = [("config", "config", ""), ("problems", "problems", "d"), ("tokens", "tokens", "d"),
                    ("nll_increase", "NLL increase/token", ".4f"), ("agreement", "top-1 agreement", ".3f"),
@@ -169,9 +202,20 @@ def evaluate(
         metrics = [("accuracy", "accuracy")]
     typer.echo(f"{data.name}, {len(problems)} problems, model {engine.model_dir.name}, max {max_tokens} tokens")
     typer.echo(table(rows, columns))
-    png = out.with_suffix(".png")
     plots.metric_vs_budget(rows, metrics, png, f"{engine.model_dir.name} on {data.stem}")
     typer.echo(f"results in {out}, plot in {png}")
+
+
+def _eval_grid(names: list[str], budgets: list[int], pin_prompt: bool, fidelity: bool) -> list:
+    """The policies to evaluate, every budget checked before anything loads."""
+    from lemma.evaluation import runs
+
+    budgeted = [name for name in names if name != "dense"]
+    if budgeted and not budgets:
+        raise LemmaError(f"--budgets names no budget for {', '.join(budgeted)}")
+    if fidelity and not budgeted:
+        raise LemmaError("--fidelity compares other policies against dense: name one besides dense in --policies")
+    return runs.policy_grid(names, budgets, pin_prompt)
 
 
 def trace(
@@ -194,6 +238,8 @@ def trace(
     from lemma.evaluation import plots
     from lemma.evaluation.trace import record_trace
 
+    _at_least(max_tokens, 1, "--max-tokens")
+    outputs.check_png(out, "--out")
     engine = _engine(model, device, dtype, policy=RaaS(budget=budget))
     c = engine.config
     if layer is not None and not 0 <= layer < c.num_layers:

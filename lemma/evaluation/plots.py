@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from lemma.errors import LemmaError
+from lemma.evaluation.outputs import writing
 
 
 def _pyplot():
@@ -20,27 +21,39 @@ def _pyplot():
     return plt
 
 
-def _by_policy(rows: list[dict[str, Any]], x: str, y: str) -> dict[str, list[tuple[float, float]]]:
-    lines: dict[str, list[tuple[float, float]]] = defaultdict(list)
+def _by_policy(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
-        lines[r["policy"]].append((r[x], r[y]))
-    return {k: sorted(v) for k, v in lines.items()}
+        groups[r["policy"]].append(r)
+    return groups
+
+
+def _unmeasured(rows: list[dict[str, Any]], metric: str, x: str) -> str:
+    """A legend note for the rows without a value (every problem failed), or ''."""
+    failed = [r for r in rows if r[metric] is None]
+    if not failed:
+        return ""
+    return " (n/a at " + ", ".join(f"{r[x]}: {r.get('errors', 0)} failed" for r in failed) + ")"
 
 
 def _policy_lines(ax, rows: list[dict[str, Any]], x: str, metric: str, xlabel: str, ylabel: str) -> None:
-    for policy, points in _by_policy(rows, x, metric).items():
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=policy)
+    """One line per policy over the rows that have a value; rows without one are named in the legend."""
+    for policy, group in _by_policy(rows).items():
+        points = sorted((r[x], r[metric]) for r in group if r[metric] is not None)
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o",
+                label=policy + _unmeasured(group, metric, x))
     ax.set_xscale("log", base=2)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
 
 
-def _save(plt, fig, legend_ax, title: str, out: str | Path) -> None:
-    legend_ax.legend(fontsize=8)
+def _save(plt, fig, title: str, out: str | Path) -> None:
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
+    out = Path(out)
+    with writing(out, "plot"):
+        fig.savefig(out, dpi=120, format="png")  # an explicit format: matplotlib would add .png to a bare name
     plt.close(fig)
 
 
@@ -49,11 +62,14 @@ def metric_vs_budget(rows: list[dict[str, Any]], metrics: list[tuple[str, str]],
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4), squeeze=False)
     for ax, (metric, label) in zip(axes[0], metrics):
-        for r in rows:
-            if r["budget"] is None:
+        for r in [r for r in rows if r["budget"] is None]:  # Dense: a dashed level, or a legend entry saying n/a
+            if r[metric] is None:
+                ax.plot([], [], color="black", linestyle="--", label=f"{r['config']} (n/a: {r.get('errors', 0)} failed)")
+            else:
                 ax.axhline(r[metric], color="black", linestyle="--", label=r["config"])
         _policy_lines(ax, [r for r in rows if r["budget"] is not None], "budget", metric, "KV budget (tokens)", label)
-    _save(plt, fig, axes[0][0], title, out)
+    axes[0][0].legend(fontsize=8)
+    _save(plt, fig, title, out)
 
 
 def bench_plot(rows: list[dict[str, Any]], out: str | Path, title: str) -> None:
@@ -61,7 +77,8 @@ def bench_plot(rows: list[dict[str, Any]], out: str | Path, title: str) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     _policy_lines(axes[0], rows, "context", "ms_per_token", "context (tokens)", "decode ms/token")
     _policy_lines(axes[1], rows, "context", "resident_kv_mib", "context (tokens)", "resident KV MiB")
-    _save(plt, fig, axes[0], title, out)
+    axes[0].legend(fontsize=8)
+    _save(plt, fig, title, out)
 
 
 def trace_plot(steps: list[dict[int, float]], evictions: list[tuple[int, int]], prompt_pages: int,
@@ -86,7 +103,4 @@ def trace_plot(steps: list[dict[int, float]], evictions: list[tuple[int, int]], 
     ax.set_xlabel("decode step")
     ax.set_ylabel("logical page (16 tokens each; prompt below the dotted line)")
     fig.colorbar(image, ax=ax, label="attention mass")
-    ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    _save(plt, fig, title, out)

@@ -1,5 +1,7 @@
 """An append-only JSONL results file that survives interruption: each record is one line, written and
-flushed whole; a torn last line (a kill mid-write) is dropped when the file is read back."""
+flushed whole. Reading it back drops only a torn last line (a kill mid-write leaves it without its
+newline); any other line that is not a lemma record is an error naming the file and line, with the file
+left unchanged, so a file that lemma did not write is never rewritten."""
 
 from __future__ import annotations
 
@@ -8,24 +10,105 @@ import os
 from pathlib import Path
 from typing import Any
 
+from lemma.errors import LemmaError
+from lemma.evaluation.jsonl import BadLine, json_kind, parse_json_line
+from lemma.evaluation.outputs import check_writable, writing
+
+RECORD_START = b'{"kind": '  # how every record begins as json.dumps writes it ("kind" is its first key)
+NUMBER = (int, float)
+NONE = type(None)
+FIELDS: dict[str, dict[str, tuple[type, ...]]] = {
+    "accuracy": {"config": (str,), "policy": (str,), "budget": (int, NONE), "id": (str,), "correct": (bool,),
+                 "finish_reason": (str,), "generated_tokens": (int,), "jct_seconds": NUMBER, "peak_kv_bytes": (int,)},
+    "trace": {"config": (str,), "id": (str,)},
+    "fidelity": {"config": (str,), "policy": (str,), "budget": (int, NONE), "id": (str,), "error": (str, NONE)},
+}
+TRACE_LISTS: dict[str, tuple[type, ...]] = {"prompt_ids": (int,), "tokens": (int,), "logprobs": NUMBER, "predicted": (int,)}
+FIDELITY_SUMS = ("n", "nll_sum", "agree_sum", "n_last", "nll_last_sum", "agree_last_sum")
+
+
+def record_problem(record: Any) -> str | None:
+    """What keeps `record` from being a lemma results record, or None if it is one."""
+    if not isinstance(record, dict):
+        return f"{json_kind(record)}, not a JSON object"
+    kind = record.get("kind")
+    if not isinstance(kind, str) or kind not in FIELDS:
+        shown = repr(kind[:40]) if isinstance(kind, str) else json_kind(kind)
+        return f"'kind' is {shown}, not one of {', '.join(FIELDS)}"
+    fields = dict(FIELDS[kind])
+    if kind == "trace" and "tokens" not in record:
+        fields["error"] = (str, NONE)  # a Dense trace that failed
+    if kind == "fidelity" and record.get("error") is None:
+        fields.update((key, NUMBER) for key in FIDELITY_SUMS)
+    for key, types in fields.items():
+        if key not in record:
+            return f"{kind} record without {key!r}"
+        if not _is(record[key], types):
+            return f"{kind} record with a bad {key!r} ({json_kind(record[key])})"
+    if kind == "trace" and "tokens" in record:
+        for key, types in TRACE_LISTS.items():
+            value = record.get(key)
+            if not isinstance(value, list) or not all(_is(x, types) for x in value):
+                return f"trace record whose {key!r} is not a list of numbers"
+    return None
+
+
+def _is(value: Any, types: tuple[type, ...]) -> bool:
+    """isinstance, except that a JSON boolean is not a number and an integer must fit 64 bits."""
+    if isinstance(value, bool):
+        return bool in types
+    if isinstance(value, int) and not -(2**63) <= value < 2**63:
+        return False
+    return isinstance(value, types)
+
+
+def _is_torn_record(tail: bytes) -> bool:
+    """Whether an unterminated last line is the start of a record cut short by a kill."""
+    return tail.startswith(RECORD_START) or RECORD_START.startswith(tail)
+
 
 class ResultsFile:
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
+    """Records of one results file. `label` names the file in errors (the CLI passes "--out")."""
+
+    def __init__(self, path: str | Path, label: str = "results file"):
+        self.path, self.label = Path(path), label
         self.records: list[dict[str, Any]] = []
+        self._needs_newline = False  # the last line is a whole record that lacks its newline
+        check_writable(self.path, label)
         if self.path.is_file():
-            good, text = [], self.path.read_text()
-            for line in text.splitlines():
-                try:
-                    good.append(json.loads(line))
-                except json.JSONDecodeError:
-                    break  # a torn write: everything before it is intact
-            self.records = good
-            intact = "".join(json.dumps(r) + "\n" for r in good)
-            if intact != text:
-                self.path.write_text(intact)
-        else:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._load()
+
+    def _load(self) -> None:
+        try:
+            data = self.path.read_bytes()
+        except OSError as exc:
+            raise LemmaError(f"cannot read {self.label} {self.path}: {exc.strerror or exc}") from None
+        *lines, tail = data.split(b"\n")  # tail: whatever follows the last newline
+        for line_no, raw in enumerate(lines, 1):
+            if raw.strip():
+                self.records.append(self._checked(raw, line_no))
+        if not tail.strip():
+            self._needs_newline = bool(tail)
+            return
+        try:
+            self.records.append(self._checked(tail, len(lines) + 1))
+            self._needs_newline = True
+        except LemmaError:
+            if not _is_torn_record(tail):
+                raise
+            with writing(self.path, self.label):
+                os.truncate(self.path, len(data) - len(tail))  # the only thing ever dropped
+
+    def _checked(self, raw: bytes, line_no: int) -> dict[str, Any]:
+        try:
+            record = parse_json_line(raw)
+            problem = record_problem(record)
+        except BadLine as exc:
+            problem = str(exc)
+        if problem is not None:
+            raise LemmaError(f"{self.label} {self.path}:{line_no} is not a lemma results record: {problem}; "
+                             f"the file was left unchanged (fix that line or pick another file)")
+        return record
 
     def done(self, kind: str) -> set[tuple[str, str]]:
         return {(r["config"], r["id"]) for r in self.records if r.get("kind") == kind}
@@ -34,9 +117,10 @@ class ResultsFile:
         return [r for r in self.records if r.get("kind") == kind]
 
     def append(self, records: list[dict[str, Any]]) -> None:
-        with open(self.path, "a") as f:
-            for record in records:
-                f.write(json.dumps(record) + "\n")
+        text = "".join(json.dumps(r) + "\n" for r in records)
+        with writing(self.path, self.label), open(self.path, "a") as f:
+            f.write("\n" * self._needs_newline + text)
             f.flush()
             os.fsync(f.fileno())
+        self._needs_newline = False
         self.records += records

@@ -73,11 +73,13 @@ def summarize_accuracy(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     for config, rs in _by_config(records).items():
         ok = [r for r in rs if r["finish_reason"] != "error"]
+        # a failed problem counts as wrong; where every one failed there is no accuracy to report (None: n/a)
         rows.append({"config": config, "policy": rs[0]["policy"], "budget": rs[0]["budget"], "problems": len(rs),
-                     "errors": len(rs) - len(ok), "accuracy": sum(r["correct"] for r in rs) / len(rs),
-                     "mean_generated_tokens": mean(r["generated_tokens"] for r in ok) if ok else 0.0,
-                     "mean_jct_seconds": mean(r["jct_seconds"] for r in ok) if ok else 0.0,
-                     "peak_kv_mib": max((r["peak_kv_bytes"] for r in ok), default=0) / 2**20})
+                     "errors": len(rs) - len(ok),
+                     "accuracy": sum(r["correct"] for r in rs) / len(rs) if ok else None,
+                     "mean_generated_tokens": mean(r["generated_tokens"] for r in ok) if ok else None,
+                     "mean_jct_seconds": mean(r["jct_seconds"] for r in ok) if ok else None,
+                     "peak_kv_mib": max(r["peak_kv_bytes"] for r in ok) / 2**20 if ok else None})
     return sorted(rows, key=lambda r: (r["policy"] != "dense", r["policy"], r["budget"] or 0))
 
 
@@ -136,8 +138,12 @@ def summarize_fidelity(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         n, n_last = sum(r["n"] for r in ok), sum(r["n_last"] for r in ok)
         rows.append({"config": config, "policy": rs[0]["policy"], "budget": rs[0]["budget"], "problems": len(ok),
                      "errors": len(rs) - len(ok), "tokens": n,
-                     "nll_increase": sum(r["nll_sum"] for r in ok) / max(n, 1),
-                     "agreement": sum(r["agree_sum"] for r in ok) / max(n, 1),
-                     "nll_increase_last_third": sum(r["nll_last_sum"] for r in ok) / max(n_last, 1),
-                     "agreement_last_third": sum(r["agree_last_sum"] for r in ok) / max(n_last, 1)})
+                     "nll_increase": _per_token(ok, "nll_sum", n), "agreement": _per_token(ok, "agree_sum", n),
+                     "nll_increase_last_third": _per_token(ok, "nll_last_sum", n_last),
+                     "agreement_last_third": _per_token(ok, "agree_last_sum", n_last)})
     return sorted(rows, key=lambda r: (r["policy"], r["budget"] or 0))
+
+
+def _per_token(records: list[dict[str, Any]], key: str, tokens: int) -> float | None:
+    """The mean of `key` per token, or None (n/a) where no token was measured: every problem failed."""
+    return sum(r[key] for r in records) / tokens if tokens else None

@@ -5,16 +5,63 @@ from __future__ import annotations
 
 import inspect
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from lemma.engine.engine import Engine
+from lemma.engine.engine import Engine, _resolve_dtype
 from lemma.engine.policies import Policy
+from lemma.engine.pool import PAGE_SIZE, KVPool
 from lemma.engine.sampler import SamplingParams
+from lemma.errors import LemmaError
+from lemma.models.config import ModelConfig
 
 FILLER = ("The proof proceeds by induction on n. For the base case we check small values directly; for the "
           "inductive step we assume the statement for n and derive it for n + 1 using the recurrence above. ")
+
+
+def check_fits(model_dir: Path, context: int, steps: int, device: str | None, dtype: str | None) -> int:
+    """The KV cache tokens a bench of `context` + `steps` needs, or LemmaError if the model's positions
+    or the free memory cannot hold them (checked before any weights are loaded)."""
+    config = ModelConfig.from_dir(model_dir)
+    positions = context + steps + 1  # generate() decodes steps + 1 tokens
+    if positions > config.max_position_embeddings:
+        raise LemmaError(f"--context {context} plus --steps {steps} needs {positions} positions but {model_dir.name} "
+                         f"has {config.max_position_embeddings} (max_position_embeddings)")
+    tokens = positions + 64
+    try:
+        torch_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        return tokens  # a bad --device is the engine's to report
+    page_bytes = KVPool.bytes_per_page(config.num_layers, config.num_kv_heads, config.head_dim,
+                                       _resolve_dtype(dtype, torch_device))
+    needed, free = -(-tokens // PAGE_SIZE) * page_bytes, free_memory_bytes(torch_device)
+    if free is not None and needed > free:
+        raise LemmaError(f"--context {context} plus --steps {steps} needs {_size(needed)} of KV cache but "
+                         f"{torch_device} has {_size(free)} free")
+    return tokens
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def free_memory_bytes(device: torch.device) -> int | None:
+    """Bytes free on `device` (MemAvailable for the CPU), or None where that cannot be told."""
+    if device.type == "cuda":
+        try:
+            return torch.cuda.mem_get_info(device)[0]
+        except (RuntimeError, AssertionError):  # no CUDA here: the engine says so
+            return None
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
 
 
 def long_prompt(engine: Engine, tokens: int) -> list[int]:
