@@ -5,8 +5,6 @@ Every bad value is one LemmaError line naming the argument; nothing is allocated
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from lemma.engine.pool import PAGE_SIZE
@@ -72,10 +70,15 @@ def pool_pages(kv_cache_tokens: object, page_bytes: int, device: torch.device) -
 
 
 def free_memory(device: torch.device) -> int | None:
-    """Bytes that can still be allocated on the device (None when unknown)."""
+    """Bytes that can still be allocated on the device (on CPU: MemAvailable), or None when unknown."""
     if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
+        try:
+            return torch.cuda.mem_get_info(device)[0]
+        except (RuntimeError, AssertionError):
+            return None
     try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
         return None

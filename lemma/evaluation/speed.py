@@ -10,7 +10,9 @@ from typing import Any
 
 import torch
 
-from lemma.engine.engine import Engine, _resolve_dtype
+from lemma.engine.engine import Engine
+from lemma.engine.options import free_memory as free_memory_bytes
+from lemma.engine.options import resolve_dtype
 from lemma.engine.policies import Policy
 from lemma.engine.pool import PAGE_SIZE, KVPool
 from lemma.engine.sampler import SamplingParams
@@ -35,7 +37,7 @@ def check_fits(model_dir: Path, context: int, steps: int, device: str | None, dt
     except RuntimeError:
         return tokens  # a bad --device is the engine's to report
     page_bytes = KVPool.bytes_per_page(config.num_layers, config.num_kv_heads, config.head_dim,
-                                       _resolve_dtype(dtype, torch_device))
+                                       resolve_dtype(dtype, torch_device))
     needed, free = -(-tokens // PAGE_SIZE) * page_bytes, free_memory_bytes(torch_device)
     if free is not None and needed > free:
         raise LemmaError(f"--context {context} plus --steps {steps} needs {_size(needed)} of KV cache but "
@@ -45,23 +47,6 @@ def check_fits(model_dir: Path, context: int, steps: int, device: str | None, dt
 
 def _size(n: int) -> str:
     return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
-
-
-def free_memory_bytes(device: torch.device) -> int | None:
-    """Bytes free on `device` (MemAvailable for the CPU), or None where that cannot be told."""
-    if device.type == "cuda":
-        try:
-            return torch.cuda.mem_get_info(device)[0]
-        except (RuntimeError, AssertionError):  # no CUDA here: the engine says so
-            return None
-    if device.type != "cpu":
-        return None
-    try:
-        with open("/proc/meminfo") as f:
-            fields = dict(line.split(":", 1) for line in f)
-        return int(fields["MemAvailable"].split()[0]) * 1024
-    except (OSError, KeyError, ValueError):
-        return None
 
 
 def long_prompt(engine: Engine, tokens: int) -> list[int]:
