@@ -169,7 +169,11 @@ def evaluate(
     grid = _eval_grid(_names(policies), _ints(budgets, "--budgets"), pin_prompt, fidelity)
     problems = load_problems(data, limit)
     png = outputs.plot_next_to(out, "--out")
-    results = ResultsFile(out, "--out")  # refuses a file that is not a lemma results file, before the run
+    from lemma.models.store import DEFAULT_MODEL
+
+    run = {"data": data.name, "model": Path(model or DEFAULT_MODEL).name, "max_tokens": max_tokens,
+           "pin_prompt": pin_prompt, "dtype": dtype or "default"}
+    results = ResultsFile(out, "--out", run)  # refuses a file that is not this run's lemma results, before the run
     engine = _engine(model, device, dtype, compile=compile, max_batch=min(batch, len(problems)))
     work = len(problems) * (len(grid) + (1 if fidelity else 0))
     bar, advance = _progress(work, "fidelity" if fidelity else "accuracy")

@@ -440,3 +440,16 @@ def test_trace_out_is_checked_before_the_run_and_written_where_reported(tiny_dir
     assert result.exit_code == 0, result.output
     assert f"wrote {picture}" in result.output and picture.read_bytes().startswith(PNG_SIGNATURE)
     assert not (tmp_path / "picture.png").exists()
+
+
+def test_results_of_another_run_are_refused(tmp_path):
+    """Resume never mixes runs: a file written with other settings (data, model, max_tokens, ...) is
+    refused with one line and left unchanged; the same settings resume from it."""
+    path = tmp_path / "r.jsonl"
+    ResultsFile(path, run={"data": "gsm8k.jsonl", "max_tokens": 8}).append([ACC])
+    before = path.read_bytes()
+    with pytest.raises(LemmaError, match="holds results of another run") as info:
+        ResultsFile(path, run={"data": "aime2024.jsonl", "max_tokens": 8})
+    assert "\n" not in str(info.value) and path.read_bytes() == before
+    again = ResultsFile(path, run={"data": "gsm8k.jsonl", "max_tokens": 8})
+    assert again.records[0]["run"] == {"data": "gsm8k.jsonl", "max_tokens": 8}

@@ -70,13 +70,24 @@ def _is_torn_record(tail: bytes) -> bool:
 class ResultsFile:
     """Records of one results file. `label` names the file in errors (the CLI passes "--out")."""
 
-    def __init__(self, path: str | Path, label: str = "results file"):
-        self.path, self.label = Path(path), label
+    def __init__(self, path: str | Path, label: str = "results file", run: dict[str, Any] | None = None):
+        """`run` describes the settings the records come from (data, model, max_tokens, ...): it is stored
+        in every record appended, and a file holding records of other settings is refused, so a resume
+        never mixes two runs' results."""
+        self.path, self.label, self.run = Path(path), label, run
         self.records: list[dict[str, Any]] = []
         self._needs_newline = False  # the last line is a whole record that lacks its newline
         check_writable(self.path, label)
         if self.path.is_file():
             self._load()
+            self._check_same_run()
+
+    def _check_same_run(self) -> None:
+        other = next((r["run"] for r in self.records if self.run is not None and r.get("run", self.run) != self.run), None)
+        if other is not None:
+            describe = lambda run: ", ".join(f"{k} {v}" for k, v in run.items()) if isinstance(run, dict) else repr(run)  # noqa: E731
+            raise LemmaError(f"{self.label} {self.path} holds results of another run ({describe(other)}), not of this one "
+                             f"({describe(self.run)}); pass another {self.label} or the same settings to resume")
 
     def _load(self) -> None:
         try:
@@ -117,6 +128,8 @@ class ResultsFile:
         return [r for r in self.records if r.get("kind") == kind]
 
     def append(self, records: list[dict[str, Any]]) -> None:
+        if self.run is not None:
+            records = [{**r, "run": self.run} for r in records]
         text = "".join(json.dumps(r) + "\n" for r in records)
         with writing(self.path, self.label), open(self.path, "a") as f:
             f.write("\n" * self._needs_newline + text)
