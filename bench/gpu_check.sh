@@ -9,3 +9,9 @@ python -m pytest -q tests/test_kernels.py -k "not sm90 and not demo" 2>&1 | tail
 # CUDA graphs per bucket vs eager (needs transformers for the tiny test models; skipped without it)
 python -m pytest -q tests/test_compiled_step.py -k cuda 2>&1 | tail -5 | tee -a "${OUT:-bench/results}/gpu_tests.txt" || true
 python bench/gpu_bench.py --out "${OUT:-bench/results}/gpu.json" 2>&1 | tee "${OUT:-bench/results}/gpu_bench.txt"
+# tensor parallelism over NCCL: 2 ranks, one GPU each (only when the machine has 2 GPUs)
+if [ "$(python -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then
+  LEMMA_TP_DEVICE=cuda python -m pytest -q tests/test_tensor_parallel.py -k "not more_ranks" 2>&1 | tail -5 | tee -a "${OUT:-bench/results}/gpu_tests.txt" || true
+else
+  echo "tensor parallelism: skipped (fewer than 2 GPUs)" | tee -a "${OUT:-bench/results}/gpu_tests.txt"
+fi

@@ -25,6 +25,8 @@ PolicyOpt = typer.Option("dense", "--policy", help="KV policy: dense, raas, stre
 BudgetOpt = typer.Option(1024, "--budget", help="KV budget in tokens for raas/streaming/h2o/quest (a multiple of 16, prompt included).")
 PinOpt = typer.Option(True, "--pin-prompt/--no-pin-prompt", help="raas: keep every prompt page (the prompt must fit the budget).")
 DenseLayersOpt = typer.Option(0, "--dense-layers", help="Keep the first N layers dense under any policy.")
+TpOpt = typer.Option(1, "--tp", help="Tensor parallelism: shard the model and KV pool by heads over N processes "
+                                       "(gloo on CPU, NCCL on CUDA, one GPU each).")
 CompileOpt = typer.Option(False, "--compile/--no-compile",
                           help="Compile the decode step (inductor on CPU; one CUDA graph per bucket on CUDA). The first "
                                "step of each batch/context bucket pays the compile (about a minute per bucket for "
@@ -150,6 +152,7 @@ def run(
     device: Optional[str] = DeviceOpt,
     dtype: Optional[str] = DtypeOpt,
     compile: bool = CompileOpt,
+    tp: int = TpOpt,
 ) -> None:
     """Stream the answer to one prompt, then a stats line.
 
@@ -160,7 +163,12 @@ def run(
     kv_policy = _policy(policy, budget, pin_prompt, dense_layers)
     if not prompt.strip():
         raise LemmaError("prompt is empty")
-    engine = _engine(model, device, dtype, quiet=as_json, policy=kv_policy, compile=compile, max_batch=1)
+    with _engine(model, device, dtype, quiet=as_json, policy=kv_policy, compile=compile, max_batch=1,
+                 tensor_parallel=tp) as engine:
+        _run(engine, prompt, system, params, as_json, think)
+
+
+def _run(engine: Any, prompt: str, system: Optional[str], params: Any, as_json: bool, think: bool) -> None:
     ids = engine.chat_prompt(_messages(system, prompt)) if engine.tokenizer.chat_template else engine.tokenizer.encode(prompt, True)
     if as_json:
         out = engine.generate([ids], params)[0]
@@ -193,6 +201,7 @@ def chat(
     device: Optional[str] = DeviceOpt,
     dtype: Optional[str] = DtypeOpt,
     compile: bool = CompileOpt,
+    tp: int = TpOpt,
 ) -> None:
     """Multi-turn chat with streaming replies.
 
@@ -201,8 +210,12 @@ def chat(
     Example: lemma chat --system "Be brief." --policy raas --budget 512
     """
     params = _params(max_tokens, temperature, top_p, 0, seed)
-    engine = _engine(model, device, dtype, policy=_policy(policy, budget, pin_prompt, dense_layers), compile=compile,
-                     max_batch=1)
+    with _engine(model, device, dtype, policy=_policy(policy, budget, pin_prompt, dense_layers), compile=compile,
+                 max_batch=1, tensor_parallel=tp) as engine:
+        _chat_loop(engine, system, params, think, lambda name, size: _policy(name, size or budget, pin_prompt, dense_layers))
+
+
+def _chat_loop(engine: Any, system: Optional[str], params: Any, think: bool, make_policy: Callable[[str, int], Any]) -> None:
     messages: list[dict[str, str]] = _messages(system, "")[:-1]
     last_stats = None
     typer.echo(_styled(f"lemma chat: {engine.model_dir.name}, {engine.policy.describe()}. "
@@ -235,7 +248,7 @@ def chat(
         if command == "/policy":
             name, _, size = arg.partition(" ")
             try:
-                engine.policy = _policy(name or "dense", int(size) if size.strip() else budget, pin_prompt, dense_layers)
+                engine.policy = make_policy(name or "dense", int(size) if size.strip() else 0)
             except ValueError as exc:
                 typer.echo(f"error: {exc if isinstance(exc, LemmaError) else 'budget must be an integer'}", err=True)
                 continue

@@ -6,8 +6,8 @@ from typing import Optional
 
 import typer
 
-from lemma.cli import (BudgetOpt, CompileOpt, DenseLayersOpt, DeviceOpt, DtypeOpt, ModelOpt, PinOpt, PolicyOpt, _engine,
-                       _policy, friendly_errors)
+from lemma.cli import (BudgetOpt, CompileOpt, DenseLayersOpt, DeviceOpt, DtypeOpt, ModelOpt, PinOpt, PolicyOpt, TpOpt,
+                       _engine, _policy, friendly_errors)
 from lemma.errors import LemmaError
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -35,6 +35,7 @@ def serve(
     device: Optional[str] = DeviceOpt,
     dtype: Optional[str] = DtypeOpt,
     compile: bool = CompileOpt,
+    tp: int = TpOpt,
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (chat/completions, completions, models).
 
@@ -53,7 +54,7 @@ def serve(
     from lemma.server.app import build_app
 
     engine = _engine(model, device, dtype, policy=_policy(policy, budget, pin_prompt, dense_layers), compile=compile,
-                     max_batch=max_batch, kv_cache_tokens=kv_cache_tokens, prefill_chunk=prefill_chunk)
+                     max_batch=max_batch, kv_cache_tokens=kv_cache_tokens, prefill_chunk=prefill_chunk, tensor_parallel=tp)
     name = served_name or engine.model_dir.name
     app = build_app(AsyncEngine(engine), name, api_key, {"auto": None, "think": True, "none": False}[reasoning],
                     default_max_tokens)

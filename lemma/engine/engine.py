@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,17 +21,28 @@ import torch
 
 from lemma.engine.options import check_limits, pool_pages, resolve_device, resolve_dtype
 from lemma.engine.policies import Dense, Policy
-from lemma.engine.prompts import Prompt, chat_ids, is_conversation, prompt_ids
 from lemma.engine.pool import PAGE_SIZE, KVPool
+from lemma.engine.prompts import Prompt, chat_ids, is_conversation, prompt_ids
 from lemma.engine.runner import ModelRunner
 from lemma.engine.sampler import Sampler, SamplingParams
 from lemma.engine.scheduler import Scheduler, StepPlan
-from lemma.engine.sequence import DECODE, Chunk, Forced, Output, RequestOutput, Sequence, Stats
+from lemma.engine.sequence import (
+    DECODE,
+    Chunk,
+    Forced,
+    Output,
+    RequestOutput,
+    Sequence,
+    Stats,
+)
+from lemma.engine.tensor_parallel import Cluster, check_world, rank_device
 from lemma.engine.tokens import next_tokens
 from lemma.errors import LemmaError
 from lemma.kernels import resolve_attention
+from lemma.models.config import ModelConfig
 from lemma.models.llama import CausalLM
 from lemma.models.loader import load_model
+from lemma.models.shard import Shard
 from lemma.models.tokenizer import StreamingDetokenizer, Tokenizer
 
 log = logging.getLogger("lemma")
@@ -40,13 +52,16 @@ class Engine:
     """A decode engine over one model.
 
     Engine(model_dir, policy=Dense(), device=None, dtype=None, kv_cache_tokens=None, max_batch=32,
-    prefill_chunk=512, attention=None, compile=False). `engine.policy` (the policy of requests that name
+    prefill_chunk=512, attention=None, compile=False, tensor_parallel=1). `engine.policy` (the policy of requests that name
     none) may be changed between calls. `prefill_chunk` is the token budget of one step: the decode
     batch plus chunks of waiting prompts (so a long prompt never stalls the running ones).
     `attention` is "triton" or "torch" (default: $LEMMA_ATTENTION, else triton on CUDA, torch elsewhere).
     `compile=True` compiles the decode step with inductor on CPU and captures it as CUDA graphs (one per
     batch and slot bucket) on CUDA; a backend name ("eager", "aot_eager", "inductor") picks the
     torch.compile backend. The eager step stays the reference.
+
+    `tensor_parallel=N` shards the model and the KV pool by heads over N processes (this one is rank 0;
+    see engine/tensor_parallel.py); `close()` stops them.
 
     Threads: add_request, abort, abort_all and has_unfinished may be called from any thread; step runs
     one at a time (a second caller blocks until the first returns); generate, stream, chat and
@@ -56,15 +71,45 @@ class Engine:
     def __init__(self, model_dir: str | Path, policy: Policy | None = None, device: str | torch.device | None = None,
                  dtype: str | torch.dtype | None = None, kv_cache_tokens: int | None = None,
                  max_batch: int = 32, prefill_chunk: int = 512, attention: str | None = None,
-                 compile: bool | str = False):
+                 compile: bool | str = False, tensor_parallel: int = 1):
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
         check_limits(max_batch, prefill_chunk, compile)
         if not isinstance(model_dir, (str, Path)):
             raise LemmaError(f"model_dir must be a path to a model folder, got {model_dir!r}")
-        model = load_model(Path(model_dir), device, dtype)
-        self._setup(model, Tokenizer(model_dir), Path(model_dir), policy, kv_cache_tokens, max_batch, prefill_chunk,
-                    attention, compile)
+        config = ModelConfig.from_dir(Path(model_dir))
+        check_world(tensor_parallel, config, device, compile)
+        shard, cluster = None, None
+        if tensor_parallel > 1:  # workers first: they load their shards while this process loads rank 0's
+            shard = Shard(0, tensor_parallel)
+            page_bytes = KVPool.bytes_per_page(config.num_layers, shard.size(config.num_kv_heads), config.head_dim, dtype)
+            kv_cache_tokens = pool_pages(kv_cache_tokens, page_bytes, device) * PAGE_SIZE
+            cluster = Cluster.start(tensor_parallel, device, dict(
+                model_dir=str(model_dir), dtype=dtype, num_pages=kv_cache_tokens // PAGE_SIZE, max_batch=max_batch,
+                attention=resolve_attention(attention, device), threads=torch.get_num_threads()))
+            device = rank_device(device, 0)
+        try:
+            model = load_model(Path(model_dir), device, dtype, shard)
+            self._setup(model, Tokenizer(model_dir), Path(model_dir), policy, kv_cache_tokens, max_batch,
+                        prefill_chunk, attention, compile)
+        except BaseException:
+            if cluster is not None:
+                cluster.stop()
+            raise
+        if cluster is not None:
+            self.runner.cluster = cluster
+            weakref.finalize(self, cluster.stop)
+
+    def close(self) -> None:
+        """Stop the tensor-parallel workers, if any (also done when the engine is garbage collected)."""
+        if self.runner.cluster is not None:
+            self.runner.cluster.stop()
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     @classmethod
     def from_model(cls, model: CausalLM, tokenizer: Tokenizer, policy: Policy | None = None,
@@ -88,9 +133,10 @@ class Engine:
         self.eos_ids = sorted(set(tokenizer.eos_ids) | set(self.config.eos_token_id))
         self.max_batch = max_batch
         c = self.config
-        page_bytes = KVPool.bytes_per_page(c.num_layers, c.num_kv_heads, c.head_dim, self.dtype)
+        kv_heads = c.num_kv_heads if model.shard is None else model.shard.size(c.num_kv_heads)  # this rank's
+        page_bytes = KVPool.bytes_per_page(c.num_layers, kv_heads, c.head_dim, self.dtype)
         num_pages = pool_pages(kv_cache_tokens, page_bytes, self.device)
-        self.pool = KVPool(c.num_layers, c.num_kv_heads, c.head_dim, num_pages, self.dtype, self.device)
+        self.pool = KVPool(c.num_layers, kv_heads, c.head_dim, num_pages, self.dtype, self.device)
         self.attention = resolve_attention(attention, self.device)
         self.compile = compile
         self.runner = ModelRunner(self.model, self.pool, self.attention, max_batch, compile)

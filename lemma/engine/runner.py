@@ -10,6 +10,7 @@ CUDA, captured once per bucket as a CUDA graph and replayed.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -19,9 +20,13 @@ from lemma.engine.decode_state import EVICT, NEW_SLOT, DecodeState, StepInputs, 
 from lemma.engine.graphs import CudaGraphs
 from lemma.engine.policies import Policy
 from lemma.engine.pool import KVPool
+from lemma.errors import LemmaError
 from lemma.engine.sequence import Sequence
 from lemma.kernels import kernel_ops
 from lemma.models.llama import CausalLM
+
+if TYPE_CHECKING:
+    from lemma.engine.tensor_parallel import Cluster
 
 PrefillChunk = tuple[Sequence, Policy, int, int]  # (sequence, its policy, first position, end position)
 # observer(layer, born [B,Hkv,S], valid, step mass [B,Hkv,S], evicted born [B,Hkv] or -1): for traces
@@ -39,6 +44,7 @@ class ModelRunner:
         self.scale = model.config.head_dim ** -0.5
         self.max_batch = max_batch
         self.states: dict[Policy, DecodeState] = {}  # one persistent step state per policy in use
+        self.cluster: Cluster | None = None  # tensor parallelism: the other ranks, sent each forward's inputs
         self.observer: Observer | None = None  # called outside the step, from the step's trace outputs
         self._step = self.decode_step
         self._graphs: dict[Policy, CudaGraphs] | None = None
@@ -80,7 +86,7 @@ class ModelRunner:
         its sequence's pages (taken from its reservation) under dense causal attention. Returns the
         logits of each chunk's last position [n, V] (or of every position [T, V])."""
         pool, page = self.pool, self.pool.page_size
-        tokens, positions, segments, last, offset = [], [], [], [], 0
+        tokens, segments, last, offset = [], [], [], 0
         for seq, policy, start, end in chunks:
             assert start % page == 0, "prefill chunks start on a page boundary"
             for layer in range(pool.num_layers):
@@ -92,13 +98,30 @@ class ModelRunner:
             segments.append(PrefillSegment(tables, start, end, offset, pinned))
             offset += end - start
             last.append(offset - 1)
-        positions = torch.cat([torch.arange(s.start, s.end, device=self.device) for s in segments])
-        attend = PrefillAttention(pool, self.scale, segments, positions)
-        at = None if all_logits else torch.tensor(last, device=self.device)
-        logits = self.model(torch.tensor(tokens, device=self.device), positions, attend, logits_at=at)
+        inputs = (torch.tensor(tokens, device=self.device),
+                  torch.cat([torch.arange(s.start, s.end, device=self.device) for s in segments]),
+                  segments, None if all_logits else torch.tensor(last, device=self.device))
+        if self.cluster is not None:
+            self.cluster.send(("prefill", inputs))
+        logits = self._collective(self.prefill_forward, *inputs)
         for seq, *_ in chunks:
             seq.track_peak(pool.layer_page_bytes)  # the whole prompt is resident until the cut
         return logits
+
+    def prefill_forward(self, tokens: torch.Tensor, positions: torch.Tensor, segments: list[PrefillSegment],
+                        logits_at: torch.Tensor | None) -> torch.Tensor:
+        """The prefill forward proper (what every tensor-parallel rank runs)."""
+        attend = PrefillAttention(self.pool, self.scale, segments, positions)
+        return self.model(tokens, positions, attend, logits_at=logits_at)
+
+    def _collective(self, fn: Callable, *args):
+        """fn(*args); under tensor parallelism a failed collective is reported as the worker that died."""
+        try:
+            return fn(*args)
+        except RuntimeError:
+            if self.cluster is not None:
+                self.cluster.check_alive(grace=2.0)  # a collective fails when a peer's socket closes
+            raise
 
     def finish_prefill(self, seq: Sequence) -> None:
         """The prompt is in: layers over their capacity keep their sink page and most recent pages."""
@@ -127,6 +150,11 @@ class ModelRunner:
             graphs = self._graphs.setdefault(policy, CudaGraphs())
             logits = graphs.run(step.bucket, self.state_for(policy).generation,
                                 lambda: self._step(policy, False, *self._args(step))[0])
+        elif self.cluster is not None:
+            if trace:
+                raise LemmaError("attention traces are not available under tensor parallelism")
+            self.cluster.send(("decode", policy, self._args(step)))
+            logits, _ = self._collective(self._step, policy, False, *self._args(step))
         else:
             logits, traces = self._step(policy, trace, *self._args(step))
             for layer, born, valid, mass, evicted in traces:
@@ -181,8 +209,6 @@ class ModelRunner:
 def compile_step(step: Callable, backend: str, device: torch.device) -> Callable:
     """torch.compile of the decode step: one graph per (policy, bucket), no graph breaks allowed."""
     if backend not in COMPILE_CHOICES:
-        from lemma.errors import LemmaError
-
         raise LemmaError(f"compile backend must be one of {', '.join(COMPILE_CHOICES)}, got {backend!r}")
     import torch._dynamo.config as dynamo_config
 

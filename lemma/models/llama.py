@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lemma.models.config import ModelConfig
+from lemma.models.shard import Shard
 
 
 class Attend(Protocol):
@@ -64,10 +65,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, layer: int):
+    def __init__(self, config: ModelConfig, layer: int, shard: Shard | None = None):
         super().__init__()
-        self.layer = layer
+        self.layer, self.shard = layer, shard
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        if shard is not None:  # this rank's query heads and the KV heads they read
+            self.num_heads, self.num_kv_heads = shard.size(self.num_heads), shard.size(self.num_kv_heads)
         hidden = config.hidden_size
         self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=config.qkv_bias)
         self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=config.qkv_bias)
@@ -88,26 +91,30 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         out = attend(self.layer, q, k, v)
-        return self.o_proj(out.reshape(n, self.num_heads * self.head_dim))
+        out = self.o_proj(out.reshape(n, self.num_heads * self.head_dim))
+        return out if self.shard is None else self.shard.all_reduce(out)
 
 
 class MLP(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, shard: Shard | None = None):
         super().__init__()
+        self.shard = shard
         hidden, inter, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        inter = inter if shard is None else shard.size(inter)
         self.gate_proj = nn.Linear(hidden, inter, bias=bias)
         self.up_proj = nn.Linear(hidden, inter, bias=bias)
         self.down_proj = nn.Linear(inter, hidden, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        out = self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return out if self.shard is None else self.shard.all_reduce(out)
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, layer: int):
+    def __init__(self, config: ModelConfig, layer: int, shard: Shard | None = None):
         super().__init__()
-        self.self_attn = Attention(config, layer)
-        self.mlp = MLP(config)
+        self.self_attn = Attention(config, layer, shard)
+        self.mlp = MLP(config, shard)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -117,22 +124,33 @@ class DecoderLayer(nn.Module):
 
 
 class Backbone(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, shard: Shard | None = None):
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
+        vocab = config.vocab_size if shard is None else shard.size(config.vocab_size)
+        self.embed_tokens = nn.Embedding(vocab, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i, shard) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
 class CausalLM(nn.Module):
-    """Parameter names match Hugging Face checkpoints (model.layers.N.self_attn.q_proj.weight, ...)."""
+    """Parameter names match Hugging Face checkpoints (model.layers.N.self_attn.q_proj.weight, ...).
+    With a Shard, the module holds one tensor-parallel rank's slices (see models/shard.py)."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, shard: Shard | None = None):
         super().__init__()
-        self.config = config
-        self.model = Backbone(config)
-        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.config, self.shard = config, shard
+        self.model = Backbone(config, shard)
+        vocab = config.vocab_size if shard is None else shard.size(config.vocab_size)
+        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, vocab, bias=False)
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.shard is None:
+            return self.model.embed_tokens(input_ids)
+        start, stop = self.shard.part(self.config.vocab_size)  # this rank's rows; the others add theirs
+        mine = (input_ids >= start) & (input_ids < stop)
+        x = self.model.embed_tokens(torch.where(mine, input_ids - start, 0)) * mine[:, None]
+        return self.shard.all_reduce(x)
 
     def forward(
         self,
@@ -142,7 +160,7 @@ class CausalLM(nn.Module):
         logits_at: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """input_ids/positions [N] -> logits [M, V] in fp32 for the rows `logits_at` (default: all)."""
-        x = self.model.embed_tokens(input_ids)
+        x = self.embed(input_ids)
         freqs = positions.float()[:, None] * self.inv_freq.float()[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
@@ -152,4 +170,5 @@ class CausalLM(nn.Module):
             x = x[logits_at]
         x = self.model.norm(x)
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(x, weight).float()
+        logits = F.linear(x, weight).float()
+        return logits if self.shard is None else self.shard.gather(logits, self.config.vocab_size)

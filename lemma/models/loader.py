@@ -11,6 +11,7 @@ from safetensors import SafetensorError, safe_open
 from lemma.errors import LemmaError
 from lemma.models.config import ModelConfig
 from lemma.models.llama import CausalLM, rope_inv_freq
+from lemma.models.shard import Shard
 
 # Buffers some exporters write that the model recomputes.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -34,12 +35,51 @@ def safetensors_files(model_dir: Path) -> list[Path]:
     return files
 
 
-def load_model(model_dir: str | Path, device: torch.device, dtype: torch.dtype) -> CausalLM:
-    """Build the decoder on `device` in `dtype` and fill it from the checkpoint, checking every tensor."""
+def shard_slice(name: str, config: ModelConfig, shard: Shard | None) -> tuple[int, tuple[int, int]] | None:
+    """(dim, [start, stop)) of checkpoint tensor `name` that `shard` holds; None = the whole tensor."""
+    if shard is None:
+        return None
+    d = config.head_dim
+    heads = lambda n: tuple(d * i for i in shard.part(n))  # noqa: E731
+    if name.endswith(("q_proj.weight", "q_proj.bias")):
+        return 0, heads(config.num_heads)
+    if name.endswith(("k_proj.weight", "k_proj.bias", "v_proj.weight", "v_proj.bias")):
+        return 0, heads(config.num_kv_heads)
+    if name.endswith("o_proj.weight"):
+        return 1, heads(config.num_heads)
+    if name.endswith(("gate_proj.weight", "gate_proj.bias", "up_proj.weight", "up_proj.bias")):
+        return 0, shard.part(config.intermediate_size)
+    if name.endswith("down_proj.weight"):
+        return 1, shard.part(config.intermediate_size)
+    if name in ("model.embed_tokens.weight", "lm_head.weight"):
+        return 0, shard.part(config.vocab_size)
+    return None  # norms, and the biases of row-parallel projections (added once, by rank 0)
+
+
+def _read(f, name: str, config: ModelConfig, shard: Shard | None, full_shape: tuple[int, ...]) -> torch.Tensor:
+    """The tensor, or only this shard's slice of it (read from the file without the rest)."""
+    spec = shard_slice(name, config, shard)
+    if spec is None:
+        tensor = f.get_tensor(name)
+        if shard is not None and shard.rank > 0 and name.endswith(("o_proj.bias", "down_proj.bias")):
+            tensor = torch.zeros_like(tensor)  # summed over ranks by the all-reduce: only rank 0 adds it
+        return tensor
+    dim, (start, stop) = spec
+    sliced = f.get_slice(name)
+    if list(sliced.get_shape()) != list(full_shape):
+        return f.get_tensor(name)  # a wrong shape: the caller reports it
+    return sliced[start:stop] if dim == 0 else sliced[:, start:stop]
+
+
+def load_model(model_dir: str | Path, device: torch.device, dtype: torch.dtype, shard: Shard | None = None) -> CausalLM:
+    """Build the decoder on `device` in `dtype` and fill it from the checkpoint, checking every tensor.
+    With a shard, only that tensor-parallel rank's slices are read."""
     model_dir = Path(model_dir)
     config = ModelConfig.from_dir(model_dir)
     with torch.device("meta"):
-        model = CausalLM(config)
+        full = CausalLM(config)
+        model = CausalLM(config, shard) if shard is not None else full
+    full_shapes = {name: tuple(p.shape) for name, p in full.named_parameters()}
     expected = {name: tuple(p.shape) for name, p in model.named_parameters()}
     loaded: dict[str, torch.Tensor] = {}
     for path in safetensors_files(model_dir):
@@ -52,7 +92,7 @@ def load_model(model_dir: str | Path, device: torch.device, dtype: torch.dtype) 
                         continue
                     if name not in expected:
                         raise LemmaError(f"{path}: unexpected tensor {name} for model_type {config.model_type}")
-                    tensor = f.get_tensor(name)
+                    tensor = _read(f, name, config, shard, full_shapes[name])
                     if tuple(tensor.shape) != expected[name]:
                         raise LemmaError(
                             f"{path}: tensor {name} has shape {tuple(tensor.shape)}, expected {expected[name]}"
