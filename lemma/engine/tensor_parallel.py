@@ -135,13 +135,14 @@ class Cluster:
 
 
 def _on(value: Any, device: torch.device) -> Any:
-    """value with every tensor in it (tuples, lists, dataclasses) moved to device."""
+    """value with every tensor in it (tuples, lists, dataclasses) copied to device. A copy, not a view:
+    pickling a view of the decode state's buffers would send the whole buffer."""
     if isinstance(value, torch.Tensor):
-        return value.to(device)
+        return value.to(device, copy=True)
     if isinstance(value, (list, tuple)):
         return type(value)(_on(v, device) for v in value)
     if dataclasses.is_dataclass(value) and not isinstance(value, type) and hasattr(value, "tables"):
-        return dataclasses.replace(value, tables=value.tables.to(device))
+        return dataclasses.replace(value, tables=value.tables.to(device, copy=True))
     return value
 
 
