@@ -238,15 +238,14 @@ def test_serve_bad_inputs(tiny_dir):
 
 
 def test_serve_starts_answers_and_stops(tiny_dir):
-    import socket
     import subprocess
     import sys
     import time
     import urllib.request
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from serving import free_port
+
+    port = free_port()
     server = subprocess.Popen([sys.executable, "-c", "from lemma.cli import main; main()", "serve", "--model",
                                str(tiny_dir), "--port", str(port), "--kv-cache-tokens", "1024", "--api-key", "k"],
                               stderr=subprocess.PIPE, text=True)

@@ -5,16 +5,13 @@ to the test server."""
 
 import re
 import shlex
-import socket
 import subprocess
-import threading
-import time
 from pathlib import Path
 
 import click
 import pytest
 import typer
-import uvicorn
+from serving import serving
 
 from lemma import Engine
 from lemma.cli import app
@@ -34,20 +31,8 @@ def blocks(language: str) -> list[str]:
 @pytest.fixture(scope="module")
 def port():
     engine = Engine(pull(MODEL, quiet=True), kv_cache_tokens=8192)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        free = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(build_app(AsyncEngine(engine), MODEL), host="127.0.0.1", port=free,
-                                           log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not server.started:
-        assert time.time() < deadline and thread.is_alive(), "the server did not start"
-        time.sleep(0.05)
-    yield free
-    server.should_exit = True
-    thread.join(30)
+    with serving(build_app(AsyncEngine(engine), MODEL)) as free:
+        yield free
 
 
 def test_python_blocks_run(port, monkeypatch, capsys):

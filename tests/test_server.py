@@ -2,19 +2,17 @@
 completions (streamed and whole), 16 concurrent seeded clients, a client leaving mid-stream, bad
 requests, per-request KV policies, the API key, reasoning_content."""
 
-import socket
-import threading
+import json
 import time
+import urllib.error
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
-import json
-import urllib.error
-import urllib.request
 import openai
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
+from serving import serving
 
 from lemma import Engine, SamplingParams
 from lemma.engine.async_engine import AsyncEngine
@@ -27,28 +25,12 @@ MODEL = "smollm2-135m-instruct"
 ASK = [{"role": "user", "content": "Name three colours."}]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def served():
     engine = Engine(pull(MODEL, quiet=True), kv_cache_tokens=16 * 1024, max_batch=16)
-    app = build_app(AsyncEngine(engine), MODEL)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not server.started:
-        assert time.time() < deadline and thread.is_alive(), "the server did not start"
-        time.sleep(0.05)
-    url = f"http://127.0.0.1:{port}/v1"
-    yield SimpleNamespace(url=url, engine=engine, client=openai.OpenAI(base_url=url, api_key="unused", max_retries=0))
-    server.should_exit = True
-    thread.join(30)
+    with serving(build_app(AsyncEngine(engine), MODEL)) as port:
+        url = f"http://127.0.0.1:{port}/v1"
+        yield SimpleNamespace(url=url, engine=engine, client=openai.OpenAI(base_url=url, api_key="unused", max_retries=0))
 
 
 def http(url: str, body: bytes | None = None) -> tuple[int, dict]:
