@@ -1,0 +1,154 @@
+"""The blocking calls of an Engine — generate, stream, chat, teacher_force, logits — as layers on its
+request loop: each submits its requests with a listener, then steps until they finish (other threads'
+requests advance in the same steps). Mixed into Engine; uses its add/step internals."""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from lemma.engine.policies import Dense
+from lemma.engine.prompts import Prompt, chat_ids, is_conversation
+from lemma.engine.sampler import SamplingParams
+from lemma.engine.sequence import Chunk, Forced, Output, RequestOutput, Sequence, Stats
+from lemma.errors import LemmaError
+
+
+class BlockingCalls:
+    # ---- blocking layers on add_request / step ---------------------------------------------------------
+    def _follow(self, request_ids: list[str], box: deque[RequestOutput]) -> Iterator[RequestOutput]:
+        """Step until every request in `request_ids` finished, yielding their outputs (delivered to `box`)
+        as they come. Other threads' requests advance in the same steps. Requests still running when the
+        caller stops iterating are aborted and their pages are back before this returns."""
+        pending = set(request_ids)
+        try:
+            while pending:
+                while box:
+                    out = box.popleft()
+                    if out.finished:
+                        pending.discard(out.request_id)
+                    yield out
+                if pending:
+                    with self._step_lock:  # another thread's step may have delivered ours meanwhile
+                        if not box:
+                            self._step()
+        finally:
+            if pending:
+                for request_id in pending:
+                    self.abort(request_id)
+                # apply the aborts now unless a step is running (then that step's successor does); never
+                # wait here: this may run from a generator finalised inside a step
+                if self._step_lock.acquire(blocking=False):
+                    try:
+                        self._deliver(self._take_inbox())
+                    finally:
+                        self._step_lock.release()
+
+    def _submit_all(self, prompts: list[Prompt], params: list[SamplingParams], box: deque[RequestOutput],
+                    forced: list[list[int]] | None = None) -> tuple[list[Sequence | None], dict[int, Output]]:
+        """Submit a batch; requests that fail validation become error Outputs at once."""
+        seqs: list[Sequence | None] = []
+        failed: dict[int, Output] = {}
+        for i, (prompt, p) in enumerate(zip(prompts, params)):
+            try:
+                seq = self._new_sequence(None, prompt, p, self.policy)
+                if forced is not None:
+                    seq.forced = forced[i]
+                self._submit(seq, box.append)
+                seqs.append(seq)
+            except LemmaError as exc:
+                seqs.append(None)
+                failed[i] = Output("", [], "error", Stats(), [], str(exc))
+        return seqs, failed
+
+    # ---- public API --------------------------------------------------------------------------------
+    def generate(self, prompts: Prompt | list[Prompt], params: SamplingParams | list[SamplingParams] | None = None) -> list[Output]:
+        """Run a batch of prompts to completion; one Output per prompt, in order. A prompt is raw text (a
+        completion), token ids, or a conversation ([{"role": "user", "content": ...}], rendered with the
+        chat template: what an instruct model needs to answer).
+        Safe to call from several threads at once: their requests share the engine's steps."""
+        if isinstance(prompts, str) or is_conversation(prompts) or (
+                isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        if not isinstance(prompts, (list, tuple)):
+            raise LemmaError(f"prompts must be a prompt or a list of prompts, got {type(prompts).__name__}")
+        prompts = list(prompts)
+        plist = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
+        if len(plist) != len(prompts):
+            raise LemmaError(f"got {len(prompts)} prompts but {len(plist)} SamplingParams")
+        box: deque[RequestOutput] = deque()
+        seqs, outputs = self._submit_all(prompts, plist, box)
+        for _ in self._follow([s.request_id for s in seqs if s is not None], box):
+            pass
+        for i, seq in enumerate(seqs):
+            if seq is not None:
+                outputs[i] = self._output(seq)
+        return [outputs[i] for i in range(len(prompts))]
+
+    def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[Chunk]:
+        """Yield the reply piece by piece; the last Chunk carries finish_reason and stats. Closing the
+        iterator early aborts the request and returns its pages."""
+        box: deque[RequestOutput] = deque()
+        seq = self._new_sequence(None, prompt, params or SamplingParams(), self.policy)
+        self._submit(seq, box.append)
+        held: list[int] = []  # token ids whose text is not released yet (partial UTF-8, maybe a stop string)
+        for out in self._follow([seq.request_id], box):
+            if out.finish_reason == "error":
+                raise LemmaError(out.error)
+            held += out.token_ids
+            if out.text or out.finished:
+                yield Chunk(out.text, held, out.finish_reason, out.stats)
+                held = []
+
+    @torch.inference_mode()
+    def logits(self, prompt: Prompt) -> torch.Tensor:
+        """Next-token logits [T, V] (fp32) at every position of a prompt, through the paged pool."""
+        seq = self._new_sequence(None, prompt, SamplingParams(max_tokens=1), Dense())
+        with self._step_lock:
+            need = [self.pool.pages_for(seq.num_tokens)] * self.config.num_layers
+            self.pool.reserve(need)
+            seq.reserved = need
+            try:
+                chunk, n = self.scheduler.step_tokens, seq.num_tokens
+                return torch.cat([self.runner.prefill([(seq, seq.policy, start, min(start + chunk, n))], all_logits=True)
+                                  for start in range(0, n, chunk)])
+            finally:
+                self.scheduler.release(seq)
+
+    def teacher_force(self, prompts: list[Prompt], targets: list[list[int]]) -> list[Forced]:
+        """Replay each target continuation token by token under the current policy (eviction active),
+        as generation would see it; per token: log-probability of the target and the model's argmax."""
+        if not isinstance(prompts, (list, tuple)) or not isinstance(targets, (list, tuple)) or len(prompts) != len(targets):
+            raise LemmaError("teacher_force needs a list of prompts and one target list per prompt")
+        vocab = self.config.vocab_size
+        for i, target in enumerate(targets):
+            if not isinstance(target, (list, tuple)) or not target:
+                raise LemmaError(f"targets[{i}] must be a non-empty list of token ids")
+            bad = [t for t in target if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab]
+            if bad:
+                raise LemmaError(f"targets[{i}] token id {bad[0]!r} is outside the vocabulary [0, {vocab})")
+        params = [SamplingParams(max_tokens=len(t), ignore_eos=True) for t in targets]
+        box: deque[RequestOutput] = deque()
+        seqs, failed = self._submit_all(list(prompts), params, box, forced=[list(t) for t in targets])
+        for _ in self._follow([s.request_id for s in seqs if s is not None], box):
+            pass
+        return [Forced(s.forced_logprobs, s.predicted, s.stats, s.error) if s is not None
+                else Forced([], [], Stats(), failed[i].error) for i, s in enumerate(seqs)]
+
+    def chat_prompt(self, messages: list[dict[str, Any]]) -> list[int]:
+        """Token ids of a conversation rendered with the chat template (generate accepts it directly)."""
+        return chat_ids(self.tokenizer, messages)
+
+    def chat(self, messages: list[dict[str, Any]], params: SamplingParams | None = None) -> Output:
+        """One assistant reply to a conversation, rendered with the model's chat template."""
+        out = self.generate([self.chat_prompt(messages)], params)[0]
+        if out.finish_reason == "error":
+            raise LemmaError(out.error)
+        return out
+
+    @staticmethod
+    def _output(seq: Sequence) -> Output:
+        return Output(seq.text, list(seq.output_ids), seq.finish_reason, seq.stats, list(seq.prompt_ids), seq.error)
