@@ -168,7 +168,10 @@ def worker_main(rank: int, world: int, port: int, device: torch.device, args: di
     with torch.inference_mode():
         while True:
             box: list[Any] = [None]
-            dist.broadcast_object_list(box, src=0)
+            try:
+                dist.broadcast_object_list(box, src=0)
+            except RuntimeError:  # rank 0 went away (killed, or exited without stop): nothing left to serve
+                sys.exit(0)
             command = _on(box[0], device)
             if command[0] == "stop":
                 break

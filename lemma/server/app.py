@@ -155,6 +155,7 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
     async def lifespan(app: FastAPI):
         yield
         await run_in_threadpool(engine.close)
+        engine.engine.close()  # tensor-parallel workers, if any
 
     app = FastAPI(title="lemma", lifespan=lifespan)
     app.state.server = server
