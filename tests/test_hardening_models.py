@@ -124,6 +124,7 @@ def test_valid_configs_in_both_layouts():
     (edited(VALID_5X, max_position_embeddings=0), "max_position_embeddings: must be a positive integer, got 0"),
     (edited(VALID_5X, max_position_embeddings=None), "max_position_embeddings: must be a positive integer, got None"),
     (edited(VALID_5X, eos_token_id="</s>"), "eos_token_id: must be a token id or a list of token ids, got '</s>'"),
+    (edited(VALID_5X, eos_token_id=[2, 10**6]), "eos_token_id: 1000000 is outside the vocabulary of 400 tokens"),
     (edited(VALID_5X, eos_token_id=[2, None]), "eos_token_id: must be a token id or a list of token ids, got [2, None]"),
     (edited(VALID_5X, eos_token_id=True), "eos_token_id: must be a token id or a list of token ids, got True"),
     (edited(VALID_5X, bos_token_id=-1), "bos_token_id: must be a token id (an integer >= 0), got -1"),

@@ -153,9 +153,13 @@ class ModelConfig:
         num_heads, num_kv_heads, head_dim = _attention_shape(fields, hidden_size)
         rope_theta, rope_scaling = _rope(fields)
         attention_bias = fields.flag("attention_bias")
+        vocab_size = fields.positive_int("vocab_size")
+        eos_ids = fields.token_ids("eos_token_id")
+        if any(i >= vocab_size for i in eos_ids):  # an EOS the model can never produce: replies never stop
+            raise fields.error("eos_token_id", f"{max(eos_ids)} is outside the vocabulary of {vocab_size} tokens")
         return cls(
             model_type=model_type,
-            vocab_size=fields.positive_int("vocab_size"),
+            vocab_size=vocab_size,
             hidden_size=hidden_size,
             intermediate_size=fields.positive_int("intermediate_size"),
             num_layers=fields.positive_int("num_hidden_layers"),
@@ -173,7 +177,7 @@ class ModelConfig:
             qk_norm=model_type == "qwen3",
             max_position_embeddings=fields.positive_int("max_position_embeddings", 4096),
             torch_dtype=fields.optional_str("dtype") or fields.optional_str("torch_dtype"),
-            eos_token_id=fields.token_ids("eos_token_id"),
+            eos_token_id=eos_ids,
             bos_token_id=fields.optional_token_id("bos_token_id"),
         )
 
