@@ -242,21 +242,23 @@ class Engine(BlockingCalls):
         return outputs
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
-        for out in outputs:
-            with self._inbox_lock:
-                listener = self._listeners.get(out.request_id)
+        with self._inbox_lock:  # once per step, not per output; listeners run outside the lock
+            listeners = [self._listeners.get(out.request_id) for out in outputs]
+            for out in outputs:
                 if out.finished:
                     self._listeners.pop(out.request_id, None)
                     self._live.discard(out.request_id)
-            if listener is not None:
-                try:
-                    listener(out)
-                except Exception:  # a reader that is gone must not break the step for everyone else
-                    log.exception("on_output of request %s failed; aborting it", out.request_id)
-                    if not out.finished:
-                        self.abort(out.request_id)
-                        with self._inbox_lock:
-                            self._listeners.pop(out.request_id, None)
+        for out, listener in zip(outputs, listeners):
+            if listener is None:
+                continue
+            try:
+                listener(out)
+            except Exception:  # a reader that is gone must not break the step for everyone else
+                log.exception("on_output of request %s failed; aborting it", out.request_id)
+                if not out.finished:
+                    self.abort(out.request_id)
+                    with self._inbox_lock:
+                        self._listeners.pop(out.request_id, None)
 
     def _finish(self, seq: Sequence, reason: str, error: str | None = None) -> RequestOutput:
         self.scheduler.remove(seq)

@@ -147,7 +147,9 @@ class ModelRunner:
         step = self.prepare(seqs, policy)
         trace = self.observer is not None
         if self._graphs is not None and not trace:
-            graphs = self._graphs.setdefault(policy, CudaGraphs())
+            if policy not in self._graphs:
+                self._graphs[policy] = CudaGraphs()
+            graphs = self._graphs[policy]
             logits = graphs.run(step.bucket, self.state_for(policy).generation,
                                 lambda: self._step(policy, False, *self._args(step))[0])
         elif self.cluster is not None:
