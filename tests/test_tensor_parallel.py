@@ -46,6 +46,18 @@ class TestSameAsOneProcess:  # one pair of engines per model (one tensor-paralle
             assert all(o.stats.pages_evicted > 0 for o in got)
         assert tp.pool.all_free
 
+    @pytest.mark.parametrize("policy", [RaaS(budget=48), Quest(budget=48)], ids=lambda p: p.describe())
+    def test_chunked_replay_equals_one_process(self, engines, policy):
+        single, tp = engines
+        single.policy = tp.policy = policy
+        prompts, targets = [list(range(5, 42)), [7, 8, 9]], [list(range(3, 120)), list(range(50, 90))]
+        expected = single.teacher_force(prompts, targets)
+        got = tp.teacher_force(prompts, targets)
+        for a, b in zip(got, expected):
+            assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4)
+            assert a.stats.pages_evicted == b.stats.pages_evicted
+        assert tp.pool.all_free
+
 
 def test_a_killed_worker_ends_the_run_with_a_clear_error(tiny_dir):
     engine = Engine(tiny_dir, kv_cache_tokens=1024, tensor_parallel=2, device=DEVICE, dtype="float32")

@@ -24,7 +24,7 @@ import torch
 
 from lemma.engine.decode_state import CONTINUE, EVICT, NEW_SLOT, StepInputs
 from lemma.engine.policies import Policy
-from lemma.engine.pool import KVPool
+from lemma.engine.pool import KVPool, SlotMeta
 from lemma.kernels import reference
 
 
@@ -75,15 +75,8 @@ class DecodeAttention:
 
     def victim(self, layer: int, meta, mode: torch.Tensor, evicts: bool) -> torch.Tensor:
         """[B, Hkv] slot this step writes."""
-        heads = self.pool.heads.numel()
-        if meta is None:  # nothing is ever evicted here, so slot s holds logical page s
-            return self.logical[:, None].expand(-1, heads)
-        current = (meta.born == self.logical[:, None, None]) & meta.valid
-        slot = current.int().argmax(-1)  # CONTINUE: the slot holding this position's page
-        slot = torch.where(mode == NEW_SLOT, self.step.new_slots[layer][:, None], slot)
-        if evicts:
-            slot = torch.where(mode == EVICT, self.policy.victim(meta, self.logical), slot)
-        return slot
+        return write_slots(self.policy, meta, self.logical, mode, self.step.new_slots[layer][:, None],
+                           self.pool.heads.numel(), evicts)
 
     def store(self, layer: int, k: torch.Tensor, v: torch.Tensor, write_page: torch.Tensor, mode: torch.Tensor,
               tracked: bool, bounded: bool) -> None:
@@ -107,6 +100,20 @@ class DecodeAttention:
         result = self.ops.paged_decode_attention(q, pool.k[layer], pool.v[layer], ids, fill, self.scale,
                                                  return_mass=want_mass)
         return result if want_mass else (result, None)
+
+
+def write_slots(policy: Policy, meta: SlotMeta | None, logical: torch.Tensor, mode: torch.Tensor,
+                new_slots: torch.Tensor, heads: int, evicts: bool) -> torch.Tensor:
+    """[B, Hkv] slot each row writes logical page logical [B] to: the slot already holding it (CONTINUE),
+    new_slots [B, 1] (NEW_SLOT) or the policy's victim (EVICT); mode [B, 1]."""
+    if meta is None:  # nothing is ever evicted here, so slot s holds logical page s
+        return logical[:, None].expand(-1, heads)
+    current = (meta.born == logical[:, None, None]) & meta.valid
+    slot = current.int().argmax(-1)  # CONTINUE: the slot holding this position's page
+    slot = torch.where(mode == NEW_SLOT, new_slots, slot)
+    if evicts:
+        slot = torch.where(mode == EVICT, policy.victim(meta, logical), slot)
+    return slot
 
 
 @dataclass

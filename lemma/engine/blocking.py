@@ -48,7 +48,7 @@ class BlockingCalls:
                         self._step_lock.release()
 
     def _submit_all(self, prompts: list[Prompt], params: list[SamplingParams], box: deque[RequestOutput],
-                    forced: list[list[int]] | None = None) -> tuple[list[Sequence | None], dict[int, Output]]:
+                    forced: list[list[int]] | None = None, chunked: bool = False) -> tuple[list[Sequence | None], dict[int, Output]]:
         """Submit a batch; requests that fail validation become error Outputs at once."""
         seqs: list[Sequence | None] = []
         failed: dict[int, Output] = {}
@@ -56,7 +56,7 @@ class BlockingCalls:
             try:
                 seq = self._new_sequence(None, prompt, p, self.policy)
                 if forced is not None:
-                    seq.forced = forced[i]
+                    seq.forced, seq.chunked = forced[i], chunked
                 self._submit(seq, box.append)
                 seqs.append(seq)
             except LemmaError as exc:
@@ -118,9 +118,11 @@ class BlockingCalls:
             finally:
                 self.scheduler.release(seq)
 
-    def teacher_force(self, prompts: list[Prompt], targets: list[list[int]]) -> list[Forced]:
-        """Replay each target continuation token by token under the current policy (eviction active),
-        as generation would see it; per token: log-probability of the target and the model's argmax."""
+    def teacher_force(self, prompts: list[Prompt], targets: list[list[int]], chunked: bool = True) -> list[Forced]:
+        """Replay each target continuation under the current policy (eviction active), as generation
+        would see it; per token: log-probability of the target and the model's argmax. `chunked` feeds a
+        page of targets per forward (exact: the same evictions as one token per step, see
+        engine/replay.py); chunked=False runs one decode step per token, the oracle."""
         if not isinstance(prompts, (list, tuple)) or not isinstance(targets, (list, tuple)) or len(prompts) != len(targets):
             raise LemmaError("teacher_force needs a list of prompts and one target list per prompt")
         vocab = self.config.vocab_size
@@ -132,7 +134,7 @@ class BlockingCalls:
                 raise LemmaError(f"targets[{i}] token id {bad[0]!r} is outside the vocabulary [0, {vocab})")
         params = [SamplingParams(max_tokens=len(t), ignore_eos=True) for t in targets]
         box: deque[RequestOutput] = deque()
-        seqs, failed = self._submit_all(list(prompts), params, box, forced=[list(t) for t in targets])
+        seqs, failed = self._submit_all(list(prompts), params, box, forced=[list(t) for t in targets], chunked=chunked)
         for _ in self._follow([s.request_id for s in seqs if s is not None], box):
             pass
         return [Forced(s.forced_logprobs, s.predicted, s.stats, s.error) if s is not None

@@ -28,7 +28,7 @@ from lemma.engine.sampler import Sampler, SamplingParams
 from lemma.engine.scheduler import Scheduler, StepPlan
 from lemma.engine.sequence import DECODE, RequestOutput, Sequence
 from lemma.engine.tensor_parallel import Cluster, check_world, rank_device
-from lemma.engine.tokens import next_tokens
+from lemma.engine.tokens import force_rows, next_tokens
 from lemma.errors import LemmaError
 from lemma.kernels import resolve_attention
 from lemma.models.config import ModelConfig
@@ -276,6 +276,13 @@ class Engine(BlockingCalls):
             for seq, token in zip(seqs, tokens):
                 seq.stats.decode_seconds += elapsed
                 outputs.append(self._advance(seq, token))
+        for policy, seqs in plan.replay.items():
+            start = time.perf_counter()
+            logits = self.runner.replay(seqs, policy)
+            elapsed = time.perf_counter() - start
+            for seq, rows in zip(seqs, logits):
+                seq.stats.decode_seconds += elapsed
+                outputs.append(self._advance_all(seq, force_rows(rows, seq)))
         if plan.prefill:
             start = time.perf_counter()
             logits = self.runner.prefill(plan.prefill)
@@ -297,6 +304,16 @@ class Engine(BlockingCalls):
             self.scheduler.remove(seq)
         self.runner.forget_policies(keep={s.policy for s in self.scheduler.running})
         return outputs
+
+    def _advance_all(self, seq: Sequence, tokens: list[int | None]) -> RequestOutput:
+        """Several tokens of one request in one step, as one output."""
+        text, ids = "", []
+        for token in tokens:
+            out = self._advance(seq, token)
+            text, ids = text + out.text, ids + out.token_ids
+            if out.finished:
+                break
+        return RequestOutput(seq.request_id, text, ids, out.finish_reason, out.stats, out.error)
 
     def _advance(self, seq: Sequence, token: int | None) -> RequestOutput:
         if token is None:

@@ -94,6 +94,17 @@ def _argmin_key(key: torch.Tensor) -> torch.Tensor:
     return key.argmin(dim=-1)
 
 
+def _check_pinned_prompt(policy: Policy, prompt_len: int, max_tokens: int) -> None:
+    """A pinned prompt must leave at least one page of the budget for the pages that get evicted."""
+    prompt_pages = -(-prompt_len // PAGE_SIZE)
+    needs_eviction = -(-(prompt_len + max_tokens) // PAGE_SIZE) > policy.budget_pages
+    if policy.pin_prompt_pages() and needs_eviction and prompt_pages >= policy.budget_pages:
+        raise LemmaError(
+            f"prompt of {prompt_len} tokens ({prompt_pages} pages) does not fit the {policy.name} budget of "
+            f"{policy.budget} tokens with the prompt pinned; use a budget of at least {(prompt_pages + 1) * PAGE_SIZE} "
+            f"or pin_prompt=False (--no-pin-prompt)")
+
+
 @dataclass(frozen=True)
 class RaaS(Policy):
     budget: int | None = 1024
@@ -129,13 +140,7 @@ class RaaS(Policy):
         return self.pin_prompt
 
     def check_prompt(self, prompt_len: int, max_tokens: int) -> None:
-        prompt_pages = -(-prompt_len // PAGE_SIZE)
-        needs_eviction = -(-(prompt_len + max_tokens) // PAGE_SIZE) > self.budget_pages
-        if self.pin_prompt and needs_eviction and prompt_pages >= self.budget_pages:
-            raise LemmaError(
-                f"prompt of {prompt_len} tokens ({prompt_pages} pages) does not fit the raas budget of {self.budget} "
-                f"tokens with the prompt pinned; use a budget of at least {(prompt_pages + 1) * PAGE_SIZE} "
-                f"or pin_prompt=False (--no-pin-prompt)")
+        _check_pinned_prompt(self, prompt_len, max_tokens)
 
     def victim(self, meta: SlotMeta, new_page: torch.Tensor) -> torch.Tensor:
         # oldest timestamp first; among equal timestamps the oldest page
@@ -186,6 +191,41 @@ class H2O(Policy):
 
 
 @dataclass(frozen=True)
+class RandomEviction(Policy):
+    """Evicts a uniformly random unpinned page (prompt pages pinned by default): the baseline that recent
+    work finds as strong as scored evictors on reasoning. The draw is a hash of (page, new page, KV head,
+    seed), so it needs no RNG state: replays, compiled steps and chunked replay draw the same pages."""
+
+    budget: int | None = 1024
+    pin_prompt: bool = True
+    seed: int = 0
+
+    name: ClassVar[str] = "random"
+    evicts: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.pin_prompt, bool):
+            raise LemmaError(f"random pin_prompt must be True or False, got {self.pin_prompt!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**31:
+            raise LemmaError(f"random seed must be an integer in [0, 2**31), got {self.seed!r}")
+
+    def pin_prompt_pages(self) -> bool:
+        return self.pin_prompt
+
+    def check_prompt(self, prompt_len: int, max_tokens: int) -> None:
+        _check_pinned_prompt(self, prompt_len, max_tokens)
+
+    def victim(self, meta: SlotMeta, new_page: torch.Tensor) -> torch.Tensor:
+        modulus = 2147483647  # Park-Miller: x -> 48271 x mod (2^31 - 1), in int64 without overflow
+        heads = torch.arange(meta.born.shape[1], device=meta.born.device)[None, :, None]
+        draw = (meta.born * 1000003 + new_page[:, None, None] * 7919 + heads * 104729 + self.seed) % modulus
+        for _ in range(3):
+            draw = draw * 48271 % modulus
+        return _argmin_key(draw.masked_fill(~meta.valid | meta.pinned, NEVER))
+
+
+@dataclass(frozen=True)
 class Quest(Policy):
     budget: int | None = 1024
     name: ClassVar[str] = "quest"
@@ -197,11 +237,11 @@ class Quest(Policy):
         return forced.topk(k, dim=-1).indices
 
 
-POLICIES: dict[str, type[Policy]] = {p.name: p for p in (Dense, RaaS, StreamingLLM, H2O, Quest)}
+POLICIES: dict[str, type[Policy]] = {p.name: p for p in (Dense, RaaS, StreamingLLM, H2O, Quest, RandomEviction)}
 
 
 def make_policy(name: str, budget: int | None = None, **options) -> Policy:
-    """A policy by name ('dense', 'raas', 'streaming', 'h2o', 'quest')."""
+    """A policy by name ('dense', 'raas', 'streaming', 'h2o', 'quest', 'random')."""
     if not isinstance(name, str):
         raise LemmaError(f"policy name must be a string, got {name!r}")
     key = name.lower().replace("streamingllm", "streaming")

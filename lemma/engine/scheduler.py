@@ -31,6 +31,7 @@ from lemma.engine.sequence import DECODE, FINISHED, PREFILL, WAITING, Sequence
 @dataclass
 class StepPlan:
     decode: dict[Policy, list[Sequence]] = field(default_factory=dict)  # admission order within a policy
+    replay: dict[Policy, list[Sequence]] = field(default_factory=dict)  # teacher-forced, a page per step
     prefill: list[tuple[Sequence, Policy, int, int]] = field(default_factory=list)  # (seq, policy, start, end)
 
 
@@ -78,10 +79,12 @@ class Scheduler:
         self._grow()  # running requests get their next pages before anyone new is admitted
         self._admit()
         plan = StepPlan()
+        decoding = 0
         for seq in self.running:
             if seq.status == DECODE:
-                plan.decode.setdefault(seq.policy, []).append(seq)
-        decoding = sum(len(seqs) for seqs in plan.decode.values())
+                (plan.replay if seq.replays else plan.decode).setdefault(seq.policy, []).append(seq)
+                start, end = seq.replay_span(self.pool.page_size) if seq.replays else (0, 1)
+                decoding += end - start
         self.decode_steps += decoding > 0
         self.decoded += decoding
         plan.prefill = self._chunks(self.step_tokens - decoding)

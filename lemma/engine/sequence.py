@@ -99,6 +99,7 @@ class Sequence:
         self.status = WAITING
         self.prefilled = 0  # tokens of prompt (+ output, after a preemption) already in the pool
         self.forced: list[int] | None = None  # teacher forcing: the tokens to emit instead of sampling
+        self.chunked = False  # teacher forcing: replay a page of forced tokens per forward (engine/replay.py)
         self.prompt_ids = prompt_ids
         self.params = params
         self.seed = 0  # the sampling seed: params.seed, or drawn when the request is added
@@ -133,6 +134,17 @@ class Sequence:
     def grows(self) -> bool:
         """Takes pages on demand (and may be preempted), rather than reserving its budget up front."""
         return not self.policy.evicts
+
+    @property
+    def replays(self) -> bool:
+        """Decodes by chunked replay of its forced tokens rather than one token per step."""
+        return self.chunked and self.forced is not None
+
+    def replay_span(self, page_size: int) -> tuple[int, int]:
+        """Positions [start, end) the next replay feeds: from the last token to the end of its page or
+        of the forced tokens still to emit, whichever comes first."""
+        start = self.num_tokens - 1
+        return start, min((start // page_size + 1) * page_size, start + len(self.forced) - len(self.output_ids))
 
     @property
     def last_token(self) -> int:

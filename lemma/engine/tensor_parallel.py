@@ -141,8 +141,9 @@ def _on(value: Any, device: torch.device) -> Any:
         return value.to(device, copy=True)
     if isinstance(value, (list, tuple)):
         return type(value)(_on(v, device) for v in value)
-    if dataclasses.is_dataclass(value) and not isinstance(value, type) and hasattr(value, "tables"):
-        return dataclasses.replace(value, tables=value.tables.to(device, copy=True))
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.replace(value, **{f.name: _on(getattr(value, f.name), device) for f in dataclasses.fields(value)
+                                             if isinstance(getattr(value, f.name), torch.Tensor)})
     return value
 
 
@@ -180,4 +181,6 @@ def worker_main(rank: int, world: int, port: int, device: torch.device, args: di
                 runner.decode_step(policy, False, *inputs)
             elif command[0] == "prefill":
                 runner.prefill_forward(*command[1])
+            elif command[0] == "replay":
+                runner.replay_forward(command[1], *command[2])
     dist.destroy_process_group()

@@ -52,3 +52,23 @@ def sample(sampler: Sampler, logits: torch.Tensor, seqs: list[Sequence], counter
     finite = torch.isfinite(logits).all(-1)
     rows = torch.stack([tokens, finite.to(tokens.dtype)]).tolist()  # one host transfer for both
     return [token if ok else None for token, ok in zip(*rows)]
+
+
+def force_rows(logits: torch.Tensor, seq: Sequence) -> list[int | None]:
+    """A chunked replay's T forced tokens from its logits [T, V]: records each target's log-probability
+    and the model's argmax; None from the first row whose logits are not finite."""
+    done = len(seq.output_ids)
+    targets = seq.forced[done : done + logits.shape[0]]
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logprobs.gather(1, torch.tensor(targets, device=logits.device)[:, None])[:, 0]
+    rows = torch.stack([chosen, logprobs.argmax(-1).to(chosen.dtype),
+                        torch.isfinite(logits).all(-1).to(chosen.dtype)]).tolist()  # one host transfer
+    tokens: list[int | None] = []
+    for target, lp, top, ok in zip(targets, *rows):
+        if not ok:
+            tokens.append(None)
+            break
+        seq.forced_logprobs.append(lp)
+        seq.predicted.append(int(top))
+        tokens.append(target)
+    return tokens

@@ -65,11 +65,15 @@ def page_scores(q: torch.Tensor, key_max: torch.Tensor, key_min: torch.Tensor, p
     """Quest's upper bound of q·k over each listed page: sum_d max(q_d M_d, q_d m_d), max over the
     query heads of the group. q [B, Hq, D]; key_max/key_min [P, Hkv, D]; page_ids [B, Hkv, S]
     -> [B, Hkv, S] fp32, -inf on empty slots."""
+    heads = torch.arange(page_ids.shape[1], device=q.device)[None, :, None]
+    safe = page_ids.clamp(min=0)
+    return bound_from_extremes(q, key_max[safe, heads], key_min[safe, heads], page_ids)
+
+
+def bound_from_extremes(q: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor, page_ids: torch.Tensor) -> torch.Tensor:
+    """page_scores' formula over given per-slot key max/min hi, lo [B, Hkv, S, D] -> [B, Hkv, S]."""
     batch, num_heads, dim = q.shape
     num_kv_heads = page_ids.shape[1]
-    heads = torch.arange(num_kv_heads, device=q.device)[None, :, None]
-    safe = page_ids.clamp(min=0)
-    hi, lo = key_max[safe, heads], key_min[safe, heads]  # [B, Hkv, S, D]
     qg = q.float().view(batch, num_kv_heads, num_heads // num_kv_heads, 1, dim)
     bound = torch.maximum(qg * hi[:, :, None], qg * lo[:, :, None]).sum(-1).amax(2)
     return bound.masked_fill(page_ids < 0, float("-inf"))
@@ -139,3 +143,37 @@ def prefill_attention(
         q.transpose(0, 1), keys.to(q.dtype), values.to(q.dtype), attn_mask=mask[None], scale=scale
     )
     return out.transpose(0, 1)
+
+
+def paged_chunk_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    page_ids: torch.Tensor,
+    fill: torch.Tensor,
+    scale: float,
+    return_mass: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """T queries of one sequence over the same listed pages, each query seeing its own rows of each page:
+    paged_decode_attention for T rows that share page_ids, with the pages gathered once.
+
+    q [T, Hq, D]; page_ids [Hkv, S]; fill [T, Hkv, S] rows of each page query t sees (0 hides a page)
+    -> out [T, Hq, D]; with return_mass also the mass per page [T, Hkv, S] (as paged_decode_attention).
+    """
+    tokens, num_heads, dim = q.shape
+    num_kv_heads, slots = page_ids.shape
+    page_size = k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    keys = gather_blocks(k_cache, page_ids, 0).float().view(num_kv_heads, slots * page_size, dim)
+    values = gather_blocks(v_cache, page_ids, 0).float().view(num_kv_heads, slots * page_size, dim)
+    rows = torch.arange(page_size, device=q.device)
+    valid = (rows < fill[..., None]) & (page_ids[None, :, :, None] >= 0)  # [T, Hkv, S, page]
+    valid = valid.view(tokens, num_kv_heads, 1, slots * page_size).transpose(0, 1)  # [Hkv, T, 1, S*page]
+    qg = q.float().view(tokens, num_kv_heads, group, dim).transpose(0, 1)  # [Hkv, T, G, D]
+    scores = torch.einsum("htgd,hnd->htgn", qg, keys) * scale
+    weights = torch.softmax(scores.masked_fill(~valid, float("-inf")), dim=-1).nan_to_num(0.0)
+    out = torch.einsum("htgn,hnd->htgd", weights, values).transpose(0, 1).reshape(tokens, num_heads, dim).to(q.dtype)
+    if not return_mass:
+        return out
+    mass = weights.view(num_kv_heads, tokens, group, slots, page_size).sum(-1).mean(2).transpose(0, 1)
+    return out, mass
