@@ -21,14 +21,17 @@ def _ints(text: str, flag: str) -> list[int]:
 
 
 def _names(text: str) -> list[str]:
-    from lemma.engine.policies import POLICIES
+    """Policy specs: a name, optionally with options ('raas:dense_layers=2'), checked here."""
+    from lemma.engine.policies import POLICIES, make_policy, parse_policy_spec
 
-    names = [n.strip().lower() for n in text.split(",") if n.strip()]
+    names = [n.strip() for n in text.split(",") if n.strip()]
     if not names:
         raise LemmaError("--policies names no policy")
-    for name in names:
+    for spec in names:
+        name, options = parse_policy_spec(spec)
         if name not in POLICIES:
             raise LemmaError(f"unknown policy {name!r}; known: {', '.join(POLICIES)}")
+        make_policy(name, None if name == "dense" else 1024, **options)  # unknown or bad options fail now
     return names
 
 
@@ -130,9 +133,12 @@ def bench(
 
 def _bench_policy(name: str, budget: int):
     """RaaS runs with the prompt unpinned: the bench prompts are longer than the budget."""
-    from lemma.engine.policies import make_policy
+    from lemma.engine.policies import make_policy, parse_policy_spec
 
-    return make_policy(name, None if name == "dense" else budget, **({"pin_prompt": False} if name == "raas" else {}))
+    name, options = parse_policy_spec(name)
+    if name in ("raas", "random"):
+        options.setdefault("pin_prompt", False)
+    return make_policy(name, None if name == "dense" else budget, **options)
 
 
 def _is_bench_results(path: Path) -> bool:
@@ -140,7 +146,10 @@ def _is_bench_results(path: Path) -> bool:
 
 
 def evaluate(
-    data: Path = typer.Option(..., "--data", help="GSM8K, MATH500 or AIME JSONL file."),
+    data: Optional[Path] = typer.Option(None, "--data", help="GSM8K, MATH500 or AIME JSONL file."),
+    traces: Optional[Path] = typer.Option(None, "--traces", help="Reasoning-trace JSONL (problem, trace): teacher-force "
+                                          "each trace under every policy and report fidelity against Dense by position."),
+    max_trace_tokens: int = typer.Option(4096, help="--traces: cut each trace to this many tokens."),
     model: Optional[str] = ModelOpt,
     policies: str = typer.Option("dense,raas", help="Comma-separated policies."),
     budgets: str = typer.Option("64,128,256,512", help="Comma-separated KV budgets (tokens) for non-dense policies."),
@@ -154,9 +163,12 @@ def evaluate(
     dtype: Optional[str] = DtypeOpt,
     compile: bool = CompileOpt,
 ) -> None:
-    """Accuracy (or, with --fidelity, NLL increase and top-1 agreement against Dense) per policy and budget.
+    """Accuracy (or, with --fidelity, NLL increase and top-1 agreement against Dense) per policy and budget;
+    with --traces, fidelity over long reasoning traces written by other models, by trace position.
+    A policy may carry options: raas:dense_layers=2.
 
     Example: lemma eval --data ../shared/data/gsm8k_test.jsonl --limit 50 --policies dense,raas --budgets 256,512
+    Example: lemma eval --traces ../shared/data/reasoning_traces/qwq32b_gsm8k.jsonl --limit 20 --policies raas,h2o
     """
     from lemma import SamplingParams
     from lemma.evaluation import plots, runs
@@ -166,6 +178,12 @@ def evaluate(
     _at_least(limit, 1, "--limit")
     _at_least(max_tokens, 1, "--max-tokens")
     _at_least(batch, 1, "--batch")
+    if (data is None) == (traces is None):
+        raise LemmaError("name exactly one of --data (problems) or --traces (reasoning traces)")
+    if traces is not None:
+        _at_least(max_trace_tokens, 1, "--max-trace-tokens")
+        return _evaluate_traces(traces, model, policies, budgets, limit, max_trace_tokens, batch, pin_prompt, out,
+                                device, dtype)
     grid = _eval_grid(_names(policies), _ints(budgets, "--budgets"), pin_prompt, fidelity)
     problems = load_problems(data, limit)
     png = outputs.plot_next_to(out, "--out")
@@ -210,11 +228,72 @@ def evaluate(
     typer.echo(f"results in {out}, plot in {png}")
 
 
+def _evaluate_traces(path: Path, model: str | None, policies: str, budgets: str, limit: int | None,
+                     max_trace_tokens: int, batch: int, pin_prompt: bool, out: Path, device: str | None,
+                     dtype: str | None) -> None:
+    from lemma.evaluation import plots, runs
+    from lemma.evaluation.results import ResultsFile
+    from lemma.evaluation.traces import load_traces, run_trace_fidelity
+    from lemma.models.store import DEFAULT_MODEL
+
+    grid = _eval_grid(_names(policies), _ints(budgets, "--budgets"), pin_prompt, True)
+    traces = load_traces(path, limit)
+    png = outputs.plot_next_to(out, "--out")
+    position_png = png.with_name(png.stem + "-position.png")
+    outputs.check_png(position_png, "--out")
+    run = {"traces": path.name, "model": Path(model or DEFAULT_MODEL).name, "max_trace_tokens": max_trace_tokens,
+           "pin_prompt": pin_prompt, "dtype": dtype or "default"}
+    results = ResultsFile(out, "--out", run)
+    engine = _engine(model, device, dtype, max_batch=min(batch, len(traces)))
+    bar, advance = _progress(len(traces) * (1 + sum(p.budget is not None for p in grid)), "trace fidelity")
+    try:
+        with bar:
+            run_trace_fidelity(engine, traces, grid, max_trace_tokens, results, batch, advance)
+    except KeyboardInterrupt:
+        typer.echo(f"\ninterrupted; {out} holds every finished batch; run the same command again to resume", err=True)
+        raise typer.Exit(130) from None
+    ids = {t.id for t in traces}
+    failed = [r for r in results.of("trace") if r["id"] in ids and "tokens" not in r]
+    if failed:
+        typer.echo(f"{len(failed)} of {len(traces)} Dense replays failed and are left out; first: {failed[0]['error']}")
+    records = [r for r in results.of("fidelity") if r["id"] in ids]
+    failed = {}  # budget -> traces some config at that budget could not replay
+    for r in records:
+        if r.get("error") is not None:
+            failed.setdefault(r["budget"], {})[r["id"]] = r
+    for budget, bad in sorted(failed.items(), key=lambda item: item[0] or 0):
+        first = next(iter(bad.values()))
+        typer.echo(f"budget {budget}: {len(bad)} traces failed under some policy and are left out of every row at that "
+                   f"budget (first: {first['config']} on {first['id']}: {first['error']})")
+    # the rows at one budget compare the same traces: those every policy at that budget replayed
+    rows = runs.summarize_fidelity([r for r in records if r["id"] not in failed.get(r["budget"], {})])
+    kilo = sorted({start for r in rows for start, *_ in runs.regroup(r.get("position", []), 1024)})
+    for r in rows:
+        for start, _, nll, _ in runs.regroup(r.get("position", []), 1024):
+            r[f"nll_{start // 1024}k"] = nll
+    columns = [("config", "config", ""), ("problems", "traces", "d"), ("tokens", "tokens", "d"),
+               ("nll_increase", "NLL increase/token", ".4f"), ("agreement", "top-1 agreement", ".3f"),
+               ("nll_increase_first_half", "NLL 1st half", ".4f"), ("nll_increase_second_half", "NLL 2nd half", ".4f"),
+               ("agreement_second_half", "agree 2nd half", ".3f")]
+    columns += [(f"nll_{k // 1024}k", f"NLL {k // 1024}-{k // 1024 + 1}K", ".4f") for k in kilo]
+    columns += [("mean_pages_evicted", "pages evicted", ".0f"), ("mean_peak_kv_pages", "KV pages held", ".0f"),
+                ("errors", "errors", "d")]
+    tokens = sum(len(r["tokens"]) for r in results.of("trace") if r["id"] in ids and "tokens" in r)
+    typer.echo(f"{path.name}, {len(traces)} traces ({tokens} tokens, cut at {max_trace_tokens}), "
+               f"model {engine.model_dir.name}")
+    typer.echo(table(rows, columns))
+    title = f"{engine.model_dir.name} on {path.stem}"
+    plots.metric_vs_budget(rows, [("nll_increase", "NLL increase per token"), ("agreement", "top-1 agreement with Dense")],
+                           png, title)
+    plots.fidelity_vs_position(rows, position_png, title)
+    typer.echo(f"results in {out}, plots in {png} and {position_png}")
+
+
 def _eval_grid(names: list[str], budgets: list[int], pin_prompt: bool, fidelity: bool) -> list:
     """The policies to evaluate, every budget checked before anything loads."""
     from lemma.evaluation import runs
 
-    budgeted = [name for name in names if name != "dense"]
+    budgeted = [name for name in names if not name.lower().startswith("dense")]
     if budgeted and not budgets:
         raise LemmaError(f"--budgets names no budget for {', '.join(budgeted)}")
     if fidelity and not budgeted:

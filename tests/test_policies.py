@@ -273,7 +273,7 @@ def test_invariants_under_random_runs(checked_engine, policy, prompt_lens, max_t
     (lambda: RaaS(budget=16), "raas budget must be at least 2 pages (32 tokens), got 16"),
     (lambda: H2O(budget=500), "h2o budget must be a multiple of the page size 16, got 500 (use 496 or 512)"),
     (lambda: Quest(budget=512, dense_layers=-1), "dense_layers must be an integer >= 0, got -1"),
-    (lambda: RaaS(budget=512, refresh="lru"), "raas refresh must be 'bound' or 'mass', got 'lru'"),
+    (lambda: RaaS(budget=512, refresh="lru"), "raas refresh must be 'bound', 'mass' or 'ema', got 'lru'"),
     (lambda: make_policy("dense", 512), "dense keeps every page and takes no budget"),
 ])
 def test_bad_policies(make, message):

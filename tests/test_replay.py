@@ -11,7 +11,7 @@ from lemma.engine.policies import RandomEviction
 PAGE = 16
 POLICIES = [Dense(), RaaS(budget=128), RaaS(budget=128, refresh="mass"), RaaS(budget=128, dense_layers=1),
             RaaS(budget=48, pin_prompt=False), StreamingLLM(budget=48), H2O(budget=64), Quest(budget=48),
-            RandomEviction(budget=128)]
+            RandomEviction(budget=128), RaaS(budget=128, refresh="ema", recent=2)]
 # prompt lengths: within a page, exactly a page, several pages with a partial one, longer than a budget
 PROMPT_LENS = [5, 16, 37, 70]
 TARGET_LENS = [1, 16, 75, 130]
@@ -64,7 +64,7 @@ def assert_same_state(chunked: dict, stepped: dict) -> None:
 
 
 @pytest.mark.parametrize("policy", POLICIES, ids=lambda p: p.describe() + (f"-dl{p.dense_layers}" if p.dense_layers else "")
-                         + ("-mass" if getattr(p, "refresh", "") == "mass" else "")
+                         + (f"-{p.refresh}" if getattr(p, "refresh", "bound") != "bound" else "")
                          + ("" if getattr(p, "pin_prompt", True) else "-unpinned"))
 def test_chunked_replay_equals_token_by_token(policy, tiny_dir):
     torch.manual_seed(0)

@@ -50,7 +50,11 @@ class Policy:
         return (self.budget or 0) // PAGE_SIZE
 
     def describe(self) -> str:
-        return self.name if self.budget is None else f"{self.name}-{self.budget}"
+        """name-budget, with any option not at its default: raas-256(dense_layers=2)."""
+        base = self.name if self.budget is None else f"{self.name}-{self.budget}"
+        options = [f"{f.name}={getattr(self, f.name)}" for f in fields(self)
+                   if f.name != "budget" and getattr(self, f.name) != f.default]
+        return f"{base}({','.join(options)})" if options else base
 
     def sparse(self, layer: int) -> bool:
         return self.budget is not None and layer >= self.dense_layers
@@ -109,8 +113,11 @@ def _check_pinned_prompt(policy: Policy, prompt_len: int, max_tokens: int) -> No
 class RaaS(Policy):
     budget: int | None = 1024
     pin_prompt: bool = True
-    refresh: str = "bound"  # "bound": top half by Quest's bound; "mass": step mass above refresh_threshold
+    refresh: str = "bound"  # "bound": top half by Quest's bound; "mass": step mass above refresh_threshold;
+    # "ema": no timestamps: each page keeps a decayed sum of its attention mass, the lowest is evicted
     refresh_threshold: float | None = None  # for refresh="mass"; default 1 / (retained pages)
+    recent: int = 0  # pages: the most recent ones go last (the new page counts as one)
+    decay: float = 0.95  # for refresh="ema": per-step decay of the mass sum
 
     name: ClassVar[str] = "raas"
     evicts: ClassVar[bool] = True
@@ -119,10 +126,14 @@ class RaaS(Policy):
         super().__post_init__()
         if self.budget is None:
             raise LemmaError("raas needs a budget in tokens")
-        if self.refresh not in ("bound", "mass"):
-            raise LemmaError(f"raas refresh must be 'bound' or 'mass', got {self.refresh!r}")
+        if self.refresh not in ("bound", "mass", "ema"):
+            raise LemmaError(f"raas refresh must be 'bound', 'mass' or 'ema', got {self.refresh!r}")
+        if isinstance(self.decay, bool) or not isinstance(self.decay, (int, float)) or not 0 < self.decay <= 1:
+            raise LemmaError(f"raas decay must be a number in (0, 1], got {self.decay!r}")
         if not isinstance(self.pin_prompt, bool):
             raise LemmaError(f"raas pin_prompt must be True or False, got {self.pin_prompt!r}")
+        if isinstance(self.recent, bool) or not isinstance(self.recent, int) or not 0 <= self.recent < self.budget_pages:
+            raise LemmaError(f"raas recent must be an integer number of pages in [0, {self.budget_pages}), got {self.recent!r}")
         threshold = self.refresh_threshold
         if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
                                       or not 0 < threshold <= 1):
@@ -134,7 +145,7 @@ class RaaS(Policy):
 
     @property
     def needs_mass(self) -> bool:  # type: ignore[override]
-        return self.refresh == "mass"
+        return self.refresh in ("mass", "ema")
 
     def pin_prompt_pages(self) -> bool:
         return self.pin_prompt
@@ -144,11 +155,17 @@ class RaaS(Policy):
 
     def victim(self, meta: SlotMeta, new_page: torch.Tensor) -> torch.Tensor:
         # oldest timestamp first; among equal timestamps the oldest page
-        key = meta.stamp * (1 << 24) + meta.born
+        recent = meta.born > new_page[:, None, None] - self.recent  # these go last, when nothing older is left
+        if self.refresh == "ema":
+            key = meta.mass + recent.float() * 1e30
+            return key.masked_fill(~meta.valid | meta.pinned, float("inf")).argmin(dim=-1)
+        key = meta.stamp * (1 << 24) + meta.born + recent.long() * (1 << 62)
         return _argmin_key(key.masked_fill(~meta.valid | meta.pinned, NEVER))
 
     def update(self, meta: SlotMeta, bound: torch.Tensor | None, step_mass: torch.Tensor | None,
                position: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.refresh == "ema":
+            return meta.stamp, torch.where(meta.valid, meta.mass * self.decay + step_mass, meta.mass)
         now = position[:, None, None].expand_as(meta.stamp)
         if self.refresh == "bound":
             top = min(max(self.budget_pages // 2, 1), bound.shape[-1])
@@ -217,12 +234,17 @@ class RandomEviction(Policy):
         _check_pinned_prompt(self, prompt_len, max_tokens)
 
     def victim(self, meta: SlotMeta, new_page: torch.Tensor) -> torch.Tensor:
-        modulus = 2147483647  # Park-Miller: x -> 48271 x mod (2^31 - 1), in int64 without overflow
         heads = torch.arange(meta.born.shape[1], device=meta.born.device)[None, :, None]
-        draw = (meta.born * 1000003 + new_page[:, None, None] * 7919 + heads * 104729 + self.seed) % modulus
-        for _ in range(3):
-            draw = draw * 48271 % modulus
+        draw = _mix32(meta.born + _mix32(new_page[:, None, None] + _mix32(heads + _mix32(torch.full_like(heads, self.seed)))))
         return _argmin_key(draw.masked_fill(~meta.valid | meta.pinned, NEVER))
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (xor-shift-multiply, in int64 without overflow): a stateless uniform draw."""
+    x = x & 0xFFFFFFFF
+    for _ in range(2):
+        x = ((x >> 16) ^ x) * 0x45D9F3B & 0xFFFFFFFF
+    return (x >> 16) ^ x
 
 
 @dataclass(frozen=True)
@@ -238,6 +260,28 @@ class Quest(Policy):
 
 
 POLICIES: dict[str, type[Policy]] = {p.name: p for p in (Dense, RaaS, StreamingLLM, H2O, Quest, RandomEviction)}
+
+
+def parse_policy_spec(spec: str) -> tuple[str, dict[str, object]]:
+    """'raas:dense_layers=2:refresh=mass' -> ('raas', {'dense_layers': 2, 'refresh': 'mass'}); values are
+    integers, numbers, true/false or words. make_policy checks the name and the options."""
+    name, *parts = spec.strip().split(":")
+    options: dict[str, object] = {}
+    for part in parts:
+        key, eq, text = part.partition("=")
+        if not eq or not key.strip() or not text.strip():
+            raise LemmaError(f"policy option {part!r} in {spec!r} must be written name=value")
+        text = text.strip()
+        value: object = {"true": True, "false": False}.get(text.lower(), text)
+        if value is text:
+            for kind in (int, float):
+                try:
+                    value = kind(text)
+                    break
+                except ValueError:
+                    continue
+        options[key.strip()] = value
+    return name.strip().lower(), options
 
 
 def make_policy(name: str, budget: int | None = None, **options) -> Policy:

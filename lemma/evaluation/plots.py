@@ -104,3 +104,22 @@ def trace_plot(steps: list[dict[int, float]], evictions: list[tuple[int, int]], 
     ax.set_ylabel("logical page (16 tokens each; prompt below the dotted line)")
     fig.colorbar(image, ax=ax, label="attention mass")
     _save(plt, fig, title, out)
+
+
+def fidelity_vs_position(rows: list[dict[str, Any]], out: str | Path, title: str) -> None:
+    """NLL increase per token against position in the trace: one panel per budget, one line per policy."""
+    plt = _pyplot()
+    budgets = sorted({r["budget"] for r in rows if r.get("position") and r["budget"] is not None})
+    if not budgets:
+        raise LemmaError("no per-position fidelity to plot (no policy besides dense measured)")
+    fig, axes = plt.subplots(1, len(budgets), figsize=(4.5 * len(budgets), 4), squeeze=False, sharey=True)
+    for ax, budget in zip(axes[0], budgets):
+        for r in sorted((r for r in rows if r["budget"] == budget and r.get("position")), key=lambda r: r["config"]):
+            ax.plot([start + count / 2 for start, count, _, _ in r["position"]], [nll for _, _, nll, _ in r["position"]],
+                    marker=".", label=r["config"].replace(f"-{budget}", ""))
+        ax.set_title(f"budget {budget}")
+        ax.set_xlabel("position in the trace (tokens)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("NLL increase per token vs Dense")
+    _save(plt, fig, title, out)

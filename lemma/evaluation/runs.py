@@ -1,8 +1,8 @@
 """Accuracy and fidelity runs over a problem set, for each policy and budget, resumable from a JSONL file.
 
 Accuracy: greedy answers, extracted and checked against the gold answer.
-Fidelity: each problem's greedy Dense trace is replayed token by token under every policy with eviction
-active (teacher forcing); what eviction loses shows as the increase in the trace's negative
+Fidelity: each problem's greedy Dense trace is replayed under every policy with eviction active
+(teacher forcing, by exact page-chunked replay); what eviction loses shows as the increase in the trace's negative
 log-likelihood and as disagreement with Dense's own top-1 prediction, free of sampling noise.
 """
 
@@ -14,7 +14,7 @@ from statistics import mean
 from typing import Any
 
 from lemma.engine.engine import Engine
-from lemma.engine.policies import Dense, Policy, make_policy
+from lemma.engine.policies import Dense, Policy, make_policy, parse_policy_spec
 from lemma.engine.sampler import SamplingParams
 from lemma.evaluation.answers import equivalent, extract_answer
 from lemma.evaluation.datasets import Problem
@@ -24,14 +24,18 @@ Progress = Callable[[int], None]
 
 
 def policy_grid(names: list[str], budgets: list[int], pin_prompt: bool = True, dense_layers: int = 0) -> list[Policy]:
-    """Dense once (if named), every other policy at every budget."""
+    """Dense once (if named), every other policy at every budget. A name may carry options:
+    'raas:dense_layers=2' (see policies.parse_policy_spec)."""
     grid: list[Policy] = []
-    for name in names:
+    for spec in names:
+        name, options = parse_policy_spec(spec)
         if name == "dense":
-            grid.append(Dense())
+            grid.append(make_policy("dense", **options))
             continue
-        options = {"pin_prompt": pin_prompt} if name == "raas" else {}
-        grid += [make_policy(name, budget, dense_layers=dense_layers, **options) for budget in budgets]
+        if name in ("raas", "random") and not pin_prompt:
+            options.setdefault("pin_prompt", False)
+        options.setdefault("dense_layers", dense_layers)
+        grid += [make_policy(name, budget, **options) for budget in budgets]
     return grid
 
 
@@ -83,15 +87,25 @@ def summarize_accuracy(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda r: (r["policy"] != "dense", r["policy"], r["budget"] or 0))
 
 
+BUCKET = 256  # tokens per position bucket of a fidelity record (the report sums them to 1K buckets)
+
+
 def fidelity_sums(dense_predicted: list[int], dense_logprobs: list[float], logprobs: list[float],
-                  predicted: list[int]) -> dict[str, float]:
-    """Per-token NLL increase and top-1 agreement against Dense, summed over the trace and over its last third."""
+                  predicted: list[int]) -> dict[str, Any]:
+    """Per-token NLL increase and top-1 agreement against Dense, summed over the trace, its last third,
+    its second half, and each BUCKET tokens of trace position."""
     n = len(dense_logprobs)
     last = n - n // 3 if n >= 3 else 0
+    half = n // 2
     diff = [d - p for d, p in zip(dense_logprobs, logprobs)]  # -log p_policy - (-log p_dense)
     agree = [float(a == b) for a, b in zip(predicted, dense_predicted)]
+    starts = range(0, n, BUCKET)
     return {"n": n, "nll_sum": sum(diff), "agree_sum": sum(agree),
-            "n_last": n - last, "nll_last_sum": sum(diff[last:]), "agree_last_sum": sum(agree[last:])}
+            "n_last": n - last, "nll_last_sum": sum(diff[last:]), "agree_last_sum": sum(agree[last:]),
+            "n_half": n - half, "nll_half_sum": sum(diff[half:]), "agree_half_sum": sum(agree[half:]),
+            "bucket": BUCKET, "n_buckets": [min(BUCKET, n - s) for s in starts],
+            "nll_buckets": [sum(diff[s : s + BUCKET]) for s in starts],
+            "agree_buckets": [sum(agree[s : s + BUCKET]) for s in starts]}
 
 
 def run_fidelity(engine: Engine, problems: list[Problem], policies: list[Policy], max_tokens: int,
@@ -132,16 +146,58 @@ def run_fidelity(engine: Engine, problems: list[Problem], policies: list[Policy]
 
 
 def summarize_fidelity(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per config: NLL increase and top-1 agreement per token overall, in the last third, in each half
+    and per position bucket (`position`: [(first token, tokens, NLL increase, agreement)], records
+    that carry buckets only), with mean pages evicted and held."""
     rows = []
     for config, rs in _by_config(records).items():
         ok = [r for r in rs if r.get("error") is None]
         n, n_last = sum(r["n"] for r in ok), sum(r["n_last"] for r in ok)
-        rows.append({"config": config, "policy": rs[0]["policy"], "budget": rs[0]["budget"], "problems": len(ok),
-                     "errors": len(rs) - len(ok), "tokens": n,
-                     "nll_increase": _per_token(ok, "nll_sum", n), "agreement": _per_token(ok, "agree_sum", n),
-                     "nll_increase_last_third": _per_token(ok, "nll_last_sum", n_last),
-                     "agreement_last_third": _per_token(ok, "agree_last_sum", n_last)})
+        row = {"config": config, "policy": rs[0]["policy"], "budget": rs[0]["budget"], "problems": len(ok),
+               "errors": len(rs) - len(ok), "tokens": n,
+               "nll_increase": _per_token(ok, "nll_sum", n), "agreement": _per_token(ok, "agree_sum", n),
+               "nll_increase_last_third": _per_token(ok, "nll_last_sum", n_last),
+               "agreement_last_third": _per_token(ok, "agree_last_sum", n_last)}
+        halves = [r for r in ok if "n_half" in r]
+        if halves and len(halves) == len(ok):
+            second = sum(r["n_half"] for r in ok)
+            row.update(nll_increase_second_half=_per_token(ok, "nll_half_sum", second),
+                       agreement_second_half=_per_token(ok, "agree_half_sum", second))
+            first = n - second
+            row["nll_increase_first_half"] = (sum(r["nll_sum"] - r["nll_half_sum"] for r in ok) / first) if first else None
+            row["agreement_first_half"] = (sum(r["agree_sum"] - r["agree_half_sum"] for r in ok) / first) if first else None
+            row["position"] = _by_position(ok)
+        if ok and all("pages_evicted" in r for r in ok):
+            row["mean_pages_evicted"] = mean(r["pages_evicted"] for r in ok)
+            row["mean_peak_kv_pages"] = mean(r["peak_kv_pages"] for r in ok)
+        rows.append(row)
     return sorted(rows, key=lambda r: (r["policy"], r["budget"] or 0))
+
+
+def _by_position(records: list[dict[str, Any]]) -> list[tuple[int, int, float, float]]:
+    """(first token, tokens, NLL increase per token, agreement) per position bucket, over all records."""
+    size = records[0]["bucket"]
+    tokens: dict[int, float] = defaultdict(float)
+    nll: dict[int, float] = defaultdict(float)
+    agree: dict[int, float] = defaultdict(float)
+    for r in records:
+        for i, (count, diff, same) in enumerate(zip(r["n_buckets"], r["nll_buckets"], r["agree_buckets"])):
+            tokens[i] += count
+            nll[i] += diff
+            agree[i] += same
+    return [(i * size, int(tokens[i]), nll[i] / tokens[i], agree[i] / tokens[i]) for i in sorted(tokens) if tokens[i]]
+
+
+def regroup(position: list[tuple[int, int, float, float]], size: int) -> list[tuple[int, int, float, float]]:
+    """Position buckets merged into buckets of `size` tokens (a multiple of theirs)."""
+    merged: dict[int, list[float]] = {}
+    for start, count, nll, agree in position:
+        key = start // size * size
+        acc = merged.setdefault(key, [0.0, 0.0, 0.0])
+        acc[0] += count
+        acc[1] += nll * count
+        acc[2] += agree * count
+    return [(k, int(c), s / c, a / c) for k, (c, s, a) in sorted(merged.items())]
 
 
 def _per_token(records: list[dict[str, Any]], key: str, tokens: int) -> float | None:

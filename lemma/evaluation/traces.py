@@ -1,0 +1,116 @@
+"""Fidelity over long reasoning traces written by other models: each trace is teacher-forced into the
+evaluated model (problem as the user turn, trace as the assistant turn) under Dense and under every
+policy and budget, by exact chunked replay; what eviction loses is the increase in the trace's NLL and
+the disagreement with Dense's top-1, overall and by position in the trace.
+
+Trace files (shared/data/reasoning_traces/): one JSON object per line with "problem" and "trace" (the
+continuation only: reasoning, one "</think>", the answer); "model" and "meta" name where it came from.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lemma.engine.engine import Engine
+from lemma.engine.policies import Dense, Policy
+from lemma.errors import LemmaError
+from lemma.evaluation.datasets import _lines
+from lemma.evaluation.jsonl import BadLine, json_kind, parse_json_line
+from lemma.evaluation.results import ResultsFile
+from lemma.evaluation.runs import Progress, _batches, fidelity_sums
+from lemma.reasoning import CLOSE, OPEN, opens_thinking
+
+
+@dataclass(frozen=True)
+class ReasoningTrace:
+    id: str
+    problem: str
+    trace: str
+
+
+def load_traces(path: str | Path, limit: int | None = None) -> list[ReasoningTrace]:
+    """The traces in a JSONL file (the first `limit`); anything malformed raises naming file and line."""
+    path = Path(path)
+    traces: list[ReasoningTrace] = []
+    seen: dict[str, int] = {}
+    for line_no, raw in _lines(path):
+        if not raw.strip():
+            continue
+        where = f"{path}:{line_no}"
+        try:
+            row = parse_json_line(raw)
+        except BadLine as exc:
+            raise LemmaError(f"{where}: {exc}") from None
+        if not isinstance(row, dict):
+            raise LemmaError(f"{where}: {json_kind(row)}, not a JSON object with 'problem' and 'trace'")
+        for key in ("problem", "trace"):
+            if not isinstance(row.get(key), str) or not row[key].strip():
+                raise LemmaError(f"{where}: {key!r} must be a non-empty string")
+        meta = row.get("meta") if isinstance(row.get("meta"), dict) else {}
+        index = meta.get("math500_unique_id", meta.get("index_in_source_file", line_no))
+        trace_id = f"{row.get('model', path.stem)}:{index}"
+        if trace_id in seen:
+            trace_id = f"{trace_id}@{line_no}"
+        seen[trace_id] = line_no
+        traces.append(ReasoningTrace(trace_id, row["problem"], row["trace"]))
+        if limit is not None and len(traces) >= limit:
+            break
+    if not traces:
+        raise LemmaError(f"{path}: no traces in the file")
+    return traces
+
+
+def trace_tokens(engine: Engine, trace: ReasoningTrace, max_trace_tokens: int) -> tuple[list[int], list[int]]:
+    """(prompt ids, target ids): the problem as the user turn in the chat template; the trace as the
+    assistant turn with its opening <think> restored (unless the template already opened it), cut to
+    max_trace_tokens and to the model's context."""
+    prompt = engine.chat_prompt([{"role": "user", "content": trace.problem}])
+    text = trace.trace
+    if CLOSE in text and OPEN not in text and not opens_thinking(engine.tokenizer.decode(prompt, skip_special_tokens=False)):
+        text = f"{OPEN}\n{text}"
+    room = engine.config.max_position_embeddings - len(prompt)
+    target = engine.tokenizer.encode(text)[: min(max_trace_tokens, room)]
+    if not target:
+        raise LemmaError(f"trace {trace.id}: the prompt ({len(prompt)} tokens) leaves no room in the model's context")
+    return prompt, target
+
+
+def run_trace_fidelity(engine: Engine, traces: list[ReasoningTrace], policies: list[Policy], max_trace_tokens: int,
+                       results: ResultsFile, batch: int = 8, progress: Progress | None = None) -> None:
+    """Dense's log-probs of every trace first (stored: the reference), then every other policy, batch
+    by batch; an interrupted run resumes from `results`."""
+    engine.policy = Dense()
+    have = {r["id"] for r in results.of("trace")}
+    for chunk in _batches([t for t in traces if t.id not in have], batch):
+        pairs = [trace_tokens(engine, t, max_trace_tokens) for t in chunk]
+        forced = engine.teacher_force([p for p, _ in pairs], [t for _, t in pairs])
+        results.append([{"kind": "trace", "config": "dense", "id": t.id, "prompt_ids": p, "tokens": target,
+                         "logprobs": f.logprobs, "predicted": f.predicted}
+                        if f.error is None else {"kind": "trace", "config": "dense", "id": t.id, "error": f.error}
+                        for t, (p, target), f in zip(chunk, pairs, forced)])
+        if progress:
+            progress(len(chunk))
+    references = {r["id"]: r for r in results.of("trace") if "tokens" in r}
+    wanted = [references[t.id] for t in traces if t.id in references]
+    for policy in policies:
+        if isinstance(policy, Dense):
+            continue
+        engine.policy = policy
+        done = results.done("fidelity")
+        todo = [r for r in wanted if (policy.describe(), r["id"]) not in done]
+        for chunk in _batches(todo, batch):
+            forced = engine.teacher_force([r["prompt_ids"] for r in chunk], [r["tokens"] for r in chunk])
+            records = []
+            for ref, f in zip(chunk, forced):
+                record: dict[str, Any] = {"kind": "fidelity", "config": policy.describe(), "policy": policy.name,
+                                          "budget": policy.budget, "id": ref["id"], "error": f.error}
+                if f.error is None:
+                    record.update(fidelity_sums(ref["predicted"], ref["logprobs"], f.logprobs, f.predicted))
+                    record.update(pages_evicted=f.stats.pages_evicted, peak_kv_pages=f.stats.peak_kv_pages,
+                                  prompt_tokens=len(ref["prompt_ids"]))
+                records.append(record)
+            results.append(records)
+            if progress:
+                progress(len(chunk))

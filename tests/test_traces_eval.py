@@ -1,0 +1,121 @@
+"""`lemma eval --traces`: trace files, the chat-template framing, position buckets, policy specs, the
+Random and RaaS-recent rules, and the command end to end with resume."""
+
+import json
+
+import pytest
+import torch
+
+from lemma import Engine, LemmaError, RaaS, RandomEviction, make_policy
+from lemma.engine.policies import SlotMeta, parse_policy_spec
+from lemma.evaluation import runs
+from lemma.evaluation.traces import ReasoningTrace, load_traces, trace_tokens
+from test_cli import assert_one_line_error, invoke
+
+TRACES = [{"problem": "What is 2+2?", "trace": "Two plus two. " * 12 + "</think>\nThe answer is 4.", "model": "m",
+           "meta": {"index_in_source_file": i}} for i in range(3)]
+
+
+def write_traces(path, rows=TRACES):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_load_traces_and_their_errors(tmp_path):
+    traces = load_traces(write_traces(tmp_path / "t.jsonl"))
+    assert [t.id for t in traces] == ["m:0", "m:1", "m:2"]
+    assert len(load_traces(tmp_path / "t.jsonl", limit=2)) == 2
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(TRACES[0]) + "\n" + json.dumps({"problem": "x"}) + "\n")
+    with pytest.raises(LemmaError, match=r"bad.jsonl:2: 'trace' must be a non-empty string"):
+        load_traces(bad)
+    bad.write_text("{not json\n")
+    with pytest.raises(LemmaError, match=r"bad.jsonl:1"):
+        load_traces(bad)
+
+
+def test_trace_framing_restores_think_and_cuts(tiny_dir, monkeypatch):
+    engine = Engine(tiny_dir, kv_cache_tokens=1024)
+    trace = ReasoningTrace("x", "What is 2+2?", "Two plus two.</think>4")
+    prompt, target = trace_tokens(engine, trace, 10_000)
+    assert prompt == engine.chat_prompt([{"role": "user", "content": "What is 2+2?"}])
+    assert target == engine.tokenizer.encode("<think>\nTwo plus two.</think>4")
+    assert trace_tokens(engine, trace, 5)[1] == target[:5]
+    monkeypatch.setattr("lemma.evaluation.traces.opens_thinking", lambda text: True)  # the template opened it
+    assert trace_tokens(engine, trace, 10_000)[1] == engine.tokenizer.encode("Two plus two.</think>4")
+
+
+def test_fidelity_sums_by_half_and_bucket():
+    n = 600
+    dense = [-1.0] * n
+    policy = [-1.0] * 300 + [-3.0] * 300  # the second half loses 2 nats per token
+    sums = runs.fidelity_sums([7] * n, dense, policy, [7] * 300 + [8] * 300)
+    assert sums["nll_sum"] == 600 and sums["nll_half_sum"] == 600 and sums["n_half"] == 300
+    assert sums["n_buckets"] == [256, 256, 88]
+    assert sums["nll_buckets"] == [0, 2 * 212, 2 * 88] and sums["agree_buckets"] == [256, 44, 0]
+    row = runs.summarize_fidelity([{"config": "raas-64", "policy": "raas", "budget": 64, "id": "a", "error": None,
+                                    "pages_evicted": 3, "peak_kv_pages": 4, **sums}])[0]
+    assert row["nll_increase_first_half"] == 0 and row["nll_increase_second_half"] == 2
+    assert [round(p[2], 3) for p in row["position"]] == [0, round(424 / 256, 3), 2]
+    assert runs.regroup(row["position"], 1024) == [(0, 600, 1.0, 0.5)]
+
+
+def test_policy_specs_and_descriptions():
+    assert parse_policy_spec("raas:dense_layers=2:refresh=mass:pin_prompt=false") == (
+        "raas", {"dense_layers": 2, "refresh": "mass", "pin_prompt": False})
+    assert parse_policy_spec("raas:refresh_threshold=0.5")[1] == {"refresh_threshold": 0.5}
+    with pytest.raises(LemmaError, match="name=value"):
+        parse_policy_spec("raas:recent")
+    assert make_policy("raas", 256, dense_layers=2).describe() == "raas-256(dense_layers=2)"
+    assert RaaS(budget=256).describe() == "raas-256"
+    with pytest.raises(LemmaError, match="recent"):
+        RaaS(budget=64, recent=4)
+
+
+def slots(born, pinned=None):
+    born = torch.tensor(born)[None, None]
+    pin = torch.tensor(pinned)[None, None] if pinned else torch.zeros_like(born, dtype=torch.bool)
+    return SlotMeta(born=born, stamp=born * 16, mass=torch.zeros(born.shape), pinned=pin,
+                    valid=torch.ones_like(born, dtype=torch.bool))
+
+
+def test_random_eviction_is_uniform_over_unpinned_pages_and_stateless():
+    pinned = [True, True, False, False, False, False]
+    chosen = [RandomEviction(budget=96).victim(slots([0, 1, 2, 3, 4, 5], pinned), torch.tensor([page])).item()
+              for page in range(6, 606)]
+    counts = [chosen.count(s) for s in range(6)]
+    assert counts[:2] == [0, 0] and all(110 <= c <= 190 for c in counts[2:]), counts  # ~150 each
+    again = RandomEviction(budget=96).victim(slots([0, 1, 2, 3, 4, 5], pinned), torch.tensor([6])).item()
+    assert again == chosen[0]
+    other = [RandomEviction(budget=96, seed=1).victim(slots([0, 1, 2, 3, 4, 5], pinned), torch.tensor([p])).item()
+             for p in range(6, 606)]
+    assert other != chosen
+
+
+def test_raas_recent_pages_go_last():
+    m = slots([0, 1, 2, 3, 4], [True, False, False, False, False])
+    m.stamp = torch.tensor([[[0, 900, 900, 10, 20]]])  # the recent pages 3 and 4 have the oldest stamps
+    assert RaaS(budget=80).victim(m, torch.tensor([5])).item() == 3
+    assert RaaS(budget=80, recent=3).victim(m, torch.tensor([5])).item() == 1  # pages 3, 4 (and 5) protected
+    m.pinned = torch.tensor([[[True, True, True, False, False]]])
+    assert RaaS(budget=80, recent=3).victim(m, torch.tensor([5])).item() == 3  # nothing older left
+
+
+def test_eval_traces_command_and_resume(tiny_dir, tmp_path):
+    data = write_traces(tmp_path / "traces.jsonl")
+    out = tmp_path / "fid.jsonl"
+    args = ["eval", "--traces", data, "--model", tiny_dir, "--policies", "dense,raas,random,raas:recent=1",
+            "--budgets", "64,1024", "--max-trace-tokens", 100, "--batch", 2, "--out", out]
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    assert "3 traces (300 tokens, cut at 100)" in result.output
+    for config in ("raas-64", "random-64", "raas-64(recent=1)"):
+        assert f"| {config} | 3 | 300 |" in result.output
+    assert "| raas-1024 | 3 | 300 | 0.0000 | 1.000 |" in result.output  # nothing evicted: Dense exactly
+    assert "NLL 2nd half" in result.output and "NLL 0-1K" in result.output
+    assert (tmp_path / "fid.png").stat().st_size > 0 and (tmp_path / "fid-position.png").stat().st_size > 0
+    lines = out.read_text().splitlines()
+    assert invoke(*args).exit_code == 0 and out.read_text().splitlines() == lines  # nothing ran twice
+    assert_one_line_error(invoke("eval", "--traces", data, "--data", data, "--model", tiny_dir), "exactly one of --data")
+    assert_one_line_error(invoke("eval", "--traces", data, "--model", tiny_dir, "--policies", "raas:recnt=2"),
+                          "raas has no option 'recnt'")
