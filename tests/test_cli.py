@@ -178,7 +178,7 @@ def test_run_without_pinning_fits_a_long_prompt(tiny_dir):
     result = invoke("run", "Tell me a story", "--model", tiny_dir, "--max-tokens", 40, "--ignore-eos", "--policy", "raas",
                     "--budget", 32, "--no-pin-prompt", "--dense-layers", 1, "--json")
     assert result.exit_code == 0, result.output
-    assert json.loads(result.output)["stats"]["policy"] == "raas-32"
+    assert json.loads(result.output)["stats"]["policy"] == "raas-32(dense_layers=1,pin_prompt=False)"
 
 
 def test_bench_command(tiny_dir, tmp_path):
@@ -188,7 +188,7 @@ def test_bench_command(tiny_dir, tmp_path):
     assert result.exit_code == 0, result.output
     data = json.loads(out.read_text())
     assert len(data["rows"]) == 6 and out.with_suffix(".png").stat().st_size > 0
-    raas = [r for r in data["rows"] if r["policy"] == "raas-32"]
+    raas = [r for r in data["rows"] if r["policy"] == "raas-32(pin_prompt=False)"]
     page_bytes = 2 * 2 * PAGE_TOKENS * 16 * 4  # K and V, 2 KV heads, head dim 16, fp32: one page of one layer
     assert all(r["resident_kv_mib"] == 2 * 2 * page_bytes / 2**20 for r in raas)  # 2 pages in each of 2 layers
     assert all(r["speedup_vs_transformers"] > 0 for r in data["rows"])
@@ -203,14 +203,14 @@ def test_eval_command_and_resume(tiny_dir, tmp_path):
             "--max-tokens", 6, "--batch", 2, "--no-pin-prompt", "--out", out]
     result = invoke(*args)
     assert result.exit_code == 0, result.output
-    assert "| dense | 3 |" in result.output and "| raas-64 | 3 |" in result.output
+    assert "| dense | 3 |" in result.output and "| raas-64(pin_prompt=False) | 3 |" in result.output
     lines = out.read_text().splitlines()
     again = invoke(*args)
     assert again.exit_code == 0 and out.read_text().splitlines() == lines  # nothing ran twice
     fid = invoke("eval", "--data", data, "--model", tiny_dir, "--policies", "raas,streaming", "--budgets", "32,1024",
                  "--max-tokens", 20, "--fidelity", "--no-pin-prompt", "--out", tmp_path / "fid.jsonl")
     assert fid.exit_code == 0, fid.output
-    assert "| raas-1024 | 3 | 60 | 0.0000 | 1.000 |" in fid.output
+    assert "| raas-1024(pin_prompt=False) | 3 | 60 | 0.0000 | 1.000 |" in fid.output
     assert (tmp_path / "fid.png").stat().st_size > 0
 
 

@@ -89,7 +89,9 @@ def test_datasets_load_all_formats(tmp_path):
 def test_fidelity_sums_on_a_constructed_case():
     sums = runs.fidelity_sums(dense_predicted=[1, 2, 3, 4, 5, 6], dense_logprobs=[-1.0, -2, -1, -1, -3, -1],
                               logprobs=[-1.5, -2, -1, -2, -3, -1], predicted=[1, 2, 9, 4, 5, 7])
-    assert sums == {"n": 6, "nll_sum": 1.5, "agree_sum": 4.0, "n_last": 2, "nll_last_sum": 0.0, "agree_last_sum": 1.0}
+    assert sums == {"n": 6, "nll_sum": 1.5, "agree_sum": 4.0, "n_last": 2, "nll_last_sum": 0.0, "agree_last_sum": 1.0,
+                    "n_half": 3, "nll_half_sum": 1.0, "agree_half_sum": 2.0,
+                    "bucket": 256, "n_buckets": [6], "nll_buckets": [1.5], "agree_buckets": [4.0]}
 
 
 def test_a_policy_that_keeps_everything_has_perfect_fidelity(tiny_dir, tmp_path):
@@ -103,7 +105,7 @@ def test_a_policy_that_keeps_everything_has_perfect_fidelity(tiny_dir, tmp_path)
         assert rows[config]["nll_increase"] == pytest.approx(0.0, abs=1e-5)
         assert rows[config]["agreement"] == 1.0 and rows[config]["agreement_last_third"] == 1.0
         assert rows[config]["tokens"] == 40 * len(problems)
-    assert rows["raas-32"]["nll_increase"] > 1e-3  # a budget of 2 pages loses something
+    assert rows["raas-32(pin_prompt=False)"]["nll_increase"] > 1e-3  # a budget of 2 pages loses something
 
 
 def _tiny_problems():
@@ -141,10 +143,11 @@ def test_accuracy_run_resumes_after_interruption(tiny_dir, tmp_path):
     runs.run_accuracy(engine, problems, grid, params, first, batch=2, progress=seen.append)
     assert seen == [2, 1]  # only raas-64's three problems ran again
     final = ResultsFile(path).of("accuracy")
-    assert sorted((r["config"], r["id"]) for r in final) == sorted((c, p.id) for c in ("dense", "raas-64") for p in problems)
+    configs = ("dense", "raas-64(pin_prompt=False)")
+    assert sorted((r["config"], r["id"]) for r in final) == sorted((c, p.id) for c in configs for p in problems)
     assert all(json.loads(line) for line in path.read_text().splitlines())
     summary = runs.summarize_accuracy(final)
-    assert [r["config"] for r in summary] == ["dense", "raas-64"] and summary[0]["problems"] == 3
+    assert [r["config"] for r in summary] == list(configs) and summary[0]["problems"] == 3
 
 
 @pytest.mark.parametrize("pred, gold", [

@@ -32,14 +32,7 @@ def load_problems(path: str | Path, limit: int | None = None) -> list[Problem]:
         raise LemmaError(f"limit must be at least 1, got {limit}")
     problems: list[Problem] = []
     line_of_id: dict[str, int] = {}
-    for line_no, raw in _lines(path):
-        if not raw.strip():
-            continue
-        where = f"{path}:{line_no}"
-        try:
-            row = parse_json_line(raw)
-        except BadLine as exc:
-            raise LemmaError(f"{where}: {exc}") from None
+    for line_no, where, row in json_rows(path):
         problem = _problem(row, line_no, where)
         if problem.id in line_of_id:
             raise LemmaError(f"{where}: id {problem.id!r} is already used on line {line_of_id[problem.id]}")
@@ -50,6 +43,19 @@ def load_problems(path: str | Path, limit: int | None = None) -> list[Problem]:
     if not problems:
         raise LemmaError(f"{path}: no problems in the file")
     return problems
+
+
+def json_rows(path: Path) -> Iterator[tuple[int, str, Any]]:
+    """(line number, "file:line", parsed JSON) of each non-blank line; a line that is not JSON raises
+    LemmaError naming file and line."""
+    for line_no, raw in _lines(path):
+        if not raw.strip():
+            continue
+        where = f"{path}:{line_no}"
+        try:
+            yield line_no, where, parse_json_line(raw)
+        except BadLine as exc:
+            raise LemmaError(f"{where}: {exc}") from None
 
 
 def _lines(path: Path) -> Iterator[tuple[int, bytes]]:

@@ -115,7 +115,8 @@ def fidelity_vs_position(rows: list[dict[str, Any]], out: str | Path, title: str
     fig, axes = plt.subplots(1, len(budgets), figsize=(4.5 * len(budgets), 4), squeeze=False, sharey=True)
     for ax, budget in zip(axes[0], budgets):
         for r in sorted((r for r in rows if r["budget"] == budget and r.get("position")), key=lambda r: r["config"]):
-            ax.plot([start + count / 2 for start, count, _, _ in r["position"]], [nll for _, _, nll, _ in r["position"]],
+            half = r["position_bucket"] / 2
+            ax.plot([start + half for start, _, _, _ in r["position"]], [nll for _, _, nll, _ in r["position"]],
                     marker=".", label=r["config"].replace(f"-{budget}", ""))
         ax.set_title(f"budget {budget}")
         ax.set_xlabel("position in the trace (tokens)")

@@ -124,21 +124,28 @@ def run_fidelity(engine: Engine, problems: list[Problem], policies: list[Policy]
         if progress:
             progress(len(chunk))
     traces = {r["id"]: r for r in results.of("trace") if "tokens" in r}
-    wanted = [traces[p.id] for p in problems if p.id in traces]
+    replay_under_policies(engine, [traces[p.id] for p in problems if p.id in traces], policies, results, batch, progress)
+
+
+def replay_under_policies(engine: Engine, references: list[dict[str, Any]], policies: list[Policy],
+                          results: ResultsFile, batch: int = 8, progress: Progress | None = None) -> None:
+    """Teacher-force each Dense reference ("trace" record: prompt_ids, tokens, logprobs, predicted) under
+    every other policy; one "fidelity" record per (policy, reference), skipping those already in results."""
     for policy in policies:
         if isinstance(policy, Dense):
             continue
         engine.policy = policy
         done = results.done("fidelity")
-        todo = [t for t in wanted if (policy.describe(), t["id"]) not in done]
+        todo = [r for r in references if (policy.describe(), r["id"]) not in done]
         for chunk in _batches(todo, batch):
-            forced = engine.teacher_force([t["prompt_ids"] for t in chunk], [t["tokens"] for t in chunk])
+            forced = engine.teacher_force([r["prompt_ids"] for r in chunk], [r["tokens"] for r in chunk])
             records = []
-            for trace, f in zip(chunk, forced):
+            for ref, f in zip(chunk, forced):
                 record = {"kind": "fidelity", "config": policy.describe(), "policy": policy.name,
-                          "budget": policy.budget, "id": trace["id"], "error": f.error}
+                          "budget": policy.budget, "id": ref["id"], "error": f.error}
                 if f.error is None:
-                    record.update(fidelity_sums(trace["predicted"], trace["logprobs"], f.logprobs, f.predicted))
+                    record.update(fidelity_sums(ref["predicted"], ref["logprobs"], f.logprobs, f.predicted))
+                    record.update(pages_evicted=f.stats.pages_evicted, peak_kv_pages=f.stats.peak_kv_pages)
                 records.append(record)
             results.append(records)
             if progress:
@@ -166,7 +173,7 @@ def summarize_fidelity(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             first = n - second
             row["nll_increase_first_half"] = (sum(r["nll_sum"] - r["nll_half_sum"] for r in ok) / first) if first else None
             row["agreement_first_half"] = (sum(r["agree_sum"] - r["agree_half_sum"] for r in ok) / first) if first else None
-            row["position"] = _by_position(ok)
+            row["position"], row["position_bucket"] = _by_position(ok), ok[0]["bucket"]
         if ok and all("pages_evicted" in r for r in ok):
             row["mean_pages_evicted"] = mean(r["pages_evicted"] for r in ok)
             row["mean_peak_kv_pages"] = mean(r["peak_kv_pages"] for r in ok)

@@ -11,15 +11,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from lemma.engine.engine import Engine
 from lemma.engine.policies import Dense, Policy
 from lemma.errors import LemmaError
-from lemma.evaluation.datasets import _lines
-from lemma.evaluation.jsonl import BadLine, json_kind, parse_json_line
+from lemma.evaluation.datasets import json_rows
+from lemma.evaluation.jsonl import json_kind
 from lemma.evaluation.results import ResultsFile
-from lemma.evaluation.runs import Progress, _batches, fidelity_sums
+from lemma.evaluation.runs import Progress, _batches, replay_under_policies
 from lemma.reasoning import CLOSE, OPEN, opens_thinking
 
 
@@ -35,14 +34,7 @@ def load_traces(path: str | Path, limit: int | None = None) -> list[ReasoningTra
     path = Path(path)
     traces: list[ReasoningTrace] = []
     seen: dict[str, int] = {}
-    for line_no, raw in _lines(path):
-        if not raw.strip():
-            continue
-        where = f"{path}:{line_no}"
-        try:
-            row = parse_json_line(raw)
-        except BadLine as exc:
-            raise LemmaError(f"{where}: {exc}") from None
+    for line_no, where, row in json_rows(path):
         if not isinstance(row, dict):
             raise LemmaError(f"{where}: {json_kind(row)}, not a JSON object with 'problem' and 'trace'")
         for key in ("problem", "trace"):
@@ -93,24 +85,5 @@ def run_trace_fidelity(engine: Engine, traces: list[ReasoningTrace], policies: l
         if progress:
             progress(len(chunk))
     references = {r["id"]: r for r in results.of("trace") if "tokens" in r}
-    wanted = [references[t.id] for t in traces if t.id in references]
-    for policy in policies:
-        if isinstance(policy, Dense):
-            continue
-        engine.policy = policy
-        done = results.done("fidelity")
-        todo = [r for r in wanted if (policy.describe(), r["id"]) not in done]
-        for chunk in _batches(todo, batch):
-            forced = engine.teacher_force([r["prompt_ids"] for r in chunk], [r["tokens"] for r in chunk])
-            records = []
-            for ref, f in zip(chunk, forced):
-                record: dict[str, Any] = {"kind": "fidelity", "config": policy.describe(), "policy": policy.name,
-                                          "budget": policy.budget, "id": ref["id"], "error": f.error}
-                if f.error is None:
-                    record.update(fidelity_sums(ref["predicted"], ref["logprobs"], f.logprobs, f.predicted))
-                    record.update(pages_evicted=f.stats.pages_evicted, peak_kv_pages=f.stats.peak_kv_pages,
-                                  prompt_tokens=len(ref["prompt_ids"]))
-                records.append(record)
-            results.append(records)
-            if progress:
-                progress(len(chunk))
+    replay_under_policies(engine, [references[t.id] for t in traces if t.id in references], policies, results,
+                          batch, progress)
