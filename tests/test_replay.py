@@ -11,7 +11,7 @@ from lemma.engine.policies import RandomEviction
 PAGE = 16
 POLICIES = [Dense(), RaaS(budget=128), RaaS(budget=128, refresh="mass"), RaaS(budget=128, dense_layers=1),
             RaaS(budget=48, pin_prompt=False), StreamingLLM(budget=48), H2O(budget=64), Quest(budget=48),
-            RandomEviction(budget=128), RaaS(budget=128, refresh="ema", recent=2)]
+            RandomEviction(budget=128), RaaS(budget=128, refresh="ema", recent=2), RaaS(budget=64, pin_share=0.5)]
 # prompt lengths: within a page, exactly a page, several pages with a partial one, longer than a budget
 PROMPT_LENS = [5, 16, 37, 70]
 TARGET_LENS = [1, 16, 75, 130]
@@ -63,9 +63,7 @@ def assert_same_state(chunked: dict, stepped: dict) -> None:
                 assert [r[2] for r in rows_a] == pytest.approx([r[2] for r in rows_b], abs=1e-4), where
 
 
-@pytest.mark.parametrize("policy", POLICIES, ids=lambda p: p.describe() + (f"-dl{p.dense_layers}" if p.dense_layers else "")
-                         + (f"-{p.refresh}" if getattr(p, "refresh", "bound") != "bound" else "")
-                         + ("" if getattr(p, "pin_prompt", True) else "-unpinned"))
+@pytest.mark.parametrize("policy", POLICIES, ids=lambda p: p.describe())
 def test_chunked_replay_equals_token_by_token(policy, tiny_dir):
     torch.manual_seed(0)
     prompts = [torch.randint(3, 200, (n,)).tolist() for n in PROMPT_LENS]

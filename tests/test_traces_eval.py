@@ -119,3 +119,21 @@ def test_eval_traces_command_and_resume(tiny_dir, tmp_path):
     assert_one_line_error(invoke("eval", "--traces", data, "--data", data, "--model", tiny_dir), "exactly one of --data")
     assert_one_line_error(invoke("eval", "--traces", data, "--model", tiny_dir, "--policies", "raas:recnt=2"),
                           "raas has no option 'recnt'")
+
+
+def test_pin_share_pins_the_sink_and_the_last_prompt_pages(tiny_dir):
+    from lemma.engine.runner import prompt_pins
+
+    policy = RaaS(budget=128, pin_share=0.5)  # 8 pages: at most 4 pinned
+    assert policy.pinned_prompt_pages(7) == 4 and policy.pinned_prompt_pages(3) == 3
+    assert prompt_pins(policy, 7 * 16 - 5, 16, 0, 7 * 16 + 40).tolist() == [True, False, False, False, True, True, True,
+                                                                             False, False, False]
+    assert prompt_pins(policy, 7 * 16, 16, 64, 112).tolist() == [True, True, True]  # a later chunk: pages 4-6
+    assert prompt_pins(RaaS(budget=128), 7 * 16, 16, 0, 112).all()
+    engine = Engine(tiny_dir, policy=policy, kv_cache_tokens=2048)
+    prompt = list(range(5, 5 + 150))  # 10 pages: more than the budget, fine with half pinned
+    out = engine.teacher_force([prompt], [list(range(7, 100))])[0]
+    assert out.error is None and out.stats.pages_evicted > 0
+    assert out.stats.peak_kv_pages == 10  # the whole prompt until prefill ends, then 8 (sink + most recent)
+    with pytest.raises(LemmaError, match="does not fit the raas budget"):
+        engine.add_request(prompt, policy=RaaS(budget=128))

@@ -125,7 +125,7 @@ class PrefillSegment:
     start: int
     end: int
     offset: int
-    pinned: list[bool]  # per layer: the pages written are pinned (prompt pages under RaaS)
+    pinned: list[torch.Tensor]  # per layer: [n] whether each page the chunk writes is pinned (RaaS prompt pages)
 
 
 class PrefillAttention:
@@ -153,7 +153,7 @@ class PrefillAttention:
             written = table[born]
             fill_heads = fill[:, None].expand(-1, heads)
             hi, lo = reference.page_key_bounds(kc, written[:, None].expand(-1, heads), fill_heads)
-            pool.write_prefilled(layer, written, born, fill_heads, hi, lo, seg.pinned[layer])
+            pool.write_prefilled(layer, written, born, fill_heads, hi, lo, seg.pinned[layer][:, None])
             outs.append(reference.prefill_attention(q[rows], kc, vc, table[None, :].expand(heads, -1),
                                                     self.positions[rows], self.scale))
         return outs[0] if len(outs) == 1 else torch.cat(outs)

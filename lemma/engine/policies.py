@@ -67,8 +67,10 @@ class Policy:
     def check_prompt(self, prompt_len: int, max_tokens: int) -> None:
         """Raise when a prompt cannot be served under this policy."""
 
-    def pin_prompt_pages(self) -> bool:
-        return False
+    def pinned_prompt_pages(self, prompt_pages: int) -> int:
+        """How many of a prompt's pages are pinned (never evicted): 0 here. When fewer than all, the
+        first page (the attention sink) and the last ones (the question, the turn's opening) are."""
+        return 0
 
     def victim(self, meta: SlotMeta, new_page: torch.Tensor) -> torch.Tensor:
         """[B, Hkv] slot whose page gives way to logical page new_page [B] (evicting policies only)."""
@@ -102,7 +104,7 @@ def _check_pinned_prompt(policy: Policy, prompt_len: int, max_tokens: int) -> No
     """A pinned prompt must leave at least one page of the budget for the pages that get evicted."""
     prompt_pages = -(-prompt_len // PAGE_SIZE)
     needs_eviction = -(-(prompt_len + max_tokens) // PAGE_SIZE) > policy.budget_pages
-    if policy.pin_prompt_pages() and needs_eviction and prompt_pages >= policy.budget_pages:
+    if needs_eviction and policy.pinned_prompt_pages(prompt_pages) >= policy.budget_pages:
         raise LemmaError(
             f"prompt of {prompt_len} tokens ({prompt_pages} pages) does not fit the {policy.name} budget of "
             f"{policy.budget} tokens with the prompt pinned; use a budget of at least {(prompt_pages + 1) * PAGE_SIZE} "
@@ -118,6 +120,7 @@ class RaaS(Policy):
     refresh_threshold: float | None = None  # for refresh="mass"; default 1 / (retained pages)
     recent: int = 0  # pages: the most recent ones go last (the new page counts as one)
     decay: float = 0.95  # for refresh="ema": per-step decay of the mass sum
+    pin_share: float = 1.0  # the pinned prompt takes at most this share of the budget (1: the whole prompt)
 
     name: ClassVar[str] = "raas"
     evicts: ClassVar[bool] = True
@@ -126,6 +129,8 @@ class RaaS(Policy):
         super().__post_init__()
         if self.budget is None:
             raise LemmaError("raas needs a budget in tokens")
+        if isinstance(self.pin_share, bool) or not isinstance(self.pin_share, (int, float)) or not 0 < self.pin_share <= 1:
+            raise LemmaError(f"raas pin_share must be a number in (0, 1], got {self.pin_share!r}")
         if self.refresh not in ("bound", "mass", "ema"):
             raise LemmaError(f"raas refresh must be 'bound', 'mass' or 'ema', got {self.refresh!r}")
         if isinstance(self.decay, bool) or not isinstance(self.decay, (int, float)) or not 0 < self.decay <= 1:
@@ -147,8 +152,12 @@ class RaaS(Policy):
     def needs_mass(self) -> bool:  # type: ignore[override]
         return self.refresh in ("mass", "ema")
 
-    def pin_prompt_pages(self) -> bool:
-        return self.pin_prompt
+    def pinned_prompt_pages(self, prompt_pages: int) -> int:
+        if not self.pin_prompt:
+            return 0
+        if self.pin_share >= 1:
+            return prompt_pages
+        return min(prompt_pages, max(1, int(self.budget_pages * self.pin_share)))
 
     def check_prompt(self, prompt_len: int, max_tokens: int) -> None:
         _check_pinned_prompt(self, prompt_len, max_tokens)
@@ -227,8 +236,8 @@ class RandomEviction(Policy):
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**31:
             raise LemmaError(f"random seed must be an integer in [0, 2**31), got {self.seed!r}")
 
-    def pin_prompt_pages(self) -> bool:
-        return self.pin_prompt
+    def pinned_prompt_pages(self, prompt_pages: int) -> int:
+        return prompt_pages if self.pin_prompt else 0
 
     def check_prompt(self, prompt_len: int, max_tokens: int) -> None:
         _check_pinned_prompt(self, prompt_len, max_tokens)

@@ -124,8 +124,9 @@ class KVPool:
                         mass=self.mass[layer][safe, heads], pinned=self.pinned[layer][safe, heads], valid=valid)
 
     def write_prefilled(self, layer: int, pages: torch.Tensor, born: torch.Tensor, fill: torch.Tensor,
-                        key_max: torch.Tensor, key_min: torch.Tensor, pinned: bool) -> None:
-        """Pages [n] just written by a prefill chunk hold logical pages born [n] with fill [n, Hkv] rows."""
+                        key_max: torch.Tensor, key_min: torch.Tensor, pinned: torch.Tensor) -> None:
+        """Pages [n] just written by a prefill chunk hold logical pages born [n] with fill [n, Hkv] rows;
+        pinned [n, 1] says which of them are never evicted."""
         cols = pages[:, None].expand(-1, self.heads.numel())
         self.key_max[layer][cols, self.heads], self.key_min[layer][cols, self.heads] = key_max, key_min
         self.fill[layer][cols, self.heads] = fill.to(torch.int32)

@@ -94,7 +94,8 @@ class ModelRunner:
                 while len(seq.pages[layer]) < pool.pages_for(end):
                     self._append_page(seq, layer)
             tokens += seq.all_ids[start:end]
-            pinned = [policy.pin_prompt_pages() and policy.sparse(layer) for layer in range(pool.num_layers)]
+            pins = prompt_pins(policy, len(seq.prompt_ids), page, start, end).to(self.device)
+            pinned = [pins if policy.sparse(layer) else torch.zeros_like(pins) for layer in range(pool.num_layers)]
             tables = torch.tensor([pages[: pool.pages_for(end)] for pages in seq.pages], device=self.device)
             segments.append(PrefillSegment(tables, start, end, offset, pinned))
             offset += end - start
@@ -244,6 +245,16 @@ class ModelRunner:
                                     StepInputs(tokens, positions, modes, new_slots, tables), trace)
         logits = self.model(tokens, positions, attention)
         return logits, attention.traces
+
+
+def prompt_pins(policy: Policy, prompt_len: int, page: int, start: int, end: int) -> torch.Tensor:
+    """[n] whether each logical page a prefill chunk [start, end) writes is pinned: every prompt page,
+    or where the policy pins fewer, the first one and the last ones."""
+    prompt_pages = -(-prompt_len // page)
+    count = policy.pinned_prompt_pages(prompt_pages)
+    logical = torch.arange(start // page, -(-end // page))
+    kept = (logical >= prompt_pages - count + 1) | ((logical == 0) & (count > 0))
+    return (logical < prompt_pages) & kept
 
 
 def compile_step(step: Callable, backend: str, device: torch.device) -> Callable:
