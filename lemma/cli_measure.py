@@ -257,16 +257,12 @@ def _evaluate_traces(path: Path, model: str | None, policies: str, budgets: str,
     if failed:
         typer.echo(f"{len(failed)} of {len(traces)} Dense replays failed and are left out; first: {failed[0]['error']}")
     records = [r for r in results.of("fidelity") if r["id"] in ids]
-    failed = {}  # budget -> traces some config at that budget could not replay
-    for r in records:
-        if r.get("error") is not None:
-            failed.setdefault(r["budget"], {})[r["id"]] = r
+    records, failed = runs.comparable(records)
     for budget, bad in sorted(failed.items(), key=lambda item: item[0] or 0):
         first = next(iter(bad.values()))
         typer.echo(f"budget {budget}: {len(bad)} traces failed under some policy and are left out of every row at that "
                    f"budget (first: {first['config']} on {first['id']}: {first['error']})")
-    # the rows at one budget compare the same traces: those every policy at that budget replayed
-    rows = runs.summarize_fidelity([r for r in records if r["id"] not in failed.get(r["budget"], {})])
+    rows = runs.summarize_fidelity(records)
     kilo = sorted({start for r in rows for start, *_ in runs.regroup(r.get("position", []), 1024)})
     for r in rows:
         for start, _, nll, _ in runs.regroup(r.get("position", []), 1024):

@@ -181,6 +181,16 @@ def summarize_fidelity(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda r: (r["policy"], r["budget"] or 0))
 
 
+def comparable(records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[Any, dict[str, dict[str, Any]]]]:
+    """The fidelity records whose rows compare like with like: at each budget, only the traces every
+    policy at that budget replayed. Also {budget: {trace id: a failed record}} for what was left out."""
+    failed: dict[Any, dict[str, dict[str, Any]]] = {}
+    for r in records:
+        if r.get("error") is not None:
+            failed.setdefault(r["budget"], {})[r["id"]] = r
+    return [r for r in records if r["id"] not in failed.get(r["budget"], {})], failed
+
+
 def _by_position(records: list[dict[str, Any]]) -> list[tuple[int, int, float, float]]:
     """(first token, tokens, NLL increase per token, agreement) per position bucket, over all records."""
     size = records[0]["bucket"]

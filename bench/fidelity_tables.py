@@ -1,0 +1,52 @@
+"""Markdown tables from a `lemma eval --traces` results file: NLL increase / top-1 agreement per policy
+(rows) and budget (columns), then the same by trace half and by 1K-token position bucket.
+
+    python -m bench.fidelity_tables bench/results/fidelity_traces_math500_smollm2.jsonl
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import defaultdict
+
+from lemma.evaluation import runs
+from lemma.evaluation.results import ResultsFile
+
+
+def main(path: str) -> None:
+    records, failed = runs.comparable(ResultsFile(path).of("fidelity"))
+    rows = runs.summarize_fidelity(records)
+    budgets = sorted({r["budget"] for r in rows})
+    by_policy: dict[str, dict[int, dict]] = defaultdict(dict)
+    for r in rows:
+        name = r["config"].replace(f"-{r['budget']}", "", 1)
+        by_policy[name][r["budget"]] = r
+    traces = {b: max(r["problems"] for r in rows if r["budget"] == b) for b in budgets}
+    print("| policy | " + " | ".join(f"{b} ({traces[b]} traces)" for b in budgets) + " |")
+    print("|---|" + "---|" * len(budgets))
+    for name, cells in sorted(by_policy.items()):
+        print(f"| {name} | " + " | ".join(f"{cells[b]['nll_increase']:.3f} / {cells[b]['agreement']:.3f}"
+                                          if b in cells else "–" for b in budgets) + " |")
+    print("\nNLL increase, first half / second half of each trace:\n")
+    print("| policy | " + " | ".join(str(b) for b in budgets) + " |")
+    print("|---|" + "---|" * len(budgets))
+    for name, cells in sorted(by_policy.items()):
+        print(f"| {name} | " + " | ".join(f"{cells[b]['nll_increase_first_half']:.3f} / {cells[b]['nll_increase_second_half']:.3f}"
+                                          if b in cells else "–" for b in budgets) + " |")
+    print("\nNLL increase per 1K-token bucket of trace position (tokens in the bucket):")
+    for b in budgets:
+        kilo = [runs.regroup(cells[b]["position"], 1024) for cells in by_policy.values() if b in cells]
+        starts = [start for start, *_ in kilo[0]]
+        print(f"\nbudget {b}:\n\n| policy | " + " | ".join(f"{s // 1024}-{s // 1024 + 1}K ({n} tokens)"
+                                                      for s, n, *_ in kilo[0]) + " |")
+        print("|---|" + "---|" * len(starts))
+        for name, cells in sorted(by_policy.items()):
+            if b in cells:
+                print(f"| {name} | " + " | ".join(f"{nll:.3f}" for _, _, nll, _ in runs.regroup(cells[b]["position"], 1024)) + " |")
+    for budget, bad in sorted(failed.items()):
+        print(f"\nbudget {budget}: {len(bad)} traces left out (a policy could not replay them: "
+              f"{next(iter(bad.values()))['error']})")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
