@@ -133,10 +133,12 @@ def bench(
 
 def _bench_policy(name: str, budget: int):
     """RaaS runs with the prompt unpinned: the bench prompts are longer than the budget."""
-    from lemma.engine.policies import make_policy, parse_policy_spec
+    from dataclasses import fields
+
+    from lemma.engine.policies import POLICIES, make_policy, parse_policy_spec
 
     name, options = parse_policy_spec(name)
-    if name in ("raas", "random"):
+    if name in POLICIES and "pin_prompt" in {f.name for f in fields(POLICIES[name])}:
         options.setdefault("pin_prompt", False)
     return make_policy(name, None if name == "dense" else budget, **options)
 

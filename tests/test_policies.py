@@ -269,7 +269,7 @@ def test_invariants_under_random_runs(checked_engine, policy, prompt_lens, max_t
 # ---- bad input -----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("make, message", [
-    (lambda: make_policy("lru", 512), "unknown policy 'lru'; known: dense, raas, streaming, h2o, quest, random"),
+    (lambda: make_policy("lru", 512), "unknown policy 'lru'; known: dense, raas, raas-capped, streaming, h2o, quest, random"),
     (lambda: RaaS(budget=16), "raas budget must be at least 2 pages (32 tokens), got 16"),
     (lambda: H2O(budget=500), "h2o budget must be a multiple of the page size 16, got 500 (use 496 or 512)"),
     (lambda: Quest(budget=512, dense_layers=-1), "dense_layers must be an integer >= 0, got -1"),

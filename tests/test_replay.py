@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from lemma import H2O, Dense, Engine, Quest, RaaS, StreamingLLM
-from lemma.engine.policies import RandomEviction
+from lemma.engine.policies import RaaSCapped, RandomEviction
 
 PAGE = 16
 POLICIES = [Dense(), RaaS(budget=128), RaaS(budget=128, refresh="mass"), RaaS(budget=128, dense_layers=1),
             RaaS(budget=48, pin_prompt=False), StreamingLLM(budget=48), H2O(budget=64), Quest(budget=48),
-            RandomEviction(budget=128), RaaS(budget=128, refresh="ema", recent=2), RaaS(budget=64, pin_share=0.5)]
+            RandomEviction(budget=128), RaaS(budget=128, refresh="ema", recent=2), RaaS(budget=64, pin_share=0.5), RaaSCapped(budget=64)]
 # prompt lengths: within a page, exactly a page, several pages with a partial one, longer than a budget
 PROMPT_LENS = [5, 16, 37, 70]
 TARGET_LENS = [1, 16, 75, 130]

@@ -69,7 +69,9 @@ def test_policy_specs_and_descriptions():
     assert make_policy("raas", 256, dense_layers=2).describe() == "raas-256(dense_layers=2)"
     assert RaaS(budget=256).describe() == "raas-256"
     with pytest.raises(LemmaError, match="recent"):
-        RaaS(budget=64, recent=4)
+        RaaS(budget=64, recent=-1)
+    capped = make_policy("raas-capped", 128)
+    assert (capped.refresh, capped.recent, capped.pin_share, capped.describe()) == ("mass", 2, 0.5, "raas-capped-128")
 
 
 def slots(born, pinned=None):

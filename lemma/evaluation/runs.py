@@ -10,11 +10,12 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable, Iterator
+from dataclasses import fields
 from statistics import mean
 from typing import Any
 
 from lemma.engine.engine import Engine
-from lemma.engine.policies import Dense, Policy, make_policy, parse_policy_spec
+from lemma.engine.policies import POLICIES, Dense, Policy, make_policy, parse_policy_spec
 from lemma.engine.sampler import SamplingParams
 from lemma.evaluation.answers import equivalent, extract_answer
 from lemma.evaluation.datasets import Problem
@@ -32,7 +33,7 @@ def policy_grid(names: list[str], budgets: list[int], pin_prompt: bool = True, d
         if name == "dense":
             grid.append(make_policy("dense", **options))
             continue
-        if name in ("raas", "random") and not pin_prompt:
+        if not pin_prompt and name in POLICIES and "pin_prompt" in {f.name for f in fields(POLICIES[name])}:
             options.setdefault("pin_prompt", False)
         options.setdefault("dense_layers", dense_layers)
         grid += [make_policy(name, budget, **options) for budget in budgets]
