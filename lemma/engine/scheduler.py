@@ -44,7 +44,7 @@ class Scheduler:
         self.running: list[Sequence] = []  # admission order, prefilling and decoding
         self.peak_running = 0  # most requests running at once so far
         self.preemptions = 0
-        self.decode_steps = 0  # steps that decoded, and the sequences they decoded (mean batch = ratio)
+        self.decode_steps = 0  # steps that decoded, and the tokens they fed (one per sequence, a page per replay)
         self.decoded = 0
 
     def add(self, seq: Sequence) -> None:
