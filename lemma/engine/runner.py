@@ -95,7 +95,8 @@ class ModelRunner:
                     self._append_page(seq, layer)
             tokens += seq.all_ids[start:end]
             pins = prompt_pins(policy, len(seq.prompt_ids), page, start, end).to(self.device)
-            pinned = [pins if policy.sparse(layer) else torch.zeros_like(pins) for layer in range(pool.num_layers)]
+            unpinned = torch.zeros_like(pins)
+            pinned = [pins if policy.sparse(layer) else unpinned for layer in range(pool.num_layers)]
             tables = torch.tensor([pages[: pool.pages_for(end)] for pages in seq.pages], device=self.device)
             segments.append(PrefillSegment(tables, start, end, offset, pinned))
             offset += end - start
