@@ -156,6 +156,7 @@ def evaluate(
     policies: str = typer.Option("dense,raas", help="Comma-separated policies."),
     budgets: str = typer.Option("64,128,256,512", help="Comma-separated KV budgets (tokens) for non-dense policies."),
     limit: Optional[int] = typer.Option(None, help="Only the first N problems."),
+    sample: Optional[int] = typer.Option(None, help="--traces: N traces spread evenly over the file (instead of the first N)."),
     max_tokens: int = typer.Option(512, help="Most tokens per answer (or per fidelity trace)."),
     batch: int = typer.Option(8, help="Problems decoded together."),
     fidelity: bool = typer.Option(False, "--fidelity", help="Replay Dense's greedy traces under each policy instead of grading answers."),
@@ -184,7 +185,10 @@ def evaluate(
         raise LemmaError("name exactly one of --data (problems) or --traces (reasoning traces)")
     if traces is not None:
         _at_least(max_trace_tokens, 1, "--max-trace-tokens")
-        return _evaluate_traces(traces, model, policies, budgets, limit, max_trace_tokens, batch, pin_prompt, out,
+        _at_least(sample, 1, "--sample")
+        if sample is not None and limit is not None:
+            raise LemmaError("name at most one of --limit (the first N traces) or --sample (N spread over the file)")
+        return _evaluate_traces(traces, model, policies, budgets, limit, sample, max_trace_tokens, batch, pin_prompt, out,
                                 device, dtype)
     grid = _eval_grid(_names(policies), _ints(budgets, "--budgets"), pin_prompt, fidelity)
     problems = load_problems(data, limit)
@@ -230,16 +234,18 @@ def evaluate(
     typer.echo(f"results in {out}, plot in {png}")
 
 
-def _evaluate_traces(path: Path, model: str | None, policies: str, budgets: str, limit: int | None,
+def _evaluate_traces(path: Path, model: str | None, policies: str, budgets: str, limit: int | None, sample: int | None,
                      max_trace_tokens: int, batch: int, pin_prompt: bool, out: Path, device: str | None,
                      dtype: str | None) -> None:
     from lemma.evaluation import plots, runs
     from lemma.evaluation.results import ResultsFile
-    from lemma.evaluation.traces import load_traces, run_trace_fidelity
+    from lemma.evaluation.traces import evenly_spaced, load_traces, run_trace_fidelity
     from lemma.models.store import DEFAULT_MODEL
 
     grid = _eval_grid(_names(policies), _ints(budgets, "--budgets"), pin_prompt, True)
     traces = load_traces(path, limit)
+    if sample is not None:
+        traces = evenly_spaced(traces, sample)
     png = outputs.plot_next_to(out, "--out")
     position_png = png.with_name(png.stem + "-position.png")
     outputs.check_png(position_png, "--out")

@@ -109,3 +109,20 @@ def test_chunked_replay_shares_steps_with_generation(tiny_dir):
         engine.step()
     assert forced.logprobs == pytest.approx(oracle.logprobs, abs=1e-4)
     assert box[-1].finished and engine.pool.all_free
+
+
+def test_chunk_attention_is_decode_attention_per_query():
+    from lemma.kernels import reference
+
+    torch.manual_seed(1)
+    batch, tokens, heads, kv_heads, dim, pages, slots = 3, 5, 4, 2, 8, 12, 4
+    k_cache, v_cache = torch.randn(pages, kv_heads, PAGE, dim), torch.randn(pages, kv_heads, PAGE, dim)
+    ids = torch.randint(0, pages, (batch, kv_heads, slots))
+    ids[0, :, -1] = -1  # an empty slot
+    fill = torch.randint(0, PAGE + 1, (batch, tokens, kv_heads, slots))
+    q = torch.randn(batch, tokens, heads, dim)
+    out, mass = reference.paged_chunk_attention(q, k_cache, v_cache, ids, fill, 0.3, return_mass=True)
+    for t in range(tokens):
+        want, want_mass = reference.paged_decode_attention(q[:, t], k_cache, v_cache, ids, fill[:, t], 0.3, return_mass=True)
+        torch.testing.assert_close(out[:, t], want)
+        torch.testing.assert_close(mass[:, t], want_mass)

@@ -9,7 +9,7 @@ import torch
 from lemma import Engine, LemmaError, RaaS, RandomEviction, make_policy
 from lemma.engine.policies import SlotMeta, parse_policy_spec
 from lemma.evaluation import runs
-from lemma.evaluation.traces import ReasoningTrace, load_traces, trace_tokens
+from lemma.evaluation.traces import ReasoningTrace, evenly_spaced, load_traces, trace_tokens
 from test_cli import assert_one_line_error, invoke
 
 TRACES = [{"problem": "What is 2+2?", "trace": "Two plus two. " * 12 + "</think>\nThe answer is 4.", "model": "m",
@@ -121,6 +121,25 @@ def test_eval_traces_command_and_resume(tiny_dir, tmp_path):
     assert_one_line_error(invoke("eval", "--traces", data, "--data", data, "--model", tiny_dir), "exactly one of --data")
     assert_one_line_error(invoke("eval", "--traces", data, "--model", tiny_dir, "--policies", "raas:recnt=2"),
                           "raas has no option 'recnt'")
+    assert_one_line_error(invoke("eval", "--traces", data, "--model", tiny_dir, "--sample", 2, "--limit", 2),
+                          "at most one of --limit")
+    kinds = [(r["kind"], r["config"], r["id"]) for r in map(json.loads, lines) if "kind" in r]
+    # batch by batch (two traces here): Dense, then all six policy configs, before the next batch
+    assert kinds[:2] == [("trace", "dense", "m:0"), ("trace", "dense", "m:1")]
+    assert {(k[0], k[2]) for k in kinds[2:14]} == {("fidelity", "m:0"), ("fidelity", "m:1")}
+    assert len({k[1] for k in kinds[2:14]}) == 6 and kinds[14] == ("trace", "dense", "m:2")
+
+
+def test_sampled_traces_and_comparable_rows():
+    traces = [ReasoningTrace(str(i), "p", "t") for i in range(10)]
+    assert [t.id for t in evenly_spaced(traces, 4)] == ["0", "2", "5", "7"]
+    assert evenly_spaced(traces, 20) == traces
+    record = lambda config, budget, trace, error=None: {"config": config, "budget": budget, "id": trace, "error": error}  # noqa: E731
+    records = [record("raas-64", 64, "a"), record("h2o-64", 64, "a"), record("raas-64", 64, "b"),  # h2o-64 missing b
+               record("raas-64", 64, "c"), record("h2o-64", 64, "c", "boom"), record("raas-128", 128, "b")]
+    kept, failed = runs.comparable(records)
+    assert [(r["config"], r["id"]) for r in kept] == [("raas-64", "a"), ("h2o-64", "a"), ("raas-128", "b")]
+    assert list(failed) == [64] and list(failed[64]) == ["c"]
 
 
 def test_pin_share_pins_the_sink_and_the_last_prompt_pages(tiny_dir):

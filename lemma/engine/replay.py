@@ -1,6 +1,6 @@
 """Exact page-chunked replay of a teacher-forced continuation: up to one page of known tokens per
-forward instead of one decode step per token, with the same evictions, timestamps, mass and
-log-probabilities as token-by-token decoding.
+sequence per forward instead of one decode step per token, with the same evictions, timestamps, mass
+and log-probabilities as token-by-token decoding.
 
 Why it is exact: a decode step opens (and under an evicting policy, evicts for) a page only at a
 page's first position, so between two page boundaries the retained set is fixed. For the T known
@@ -13,6 +13,10 @@ query matters:
     select          per query (Quest), from per-query bounds
     attend          every query over the retained pages, its own page up to itself (causal)
     update          the policy's stamp/mass updates applied query by query, in order
+
+Every phase runs on all sequences of the forward at once: their chunks are laid on a [B, T] grid
+(T = the longest chunk; a shorter chunk's padding cells compute and are then dropped: they store
+nothing and update nothing).
 
 No Triton twin: on GPU this runs as torch ops (like prefill); the oracle is token-by-token replay.
 """
@@ -31,83 +35,107 @@ from lemma.kernels import reference
 
 
 @dataclass
-class ReplaySegment:
-    """One sequence's known tokens at positions [start, end) of one logical page, rows
-    [offset, offset + end - start) of the forward."""
+class ReplayBatch:
+    """B sequences' known tokens, each within one logical page: rows of the forward by sequence."""
 
-    tables: torch.Tensor  # [L, S] page ids by slot (-1 = empty)
-    start: int
-    end: int
-    offset: int
-    modes: torch.Tensor  # [L] CONTINUE, NEW_SLOT or EVICT for the chunk's first position
-    new_slots: torch.Tensor  # [L] the slot a NEW_SLOT layer writes
+    tables: torch.Tensor  # [B, L, S] page ids by slot (-1 = empty)
+    modes: torch.Tensor  # [B, L] CONTINUE, NEW_SLOT or EVICT for each chunk's first position
+    new_slots: torch.Tensor  # [B, L] the slot a NEW_SLOT layer writes
+    grid: torch.Tensor  # [B, T] the forward row of each cell (padding cells: their sequence's last row)
+    active: torch.Tensor  # [B, T] whether a cell is a real token
+    cells: torch.Tensor  # [N] the cell (b * T + t) of each forward row
+
+    @staticmethod
+    def build(tables: list[torch.Tensor], modes: list[list[int]], new_slots: list[list[int]], lengths: list[int],
+              device: torch.device) -> "ReplayBatch":
+        """From per-sequence tables [L, S_b], page-open modes/slots per layer and chunk lengths (rows in order)."""
+        width = max(t.shape[1] for t in tables)
+        padded = torch.stack([torch.nn.functional.pad(t, (0, width - t.shape[1]), value=-1) for t in tables])
+        longest, starts = max(lengths), torch.tensor([0] + lengths[:-1]).cumsum(0)
+        steps = torch.arange(longest)
+        counts = torch.tensor(lengths)
+        active = steps[None, :] < counts[:, None]
+        grid = starts[:, None] + torch.minimum(steps[None, :], counts[:, None] - 1)
+        cells = (torch.arange(len(lengths))[:, None] * longest + steps[None, :])[active]
+        return ReplayBatch(padded.to(device), torch.tensor(modes, device=device), torch.tensor(new_slots, device=device),
+                           grid.to(device), active.to(device), cells.to(device))
 
 
 class ReplayAttention:
-    """The `Attend` of a replay forward: one page of known tokens per segment."""
+    """The `Attend` of a replay forward: one page of known tokens per sequence."""
 
-    def __init__(self, pool: KVPool, policy: Policy, scale: float, segments: list[ReplaySegment],
-                 positions: torch.Tensor):
-        self.pool, self.policy, self.scale, self.segments = pool, policy, scale, segments
-        self.parts = []
-        for seg in segments:
-            rows = slice(seg.offset, seg.offset + seg.end - seg.start)
-            pos = positions[rows]
-            self.parts.append((seg, rows, pos, pos % pool.page_size, pos[:1] // pool.page_size))
+    def __init__(self, pool: KVPool, policy: Policy, scale: float, batch: ReplayBatch, positions: torch.Tensor):
+        self.pool, self.policy, self.scale, self.batch = pool, policy, scale, batch
+        cell_positions = positions[batch.grid]  # [B, T]
+        self.positions = positions
+        self.offsets = cell_positions % pool.page_size  # [B, T]
+        self.logical = cell_positions[:, 0] // pool.page_size  # [B]
+        self.first_positions = cell_positions[:, 0]
+        self.row_offsets = positions % pool.page_size  # [N]
+        self.row_sequence = batch.cells // batch.grid.shape[1]  # [N]
+        self.last = batch.active.sum(1) - 1  # [B] each chunk's last cell
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        outs = [self.segment(layer, *part, q[part[1]], k[part[1]], v[part[1]]) for part in self.parts]
-        return outs[0] if len(outs) == 1 else torch.cat(outs)
-
-    def segment(self, layer: int, seg: ReplaySegment, rows: slice, positions: torch.Tensor, offsets: torch.Tensor,
-                logical: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        pool, policy = self.pool, self.policy
-        heads, count = pool.heads, q.shape[0]
+        pool, policy, batch = self.pool, self.policy, self.batch
+        heads, kv_heads = pool.heads, pool.heads.numel()
+        (count, steps), offsets = batch.grid.shape, self.offsets
         sparse = policy.sparse(layer)
         evicts, bounded = sparse and policy.evicts, sparse and policy.needs_bound
-        ids = seg.tables[layer][None, None, :].expand(-1, heads.numel(), -1)  # [1, Hkv, S]
+        ids = batch.tables[:, layer, None, :].expand(-1, kv_heads, -1)  # [B, Hkv, S]
         valid = ids >= 0
         meta = pool.slot_meta(layer, ids, valid) if evicts else None
-        mode = seg.modes[layer].view(1, 1)
-        slot = write_slots(policy, meta, logical, mode, seg.new_slots[layer].view(1, 1), heads.numel(), evicts)
-        page = ids.gather(2, slot[..., None])[..., 0]  # [1, Hkv]
+        mode = batch.modes[:, layer, None]  # [B, 1]
+        slot = write_slots(policy, meta, self.logical, mode, batch.new_slots[:, layer, None], kv_heads, evicts)
+        page = ids.gather(2, slot[..., None])[..., 0]  # [B, Hkv]
 
         if evicts:
-            pool.open_pages(layer, page, (mode != CONTINUE).expand_as(page), logical, positions[:1])
-        reference.store_kv(pool.k[layer], pool.v[layer], k, v, page.expand(count, -1), offsets)
-        pool.fill[layer][page, heads] = (offsets[-1] + 1).to(torch.int32)
+            pool.open_pages(layer, page, (mode != CONTINUE).expand_as(page), self.logical, self.first_positions)
+        reference.store_kv(pool.k[layer], pool.v[layer], k, v, page[self.row_sequence], self.row_offsets)
+        pool.fill[layer][page, heads] = (self.offsets.gather(1, self.last[:, None]) + 1).to(torch.int32)
+        cell_q = q[batch.grid.view(-1)]  # [B*T, Hq, D]
+        cell_slot = slot[:, None].expand(-1, steps, -1).reshape(count * steps, kv_heads)
+        cell_ids = ids[:, None].expand(-1, steps, -1, -1).reshape(count * steps, kv_heads, -1)
         bound = None
         if bounded:  # the page's key max/min after each query's key: running extremes over its rows
-            keys = reference.gather_blocks(pool.k[layer], page, 1)[0].float()  # [Hkv, page, D]
-            seen_hi, seen_lo = keys.cummax(1).values[:, offsets], keys.cummin(1).values[:, offsets]  # [Hkv, T, D]
-            pool.key_max[layer][page, heads], pool.key_min[layer][page, heads] = seen_hi[None, :, -1], seen_lo[None, :, -1]
+            keys = reference.gather_blocks(pool.k[layer], page, 1).float()  # [B, Hkv, page, D]
+            at = offsets[:, None, :, None].expand(-1, kv_heads, -1, keys.shape[-1])
+            seen_hi, seen_lo = keys.cummax(2).values.gather(2, at), keys.cummin(2).values.gather(2, at)  # [B, Hkv, T, D]
+            last = self.last[:, None, None, None].expand(-1, kv_heads, 1, keys.shape[-1])
+            pool.key_max[layer][page, heads] = seen_hi.gather(2, last)[:, :, 0]
+            pool.key_min[layer][page, heads] = seen_lo.gather(2, last)[:, :, 0]
             safe = ids.clamp(min=0)
-            hi = pool.key_max[layer][safe, heads[None, :, None]].expand(count, -1, -1, -1).clone()  # [T, Hkv, S, D]
-            lo = pool.key_min[layer][safe, heads[None, :, None]].expand(count, -1, -1, -1).clone()
-            at = slot[0][None, :, None, None].expand(count, -1, 1, hi.shape[-1])
-            hi.scatter_(2, at, seen_hi.transpose(0, 1)[:, :, None])
-            lo.scatter_(2, at, seen_lo.transpose(0, 1)[:, :, None])
-            bound = reference.bound_from_extremes(q, hi, lo, ids.expand(count, -1, -1))
+            hi = pool.key_max[layer][safe, heads[None, :, None]][:, None].expand(-1, steps, -1, -1, -1).clone()  # [B, T, Hkv, S, D]
+            lo = pool.key_min[layer][safe, heads[None, :, None]][:, None].expand(-1, steps, -1, -1, -1).clone()
+            into = slot[:, None, :, None, None].expand(-1, steps, -1, 1, hi.shape[-1])
+            hi.scatter_(3, into, seen_hi.transpose(1, 2)[:, :, :, None])
+            lo.scatter_(3, into, seen_lo.transpose(1, 2)[:, :, :, None])
+            flat = lambda t: t.reshape(count * steps, *t.shape[2:])  # noqa: E731
+            bound = reference.bound_from_extremes(cell_q, flat(hi), flat(lo), cell_ids)  # [B*T, Hkv, S]
 
         # per query, the rows of each page it sees: whole retained pages, its own page up to itself
         safe = ids.clamp(min=0)
-        fill = torch.where(valid, pool.fill[layer][safe, heads[None, :, None]], 0).expand(count, -1, -1).clone()
-        fill.scatter_(2, slot.expand(count, -1)[..., None], (offsets + 1)[:, None, None].expand(-1, heads.numel(), 1).to(fill.dtype))
+        fill = torch.where(valid, pool.fill[layer][safe, heads[None, :, None]], 0)[:, None].expand(-1, steps, -1, -1).clone()
+        own = (offsets + 1)[:, :, None, None].expand(-1, -1, kv_heads, 1).to(fill.dtype)
+        fill.scatter_(3, slot[:, None, :, None].expand(-1, steps, -1, 1), own)  # [B, T, Hkv, S]
         if sparse:
-            chosen = policy.select(bound, meta, slot.expand(count, -1))
+            chosen = policy.select(bound, meta, cell_slot)
             if chosen is not None:
-                picked = torch.zeros_like(valid.expand(count, -1, -1)).scatter_(2, chosen, True)
-                fill = torch.where(picked, fill, 0)
+                picked = torch.zeros_like(cell_ids, dtype=torch.bool).scatter_(2, chosen, True)
+                fill = torch.where(picked.view_as(fill), fill, 0)
         want_mass = sparse and policy.needs_mass
-        result = reference.paged_chunk_attention(q, pool.k[layer], pool.v[layer], ids[0], fill, self.scale, want_mass)
+        result = reference.paged_chunk_attention(cell_q.view(count, steps, *q.shape[1:]), pool.k[layer], pool.v[layer],
+                                                 ids, fill, self.scale, want_mass)
         out, mass = result if want_mass else (result, None)
 
-        if evicts:  # the decode step's update, once per query in order
-            meta = pool.slot_meta(layer, ids, valid)  # the opened page's metadata changed
+        if evicts:  # the decode step's update, once per query in order; padding cells keep the state
+            meta = pool.slot_meta(layer, ids, valid)  # the opened pages changed
             stamp, acc = meta.stamp, meta.mass
-            for t in range(count):
+            bound = None if bound is None else bound.view(count, steps, *bound.shape[1:])
+            for t in range(steps):
                 now = SlotMeta(meta.born, stamp, acc, meta.pinned, meta.valid)
-                stamp, acc = policy.update(now, None if bound is None else bound[t : t + 1],
-                                           None if mass is None else mass[t : t + 1], positions[t : t + 1])
+                new_stamp, new_acc = policy.update(now, None if bound is None else bound[:, t],
+                                                   None if mass is None else mass[:, t], self.positions[batch.grid[:, t]])
+                real = batch.active[:, t, None, None]
+                stamp, acc = torch.where(real, new_stamp, stamp), torch.where(real, new_acc, acc)
             pool.write_policy_state(layer, ids, stamp, acc)
-        return out
+        return out.reshape(count * steps, *q.shape[1:])[batch.cells]

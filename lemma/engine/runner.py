@@ -20,7 +20,7 @@ from lemma.engine.decode_state import CONTINUE, EVICT, NEW_SLOT, DecodeState, St
 from lemma.engine.graphs import CudaGraphs
 from lemma.engine.policies import Policy
 from lemma.engine.pool import KVPool
-from lemma.engine.replay import ReplayAttention, ReplaySegment
+from lemma.engine.replay import ReplayAttention, ReplayBatch
 from lemma.errors import LemmaError
 from lemma.engine.sequence import Sequence
 from lemma.kernels import kernel_ops
@@ -174,35 +174,36 @@ class ModelRunner:
         forward for all of them); per sequence, the logits [T, V] after each fed token. Equals T decode
         steps (see engine/replay.py)."""
         page, layers = self.pool.page_size, self.pool.num_layers
-        tokens, segments, offset = [], [], 0
+        tokens, positions, tables, modes, new_slots = [], [], [], [], []
         for seq in seqs:
             start, end = seq.replay_span(page)
-            modes, new_slots = [CONTINUE] * layers, [0] * layers
+            open_modes, open_slots = [CONTINUE] * layers, [0] * layers
             if start % page == 0:  # the page opens: a free slot or an eviction, per layer (as prepare)
                 evicted = False
                 for layer in range(layers):
                     if len(seq.pages[layer]) < seq.capacity[layer]:
-                        modes[layer], new_slots[layer] = NEW_SLOT, self._append_page(seq, layer)
+                        open_modes[layer], open_slots[layer] = NEW_SLOT, self._append_page(seq, layer)
                     else:
-                        modes[layer], evicted = EVICT, True
+                        open_modes[layer], evicted = EVICT, True
                 seq.stats.pages_evicted += evicted
             width = max(len(p) for p in seq.pages)
-            tables = torch.tensor([p + [-1] * (width - len(p)) for p in seq.pages], device=self.device)
-            segments.append(ReplaySegment(tables, start, end, offset, torch.tensor(modes, device=self.device),
-                                          torch.tensor(new_slots, device=self.device)))
+            tables.append(torch.tensor([p + [-1] * (width - len(p)) for p in seq.pages]))
+            modes.append(open_modes)
+            new_slots.append(open_slots)
             tokens += (seq.prompt_ids + seq.forced)[start:end]
-            offset += end - start
-        inputs = (torch.tensor(tokens, device=self.device),
-                  torch.cat([torch.arange(s.start, s.end, device=self.device) for s in segments]), segments)
+            positions.append(torch.arange(start, end))
+        lengths = [len(p) for p in positions]
+        inputs = (torch.tensor(tokens, device=self.device), torch.cat(positions).to(self.device),
+                  ReplayBatch.build(tables, modes, new_slots, lengths, self.device))
         if self.cluster is not None:
             self.cluster.send(("replay", policy, inputs))
         logits = self._collective(self.replay_forward, policy, *inputs)
-        return list(logits.split([s.end - s.start for s in segments]))
+        return list(logits.split(lengths))
 
     def replay_forward(self, policy: Policy, tokens: torch.Tensor, positions: torch.Tensor,
-                       segments: list[ReplaySegment]) -> torch.Tensor:
+                       batch: ReplayBatch) -> torch.Tensor:
         """The replay forward proper (what every tensor-parallel rank runs): logits at every row."""
-        return self.model(tokens, positions, ReplayAttention(self.pool, policy, self.scale, segments, positions))
+        return self.model(tokens, positions, ReplayAttention(self.pool, policy, self.scale, batch, positions))
 
     def positions(self, policy: Policy, batch: int) -> torch.Tensor:
         """The positions the last decode step under `policy` fed, on the device: [batch]."""

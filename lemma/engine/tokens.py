@@ -59,10 +59,11 @@ def force_rows(logits: torch.Tensor, seq: Sequence) -> list[int | None]:
     and the model's argmax; None from the first row whose logits are not finite."""
     done = len(seq.output_ids)
     targets = seq.forced[done : done + logits.shape[0]]
-    logprobs = torch.log_softmax(logits.float(), dim=-1)
-    chosen = logprobs.gather(1, torch.tensor(targets, device=logits.device)[:, None])[:, 0]
-    rows = torch.stack([chosen, logprobs.argmax(-1).to(chosen.dtype),
-                        torch.isfinite(logits).all(-1).to(chosen.dtype)]).tolist()  # one host transfer
+    logits = logits.float()
+    # log p(target) = logit - logsumexp: no [T, V] log-softmax; a row's sum is finite iff every logit is
+    chosen = logits.gather(1, torch.tensor(targets, device=logits.device)[:, None])[:, 0] - torch.logsumexp(logits, -1)
+    rows = torch.stack([chosen, logits.argmax(-1).to(chosen.dtype),
+                        torch.isfinite(logits.sum(-1)).to(chosen.dtype)]).tolist()  # one host transfer
     tokens: list[int | None] = []
     for target, lp, top, ok in zip(targets, *rows):
         if not ok:

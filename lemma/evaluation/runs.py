@@ -131,17 +131,20 @@ def run_fidelity(engine: Engine, problems: list[Problem], policies: list[Policy]
 def replay_under_policies(engine: Engine, references: list[dict[str, Any]], policies: list[Policy],
                           results: ResultsFile, batch: int = 8, progress: Progress | None = None) -> None:
     """Teacher-force each Dense reference ("trace" record: prompt_ids, tokens, logprobs, predicted) under
-    every other policy; one "fidelity" record per (policy, reference), skipping those already in results."""
-    for policy in policies:
-        if isinstance(policy, Dense):
-            continue
-        engine.policy = policy
-        done = results.done("fidelity")
-        todo = [r for r in references if (policy.describe(), r["id"]) not in done]
-        for chunk in _batches(todo, batch):
-            forced = engine.teacher_force([r["prompt_ids"] for r in chunk], [r["tokens"] for r in chunk])
+    every other policy; one "fidelity" record per (policy, reference), skipping those already in results.
+    Batch by batch of references, every policy on a batch before the next: a run stopped early leaves
+    whole traces (all policies), which is what the tables compare."""
+    policies = [p for p in policies if not isinstance(p, Dense)]
+    done = results.done("fidelity")
+    for chunk in _batches(references, batch):
+        for policy in policies:
+            todo = [r for r in chunk if (policy.describe(), r["id"]) not in done]
+            if not todo:
+                continue
+            engine.policy = policy
+            forced = engine.teacher_force([r["prompt_ids"] for r in todo], [r["tokens"] for r in todo])
             records = []
-            for ref, f in zip(chunk, forced):
+            for ref, f in zip(todo, forced):
                 record = {"kind": "fidelity", "config": policy.describe(), "policy": policy.name,
                           "budget": policy.budget, "id": ref["id"], "error": f.error}
                 if f.error is None:
@@ -150,7 +153,7 @@ def replay_under_policies(engine: Engine, references: list[dict[str, Any]], poli
                 records.append(record)
             results.append(records)
             if progress:
-                progress(len(chunk))
+                progress(len(todo))
 
 
 def summarize_fidelity(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -184,12 +187,18 @@ def summarize_fidelity(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def comparable(records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[Any, dict[str, dict[str, Any]]]]:
     """The fidelity records whose rows compare like with like: at each budget, only the traces every
-    policy at that budget replayed. Also {budget: {trace id: a failed record}} for what was left out."""
+    config at that budget replayed without error (a run stopped early may lack some). Also
+    {budget: {trace id: a failed record}} for the failures left out."""
     failed: dict[Any, dict[str, dict[str, Any]]] = {}
+    configs: dict[Any, set[str]] = defaultdict(set)
+    have: dict[tuple[Any, str], set[str]] = defaultdict(set)
     for r in records:
+        configs[r["budget"]].add(r["config"])
+        have[r["budget"], r["id"]].add(r["config"])
         if r.get("error") is not None:
             failed.setdefault(r["budget"], {})[r["id"]] = r
-    return [r for r in records if r["id"] not in failed.get(r["budget"], {})], failed
+    return [r for r in records if r["id"] not in failed.get(r["budget"], {})
+            and have[r["budget"], r["id"]] == configs[r["budget"]]], failed
 
 
 def _by_position(records: list[dict[str, Any]]) -> list[tuple[int, int, float, float]]:

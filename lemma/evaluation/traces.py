@@ -69,21 +69,31 @@ def trace_tokens(engine: Engine, trace: ReasoningTrace, max_trace_tokens: int) -
     return prompt, target
 
 
+def evenly_spaced(traces: list[ReasoningTrace], count: int) -> list[ReasoningTrace]:
+    """`count` traces spread evenly over the list (all of them if it has no more): a file ordered by
+    source model or difficulty is sampled from every part."""
+    if count >= len(traces):
+        return traces
+    return [traces[i * len(traces) // count] for i in range(count)]
+
+
 def run_trace_fidelity(engine: Engine, traces: list[ReasoningTrace], policies: list[Policy], max_trace_tokens: int,
                        results: ResultsFile, batch: int = 8, progress: Progress | None = None) -> None:
-    """Dense's log-probs of every trace first (stored: the reference), then every other policy, batch
-    by batch; an interrupted run resumes from `results`."""
-    engine.policy = Dense()
-    have = {r["id"] for r in results.of("trace")}
-    for chunk in _batches([t for t in traces if t.id not in have], batch):
-        pairs = [trace_tokens(engine, t, max_trace_tokens) for t in chunk]
-        forced = engine.teacher_force([p for p, _ in pairs], [t for _, t in pairs])
-        results.append([{"kind": "trace", "config": "dense", "id": t.id, "prompt_ids": p, "tokens": target,
-                         "logprobs": f.logprobs, "predicted": f.predicted}
-                        if f.error is None else {"kind": "trace", "config": "dense", "id": t.id, "error": f.error}
-                        for t, (p, target), f in zip(chunk, pairs, forced)])
-        if progress:
-            progress(len(chunk))
-    references = {r["id"]: r for r in results.of("trace") if "tokens" in r}
-    replay_under_policies(engine, [references[t.id] for t in traces if t.id in references], policies, results,
-                          batch, progress)
+    """Batch by batch: Dense's log-probs of the traces (stored: the reference), then every other policy
+    on them; an interrupted run resumes from `results` and leaves whole traces behind it."""
+    for chunk in _batches(traces, batch):
+        engine.policy = Dense()
+        have = {r["id"] for r in results.of("trace")}
+        todo = [t for t in chunk if t.id not in have]
+        if todo:
+            pairs = [trace_tokens(engine, t, max_trace_tokens) for t in todo]
+            forced = engine.teacher_force([p for p, _ in pairs], [t for _, t in pairs])
+            results.append([{"kind": "trace", "config": "dense", "id": t.id, "prompt_ids": p, "tokens": target,
+                             "logprobs": f.logprobs, "predicted": f.predicted}
+                            if f.error is None else {"kind": "trace", "config": "dense", "id": t.id, "error": f.error}
+                            for t, (p, target), f in zip(todo, pairs, forced)])
+            if progress:
+                progress(len(todo))
+        references = {r["id"]: r for r in results.of("trace") if "tokens" in r}
+        replay_under_policies(engine, [references[t.id] for t in chunk if t.id in references], policies, results,
+                              batch, progress)

@@ -154,26 +154,27 @@ def paged_chunk_attention(
     scale: float,
     return_mass: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """T queries of one sequence over the same listed pages, each query seeing its own rows of each page:
-    paged_decode_attention for T rows that share page_ids, with the pages gathered once.
+    """T queries of each of B sequences over that sequence's listed pages, each query seeing its own rows
+    of each page: paged_decode_attention for rows that share page_ids, with the pages gathered once.
 
-    q [T, Hq, D]; page_ids [Hkv, S]; fill [T, Hkv, S] rows of each page query t sees (0 hides a page)
-    -> out [T, Hq, D]; with return_mass also the mass per page [T, Hkv, S] (as paged_decode_attention).
+    q [B, T, Hq, D]; page_ids [B, Hkv, S]; fill [B, T, Hkv, S] rows of each page query t sees (0 hides
+    a page) -> out [B, T, Hq, D]; with return_mass also the mass per page [B, T, Hkv, S] (as
+    paged_decode_attention).
     """
-    tokens, num_heads, dim = q.shape
-    num_kv_heads, slots = page_ids.shape
+    batch, tokens, num_heads, dim = q.shape
+    num_kv_heads, slots = page_ids.shape[1:]
     page_size = k_cache.shape[2]
     group = num_heads // num_kv_heads
-    keys = gather_blocks(k_cache, page_ids, 0).float().view(num_kv_heads, slots * page_size, dim)
-    values = gather_blocks(v_cache, page_ids, 0).float().view(num_kv_heads, slots * page_size, dim)
+    keys = gather_blocks(k_cache, page_ids, 1).float().view(batch, num_kv_heads, slots * page_size, dim)
+    values = gather_blocks(v_cache, page_ids, 1).float().view(batch, num_kv_heads, slots * page_size, dim)
     rows = torch.arange(page_size, device=q.device)
-    valid = (rows < fill[..., None]) & (page_ids[None, :, :, None] >= 0)  # [T, Hkv, S, page]
-    valid = valid.view(tokens, num_kv_heads, 1, slots * page_size).transpose(0, 1)  # [Hkv, T, 1, S*page]
-    qg = q.float().view(tokens, num_kv_heads, group, dim).transpose(0, 1)  # [Hkv, T, G, D]
-    scores = torch.einsum("htgd,hnd->htgn", qg, keys) * scale
+    valid = (rows < fill[..., None]) & (page_ids[:, None, :, :, None] >= 0)  # [B, T, Hkv, S, page]
+    valid = valid.view(batch, tokens, num_kv_heads, 1, slots * page_size).transpose(1, 2)  # [B, Hkv, T, 1, S*page]
+    qg = q.float().view(batch, tokens, num_kv_heads, group, dim).transpose(1, 2)  # [B, Hkv, T, G, D]
+    scores = torch.einsum("bhtgd,bhnd->bhtgn", qg, keys) * scale
     weights = torch.softmax(scores.masked_fill(~valid, float("-inf")), dim=-1).nan_to_num(0.0)
-    out = torch.einsum("htgn,hnd->htgd", weights, values).transpose(0, 1).reshape(tokens, num_heads, dim).to(q.dtype)
+    out = torch.einsum("bhtgn,bhnd->bhtgd", weights, values).transpose(1, 2).reshape(batch, tokens, num_heads, dim)
     if not return_mass:
-        return out
-    mass = weights.view(num_kv_heads, tokens, group, slots, page_size).sum(-1).mean(2).transpose(0, 1)
-    return out, mass
+        return out.to(q.dtype)
+    mass = weights.view(batch, num_kv_heads, tokens, group, slots, page_size).sum(-1).mean(3).transpose(1, 2)
+    return out.to(q.dtype), mass
