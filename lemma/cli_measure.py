@@ -223,7 +223,7 @@ def evaluate(
                    ("errors", "errors", "d")]
         metrics = [("nll_increase", "NLL increase per token"), ("agreement", "top-1 agreement with Dense")]
     else:
-        rows = runs.summarize_accuracy([r for r in results.of("accuracy") if r["id"] in ids])
+        rows = runs.summarize_accuracy(runs.answered_by_all([r for r in results.of("accuracy") if r["id"] in ids]))
         columns = [("config", "config", ""), ("problems", "problems", "d"), ("accuracy", "accuracy", ".3f"),
                    ("mean_generated_tokens", "mean tokens", ".0f"), ("mean_jct_seconds", "mean JCT s", ".1f"),
                    ("peak_kv_mib", "peak KV MiB", ".1f"), ("errors", "errors", "d")]

@@ -137,11 +137,14 @@ def test_accuracy_run_resumes_after_interruption(tiny_dir, tmp_path):
     with open(path, "a") as f:
         f.write('{"kind": "accuracy", "config": "ra')  # a write torn by a kill
     first = ResultsFile(path)
-    assert len(first.of("accuracy")) == 3  # two batches: dense [0, 1] and [2]
+    # problems [0, 1] under dense and raas, then the interrupt: nothing of problem 2
+    assert sorted((r["config"][:4], r["id"]) for r in first.of("accuracy")) == sorted(
+        (c, p.id) for c in ("dens", "raas") for p in problems[:2])
+    assert len(runs.answered_by_all(first.of("accuracy") + [{"config": "dense", "id": problems[2].id}])) == 4
     engine.generate = generate
     seen = []
     runs.run_accuracy(engine, problems, grid, params, first, batch=2, progress=seen.append)
-    assert seen == [2, 1]  # only raas-64's three problems ran again
+    assert seen == [1, 1]  # only problem 2 ran, under each policy
     final = ResultsFile(path).of("accuracy")
     configs = ("dense", "raas-64(pin_prompt=False)")
     assert sorted((r["config"], r["id"]) for r in final) == sorted((c, p.id) for c in configs for p in problems)

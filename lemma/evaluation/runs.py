@@ -47,14 +47,18 @@ def _batches(items: list, size: int) -> Iterator[list]:
 
 def run_accuracy(engine: Engine, problems: list[Problem], policies: list[Policy], params: SamplingParams,
                  results: ResultsFile, batch: int = 8, progress: Progress | None = None) -> None:
-    for policy in policies:
-        engine.policy = policy
-        done = results.done("accuracy")
-        todo = [p for p in problems if (policy.describe(), p.id) not in done]
-        for chunk in _batches(todo, batch):
-            outs = engine.generate([engine.chat_prompt(p.messages()) for p in chunk], params)
+    """Batch by batch of problems, every policy on a batch before the next (a run stopped early leaves
+    problems answered under every config); what results already holds is skipped."""
+    done = results.done("accuracy")
+    for chunk in _batches(problems, batch):
+        for policy in policies:
+            todo = [p for p in chunk if (policy.describe(), p.id) not in done]
+            if not todo:
+                continue
+            engine.policy = policy
+            outs = engine.generate([engine.chat_prompt(p.messages()) for p in todo], params)
             records = []
-            for problem, out in zip(chunk, outs):
+            for problem, out in zip(todo, outs):
                 pred = extract_answer(out.text, complete=out.finish_reason == "stop") if out.finish_reason != "error" else None
                 records.append({"kind": "accuracy", "config": policy.describe(), "policy": policy.name,
                                 "budget": policy.budget, "id": problem.id, "gold": problem.gold, "pred": pred,
@@ -64,7 +68,16 @@ def run_accuracy(engine: Engine, problems: list[Problem], policies: list[Policy]
                                 "text": out.text})
             results.append(records)
             if progress:
-                progress(len(chunk))
+                progress(len(todo))
+
+
+def answered_by_all(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The records of the problems every config answered (a run stopped early may lack some)."""
+    configs = {r["config"] for r in records}
+    seen: dict[str, set[str]] = defaultdict(set)
+    for r in records:
+        seen[r["id"]].add(r["config"])
+    return [r for r in records if seen[r["id"]] == configs]
 
 
 def _by_config(records: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
