@@ -1,7 +1,9 @@
 """Markdown tables from a `lemma eval --traces` results file: NLL increase / top-1 agreement per policy
-(rows) and budget (columns), then the same by trace half and by 1K-token position bucket.
+(rows) and budget (columns), then the same by trace half and by 1K-token position bucket; with
+--plots, the two plots `lemma eval --traces` draws, from the finished traces only (a run stopped for
+time draws none).
 
-    python -m bench.fidelity_tables bench/results/fidelity_traces_math500_smollm2.jsonl
+    python -m bench.fidelity_tables bench/results/fidelity_traces_math500_smollm2.jsonl [--plots]
 """
 
 from __future__ import annotations
@@ -9,13 +11,20 @@ from __future__ import annotations
 import sys
 from collections import defaultdict
 
-from lemma.evaluation import runs
+from pathlib import Path
+
+from lemma.evaluation import plots, runs
 from lemma.evaluation.results import ResultsFile
 
 
-def main(path: str) -> None:
+def main(path: str, draw: bool = False) -> None:
     records, failed = runs.comparable(ResultsFile(path).of("fidelity"))
     rows = runs.summarize_fidelity(records)
+    if draw:
+        title = Path(path).stem
+        plots.metric_vs_budget(rows, [("nll_increase", "NLL increase per token"),
+                                      ("agreement", "top-1 agreement with Dense")], Path(path).with_suffix(".png"), title)
+        plots.fidelity_vs_position(rows, Path(path).with_name(Path(path).stem + "-position.png"), title)
     budgets = sorted({r["budget"] for r in rows})
     by_policy: dict[str, dict[int, dict]] = defaultdict(dict)
     for r in rows:
@@ -49,4 +58,4 @@ def main(path: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], "--plots" in sys.argv[2:])
