@@ -190,6 +190,8 @@ def evaluate(
             raise LemmaError("name at most one of --limit (the first N traces) or --sample (N spread over the file)")
         return _evaluate_traces(traces, model, policies, budgets, limit, sample, max_trace_tokens, batch, pin_prompt, out,
                                 device, dtype)
+    if sample is not None:
+        raise LemmaError("--sample spreads --traces over a file; with --data use --limit")
     grid = _eval_grid(_names(policies), _ints(budgets, "--budgets"), pin_prompt, fidelity)
     problems = load_problems(data, limit)
     png = outputs.plot_next_to(out, "--out")

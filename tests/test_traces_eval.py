@@ -123,6 +123,7 @@ def test_eval_traces_command_and_resume(tiny_dir, tmp_path):
                           "raas has no option 'recnt'")
     assert_one_line_error(invoke("eval", "--traces", data, "--model", tiny_dir, "--sample", 2, "--limit", 2),
                           "at most one of --limit")
+    assert_one_line_error(invoke("eval", "--data", data, "--model", tiny_dir, "--sample", 2), "--sample spreads --traces")
     kinds = [(r["kind"], r["config"], r["id"]) for r in map(json.loads, lines) if "kind" in r]
     # batch by batch (two traces here): Dense, then all six policy configs, before the next batch
     assert kinds[:2] == [("trace", "dense", "m:0"), ("trace", "dense", "m:1")]

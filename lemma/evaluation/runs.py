@@ -203,15 +203,14 @@ def comparable(records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dic
     config at that budget replayed without error (a run stopped early may lack some). Also
     {budget: {trace id: a failed record}} for the failures left out."""
     failed: dict[Any, dict[str, dict[str, Any]]] = {}
-    configs: dict[Any, set[str]] = defaultdict(set)
-    have: dict[tuple[Any, str], set[str]] = defaultdict(set)
     for r in records:
-        configs[r["budget"]].add(r["config"])
-        have[r["budget"], r["id"]].add(r["config"])
         if r.get("error") is not None:
             failed.setdefault(r["budget"], {})[r["id"]] = r
-    return [r for r in records if r["id"] not in failed.get(r["budget"], {})
-            and have[r["budget"], r["id"]] == configs[r["budget"]]], failed
+    by_budget: dict[Any, list[dict[str, Any]]] = defaultdict(list)
+    for r in records:
+        if r["id"] not in failed.get(r["budget"], {}):
+            by_budget[r["budget"]].append(r)
+    return [r for group in by_budget.values() for r in answered_by_all(group)], failed
 
 
 def _by_position(records: list[dict[str, Any]]) -> list[tuple[int, int, float, float]]:
