@@ -103,14 +103,7 @@ class ReplayAttention:
             last = self.last[:, None, None, None].expand(-1, kv_heads, 1, keys.shape[-1])
             pool.key_max[layer][page, heads] = seen_hi.gather(2, last)[:, :, 0]
             pool.key_min[layer][page, heads] = seen_lo.gather(2, last)[:, :, 0]
-            safe = ids.clamp(min=0)
-            hi = pool.key_max[layer][safe, heads[None, :, None]][:, None].expand(-1, steps, -1, -1, -1).clone()  # [B, T, Hkv, S, D]
-            lo = pool.key_min[layer][safe, heads[None, :, None]][:, None].expand(-1, steps, -1, -1, -1).clone()
-            into = slot[:, None, :, None, None].expand(-1, steps, -1, 1, hi.shape[-1])
-            hi.scatter_(3, into, seen_hi.transpose(1, 2)[:, :, :, None])
-            lo.scatter_(3, into, seen_lo.transpose(1, 2)[:, :, :, None])
-            flat = lambda t: t.reshape(count * steps, *t.shape[2:])  # noqa: E731
-            bound = reference.bound_from_extremes(cell_q, flat(hi), flat(lo), cell_ids)  # [B*T, Hkv, S]
+            bound = self._bounds(layer, cell_q, ids, slot, seen_hi, seen_lo)  # [B*T, Hkv, S]
 
         # per query, the rows of each page it sees: whole retained pages, its own page up to itself
         safe = ids.clamp(min=0)
@@ -139,3 +132,21 @@ class ReplayAttention:
                 stamp, acc = torch.where(real, new_stamp, stamp), torch.where(real, new_acc, acc)
             pool.write_policy_state(layer, ids, stamp, acc)
         return out.reshape(count * steps, *q.shape[1:])[batch.cells]
+
+    def _bounds(self, layer: int, cell_q: torch.Tensor, ids: torch.Tensor, slot: torch.Tensor,
+                seen_hi: torch.Tensor, seen_lo: torch.Tensor) -> torch.Tensor:
+        """Each query's Quest bound [B*T, Hkv, S]: retained pages from the pool's key max/min, its own page
+        (slot [B, Hkv]) from the running extremes seen_hi/seen_lo [B, Hkv, T, D] up to itself."""
+        count, steps = self.batch.grid.shape
+        kv_heads, dim = ids.shape[1], cell_q.shape[-1]
+        heads = self.pool.heads[None, :, None]
+        safe = ids.clamp(min=0)
+        hi, lo = self.pool.key_max[layer][safe, heads], self.pool.key_min[layer][safe, heads]  # [B, Hkv, S, D]
+        qg = cell_q.float().view(count, steps, kv_heads, -1, dim).transpose(1, 2)  # [B, Hkv, T, G, D]
+        group = qg.shape[3]
+        scores = reference.signed_dot(qg.reshape(count, kv_heads, steps * group, dim), hi, lo)
+        scores = scores.view(count, kv_heads, steps, group, -1)  # [B, Hkv, T, G, S]
+        own = reference.signed_dot(qg, seen_hi[:, :, :, None], seen_lo[:, :, :, None])  # [B, Hkv, T, G, 1]
+        scores.scatter_(4, slot[:, :, None, None, None].expand(-1, -1, steps, group, 1), own)
+        bound = scores.amax(3).masked_fill(ids[:, :, None, :] < 0, float("-inf"))  # [B, Hkv, T, S]
+        return bound.transpose(1, 2).reshape(count * steps, kv_heads, -1)

@@ -74,9 +74,16 @@ def bound_from_extremes(q: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor, pag
     """page_scores' formula over given per-slot key max/min hi, lo [B, Hkv, S, D] -> [B, Hkv, S]."""
     batch, num_heads, dim = q.shape
     num_kv_heads = page_ids.shape[1]
-    qg = q.float().view(batch, num_kv_heads, num_heads // num_kv_heads, 1, dim)
-    bound = torch.maximum(qg * hi[:, :, None], qg * lo[:, :, None]).sum(-1).amax(2)
+    qg = q.float().view(batch, num_kv_heads, num_heads // num_kv_heads, dim)
+    bound = signed_dot(qg, hi, lo).amax(2)  # [B, Hkv, G, S] -> [B, Hkv, S]
     return bound.masked_fill(page_ids < 0, float("-inf"))
+
+
+def signed_dot(q: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
+    """sum_d max(q_d hi_d, q_d lo_d) for q [..., R, D] against every row of hi, lo [..., S, D] -> [..., R, S].
+    Since hi >= lo, the max picks hi where q_d >= 0 and lo where q_d < 0: two matmuls, q+ hi^T + q- lo^T,
+    instead of a [R, S, D] product."""
+    return q.clamp(min=0) @ hi.transpose(-1, -2) + q.clamp(max=0) @ lo.transpose(-1, -2)
 
 
 def paged_decode_attention(
