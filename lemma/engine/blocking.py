@@ -5,13 +5,14 @@ requests advance in the same steps). Mixed into Engine; uses its add/step intern
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 
 from lemma.engine.policies import Dense
 from lemma.engine.prompts import Prompt, chat_ids, is_conversation
+from lemma.engine.recording import Recording
 from lemma.engine.sampler import SamplingParams
 from lemma.engine.sequence import Chunk, Forced, Output, RequestOutput, Sequence, Stats
 from lemma.errors import LemmaError
@@ -48,15 +49,16 @@ class BlockingCalls:
                         self._step_lock.release()
 
     def _submit_all(self, prompts: list[Prompt], params: list[SamplingParams], box: deque[RequestOutput],
-                    forced: list[list[int]] | None = None, chunked: bool = False) -> tuple[list[Sequence | None], dict[int, Output]]:
-        """Submit a batch; requests that fail validation become error Outputs at once."""
+                    prepare: Callable[[int, Sequence], None] | None = None) -> tuple[list[Sequence | None], dict[int, Output]]:
+        """Submit a batch (`prepare(i, seq)` sets request i up before it is queued); requests that fail
+        validation become error Outputs at once."""
         seqs: list[Sequence | None] = []
         failed: dict[int, Output] = {}
         for i, (prompt, p) in enumerate(zip(prompts, params)):
             try:
                 seq = self._new_sequence(None, prompt, p, self.policy)
-                if forced is not None:
-                    seq.forced, seq.chunked = forced[i], chunked
+                if prepare is not None:
+                    prepare(i, seq)
                 self._submit(seq, box.append)
                 seqs.append(seq)
             except LemmaError as exc:
@@ -118,13 +120,22 @@ class BlockingCalls:
             finally:
                 self.scheduler.release(seq)
 
-    def teacher_force(self, prompts: list[Prompt], targets: list[list[int]], chunked: bool = True) -> list[Forced]:
+    def teacher_force(self, prompts: list[Prompt], targets: list[list[int]], chunked: bool = True,
+                      record_until: int = 0, shared: list[Recording | None] | None = None) -> list[Forced]:
         """Replay each target continuation under the current policy (eviction active), as generation
         would see it; per token: log-probability of the target and the model's argmax. `chunked` feeds a
         page of targets per forward (exact: the same evictions as one token per step, see
-        engine/replay.py); chunked=False runs one decode step per token, the oracle."""
+        engine/replay.py); chunked=False runs one decode step per token, the oracle.
+        Shared prefixes (engine/recording.py): under Dense, `record_until` > 0 records each replay's
+        attention inputs before that position (Forced.recording); `shared` hands such recordings (of the
+        same prompt ids and targets, or None) to another policy's replay, which skips the model where it
+        attends what Dense attends."""
         if not isinstance(prompts, (list, tuple)) or not isinstance(targets, (list, tuple)) or len(prompts) != len(targets):
             raise LemmaError("teacher_force needs a list of prompts and one target list per prompt")
+        if shared is not None and len(shared) != len(prompts):
+            raise LemmaError(f"teacher_force got {len(shared)} shared recordings for {len(prompts)} prompts")
+        if record_until and not isinstance(self.policy, Dense):
+            raise LemmaError(f"record_until records Dense's attention inputs, but the policy is {self.policy.describe()}")
         vocab = self.config.vocab_size
         for i, target in enumerate(targets):
             if not isinstance(target, (list, tuple)) or not target:
@@ -134,10 +145,25 @@ class BlockingCalls:
                 raise LemmaError(f"targets[{i}] token id {bad[0]!r} is outside the vocabulary [0, {vocab})")
         params = [SamplingParams(max_tokens=len(t), ignore_eos=True) for t in targets]
         box: deque[RequestOutput] = deque()
-        seqs, failed = self._submit_all(list(prompts), params, box, forced=[list(t) for t in targets], chunked=chunked)
+        forced = [list(t) for t in targets]
+
+        def prepare(i: int, seq: Sequence) -> None:
+            seq.forced, seq.chunked = forced[i], chunked
+            if record_until and chunked:
+                seq.recording = Recording(seq.prompt_ids, forced[i], record_until, self.config.num_layers)
+            prefix = None if shared is None else shared[i]
+            if prefix is not None and chunked:
+                if not prefix.covers(seq.prompt_ids, forced[i]):
+                    raise LemmaError(f"shared[{i}] is a recording of other tokens than prompts[{i}] and targets[{i}]")
+                seq.shared_prefix = prefix
+
+        seqs, failed = self._submit_all(list(prompts), params, box, prepare=prepare)
         for _ in self._follow([s.request_id for s in seqs if s is not None], box):
             pass
-        return [Forced(s.forced_logprobs, s.predicted, s.stats, s.error) if s is not None
+        for seq in seqs:
+            if seq is not None and seq.recording is not None:
+                seq.recording.logprobs, seq.recording.predicted = seq.forced_logprobs, seq.predicted
+        return [Forced(s.forced_logprobs, s.predicted, s.stats, s.error, s.recording) if s is not None
                 else Forced([], [], Stats(), failed[i].error) for i, s in enumerate(seqs)]
 
     def chat_prompt(self, messages: list[dict[str, Any]]) -> list[int]:

@@ -28,7 +28,7 @@ from lemma.engine.sampler import Sampler, SamplingParams
 from lemma.engine.scheduler import Scheduler, StepPlan
 from lemma.engine.sequence import DECODE, RequestOutput, Sequence
 from lemma.engine.tensor_parallel import Cluster, check_world, rank_device
-from lemma.engine.tokens import force_rows, next_tokens
+from lemma.engine.tokens import force_recorded, force_rows, next_tokens
 from lemma.errors import LemmaError
 from lemma.kernels import resolve_attention
 from lemma.models.config import ModelConfig
@@ -278,11 +278,13 @@ class Engine(BlockingCalls):
                 outputs.append(self._advance(seq, token))
         for policy, seqs in plan.replay.items():
             start = time.perf_counter()
+            spans = [seq.replay_span(self.pool.page_size) for seq in seqs]
             logits = self.runner.replay(seqs, policy)
             elapsed = time.perf_counter() - start
-            for seq, rows in zip(seqs, logits):
+            for seq, rows, (first, end) in zip(seqs, logits, spans):
                 seq.stats.decode_seconds += elapsed
-                outputs.append(self._advance_all(seq, force_rows(rows, seq)))
+                tokens = force_rows(rows, seq) if rows is not None else force_recorded(seq, end - first)
+                outputs.append(self._advance_all(seq, tokens))
         if plan.prefill:
             start = time.perf_counter()
             logits = self.runner.prefill(plan.prefill)

@@ -67,6 +67,14 @@ class Policy:
     def check_prompt(self, prompt_len: int, max_tokens: int) -> None:
         """Raise when a prompt cannot be served under this policy."""
 
+    def dense_prefix(self, prompt_len: int) -> int:
+        """Positions before which this policy attends every token Dense attends (so its logits there are
+        Dense's): an evicting policy until its first eviction (none when prefill already cuts the
+        prompt); a selecting one, conservatively, nowhere (Quest says otherwise)."""
+        if not self.evicts or -(-prompt_len // PAGE_SIZE) > self.budget_pages:
+            return 0
+        return self.budget_pages * PAGE_SIZE
+
     def pinned_prompt_pages(self, prompt_pages: int) -> int:
         """How many of a prompt's pages are pinned (never evicted): 0 here. When fewer than all, the
         first page (the attention sink) and the last ones (the question, the turn's opening) are."""
@@ -94,6 +102,9 @@ class Dense(Policy):
         if self.budget is not None:
             raise LemmaError("dense keeps every page and takes no budget")
         super().__post_init__()
+
+    def dense_prefix(self, prompt_len: int) -> int:
+        return NEVER
 
 
 def _argmin_key(key: torch.Tensor) -> torch.Tensor:
@@ -275,6 +286,9 @@ class Quest(Policy):
     budget: int | None = 1024
     name: ClassVar[str] = "quest"
     needs_bound: ClassVar[bool] = True
+
+    def dense_prefix(self, prompt_len: int) -> int:
+        return max(3, self.budget_pages) * PAGE_SIZE  # select keeps every page while it holds that many
 
     def select(self, bound: torch.Tensor, meta: SlotMeta, write_slot: torch.Tensor) -> torch.Tensor:
         k = min(max(3, self.budget_pages), bound.shape[-1])

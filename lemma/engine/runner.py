@@ -20,6 +20,7 @@ from lemma.engine.decode_state import CONTINUE, EVICT, NEW_SLOT, DecodeState, St
 from lemma.engine.graphs import CudaGraphs
 from lemma.engine.policies import Policy
 from lemma.engine.pool import KVPool
+from lemma.engine.recording import Recording
 from lemma.engine.replay import ReplayAttention, ReplayBatch
 from lemma.errors import LemmaError
 from lemma.engine.sequence import Sequence
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
     from lemma.engine.tensor_parallel import Cluster
 
 PrefillChunk = tuple[Sequence, Policy, int, int]  # (sequence, its policy, first position, end position)
+Recorder = tuple[Recording, int, int, int]  # (recording, its first row in the forward, first position, rows)
 # observer(layer, born [B,Hkv,S], valid, step mass [B,Hkv,S], evicted born [B,Hkv] or -1): for traces
 Observer = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
 COMPILE_CHOICES = ("inductor", "eager", "aot_eager")
@@ -169,10 +171,45 @@ class ModelRunner:
 
     # ---- exact chunked replay of known tokens ---------------------------------------------------------
     @torch.inference_mode()
-    def replay(self, seqs: list[Sequence], policy: Policy) -> list[torch.Tensor]:
+    def replay(self, seqs: list[Sequence], policy: Policy) -> list[torch.Tensor | None]:
         """Feed each teacher-forced sequence its known tokens up to the end of the current page (one
         forward for all of them); per sequence, the logits [T, V] after each fed token. Equals T decode
-        steps (see engine/replay.py)."""
+        steps (see engine/replay.py). A sequence whose chunk lies in its shared prefix (engine/recording.py)
+        is fed Dense's recorded attention inputs instead, without the model: None for it."""
+        page = self.pool.page_size
+        spans = [seq.replay_span(page) for seq in seqs]
+        shared = [self._shares(seq, policy, span) for seq, span in zip(seqs, spans)]
+        modeled = [seq for seq, s in zip(seqs, shared) if not s]
+        logits: dict[int, torch.Tensor] = {}
+        if modeled:
+            inputs, lengths = self._replay_inputs(modeled)
+            recorders: list[Recorder] = []
+            if self.cluster is not None:
+                self.cluster.send(("replay", policy, inputs))
+            else:  # a recording holds one rank's heads under tensor parallelism: none there
+                row = 0
+                for seq, count in zip(modeled, lengths):
+                    if seq.recording is not None:
+                        recorders.append((seq.recording, row, seq.num_tokens - 1, count))
+                    row += count
+            rows = self._collective(self.replay_forward, policy, *inputs, recorders)
+            logits = {seq.uid: part for seq, part in zip(modeled, rows.split(lengths))}
+        recorded = [seq for seq, s in zip(seqs, shared) if s]
+        if recorded:
+            self._replay_recorded(recorded, policy)
+        return [logits.get(seq.uid) for seq in seqs]
+
+    def _shares(self, seq: Sequence, policy: Policy, span: tuple[int, int]) -> bool:
+        """Whether this chunk replays from the sequence's shared Dense prefix (not under tensor parallelism)."""
+        prefix = seq.shared_prefix
+        if prefix is None or self.cluster is not None:
+            return False
+        start, end = span
+        return prefix.start <= start and end <= min(prefix.end, policy.dense_prefix(len(seq.prompt_ids)))
+
+    def _replay_inputs(self, seqs: list[Sequence]) -> tuple[tuple, list[int]]:
+        """The replay forward's inputs (tokens, positions, ReplayBatch) for each sequence's next chunk,
+        taking a page or deciding an eviction where a chunk opens one; and the chunk lengths."""
         page, layers = self.pool.page_size, self.pool.num_layers
         tokens, positions, tables, modes, new_slots = [], [], [], [], []
         for seq in seqs:
@@ -195,15 +232,25 @@ class ModelRunner:
         lengths = [len(p) for p in positions]
         inputs = (torch.tensor(tokens, device=self.device), torch.cat(positions).to(self.device),
                   ReplayBatch.build(tables, modes, new_slots, lengths, self.device))
-        if self.cluster is not None:
-            self.cluster.send(("replay", policy, inputs))
-        logits = self._collective(self.replay_forward, policy, *inputs)
-        return list(logits.split(lengths))
+        return inputs, lengths
+
+    def _replay_recorded(self, seqs: list[Sequence], policy: Policy) -> None:
+        """The attention phases alone, per layer, on each sequence's recorded q/k/v of its chunk."""
+        spans = [seq.replay_span(self.pool.page_size) for seq in seqs]
+        (_, positions, batch), _ = self._replay_inputs(seqs)
+        attend = ReplayAttention(self.pool, policy, self.scale, batch, positions)
+        for layer in range(self.pool.num_layers):
+            parts = [seq.shared_prefix.inputs(layer, start, end) for seq, (start, end) in zip(seqs, spans)]
+            attend(layer, *(torch.cat(rows).to(self.device) for rows in zip(*parts)))
 
     def replay_forward(self, policy: Policy, tokens: torch.Tensor, positions: torch.Tensor,
-                       batch: ReplayBatch) -> torch.Tensor:
-        """The replay forward proper (what every tensor-parallel rank runs): logits at every row."""
-        return self.model(tokens, positions, ReplayAttention(self.pool, policy, self.scale, batch, positions))
+                       batch: ReplayBatch, recorders: list[Recorder] = ()) -> torch.Tensor:
+        """The replay forward proper (what every tensor-parallel rank runs): logits at every row; each of
+        `recorders` takes its sequence's rows of the attention inputs."""
+        attend = ReplayAttention(self.pool, policy, self.scale, batch, positions)
+        if recorders:
+            attend = recording_attend(attend, recorders)
+        return self.model(tokens, positions, attend)
 
     def positions(self, policy: Policy, batch: int) -> torch.Tensor:
         """The positions the last decode step under `policy` fed, on the device: [batch]."""
@@ -247,6 +294,15 @@ class ModelRunner:
                                     StepInputs(tokens, positions, modes, new_slots, tables), trace)
         logits = self.model(tokens, positions, attention)
         return logits, attention.traces
+
+
+def recording_attend(attend: Callable, recorders: list[Recorder]) -> Callable:
+    """`attend`, also handing each recording its sequence's rows of every layer's q, k, v."""
+    def attend_and_record(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        for recording, row, position, count in recorders:
+            recording.put(layer, position, q[row : row + count], k[row : row + count], v[row : row + count])
+        return attend(layer, q, k, v)
+    return attend_and_record
 
 
 def prompt_pins(policy: Policy, prompt_len: int, page: int, start: int, end: int) -> torch.Tensor:

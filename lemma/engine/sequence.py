@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from lemma.engine.recording import Recording
 from lemma.engine.sampler import SamplingParams
 from lemma.models.tokenizer import StreamingDetokenizer
 
@@ -70,6 +71,7 @@ class Forced:
     predicted: list[int]
     stats: Stats
     error: str | None = None
+    recording: Recording | None = None  # teacher_force(record_until=...): the Recording a policy replay can share
 
 
 @dataclass
@@ -100,6 +102,8 @@ class Sequence:
         self.prefilled = 0  # tokens of prompt (+ output, after a preemption) already in the pool
         self.forced: list[int] | None = None  # teacher forcing: the tokens to emit instead of sampling
         self.chunked = False  # teacher forcing: replay a page of forced tokens per forward (engine/replay.py)
+        self.recording: Recording | None = None  # chunked teacher forcing under Dense: a Recording it fills (engine/recording.py)
+        self.shared_prefix: Recording | None = None  # chunked teacher forcing: a Dense Recording of the same tokens it replays from
         self.prompt_ids = prompt_ids
         self.params = params
         self.seed = 0  # the sampling seed: params.seed, or drawn when the request is added

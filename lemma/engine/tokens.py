@@ -73,3 +73,13 @@ def force_rows(logits: torch.Tensor, seq: Sequence) -> list[int | None]:
         seq.predicted.append(int(top))
         tokens.append(target)
     return tokens
+
+
+def force_recorded(seq: Sequence, count: int) -> list[int]:
+    """A chunk replayed from the sequence's shared Dense prefix: its next `count` forced tokens, with
+    Dense's log-probabilities and argmax for them (engine/recording.py: they are the same)."""
+    done = len(seq.output_ids)
+    logprobs, predicted = seq.shared_prefix.scores(done, count)
+    seq.forced_logprobs += logprobs
+    seq.predicted += predicted
+    return seq.forced[done : done + count]

@@ -16,6 +16,7 @@ from typing import Any
 
 from lemma.engine.engine import Engine
 from lemma.engine.policies import POLICIES, Dense, Policy, make_policy, parse_policy_spec
+from lemma.engine.recording import Recording
 from lemma.engine.sampler import SamplingParams
 from lemma.evaluation.answers import equivalent, extract_answer
 from lemma.evaluation.datasets import Problem
@@ -142,11 +143,13 @@ def run_fidelity(engine: Engine, problems: list[Problem], policies: list[Policy]
 
 
 def replay_under_policies(engine: Engine, references: list[dict[str, Any]], policies: list[Policy],
-                          results: ResultsFile, batch: int = 8, progress: Progress | None = None) -> None:
+                          results: ResultsFile, batch: int = 8, progress: Progress | None = None,
+                          shared: dict[str, Recording] | None = None) -> None:
     """Teacher-force each Dense reference ("trace" record: prompt_ids, tokens, logprobs, predicted) under
     every other policy; one "fidelity" record per (policy, reference), skipping those already in results.
     Batch by batch of references, every policy on a batch before the next: a run stopped early leaves
-    whole traces (all policies), which is what the tables compare."""
+    whole traces (all policies), which is what the tables compare. `shared`: Dense's recordings of
+    references by id, which policy replays share where they attend what Dense does (engine/recording.py)."""
     policies = [p for p in policies if not isinstance(p, Dense)]
     done = results.done("fidelity")
     for chunk in _batches(references, batch):
@@ -155,7 +158,8 @@ def replay_under_policies(engine: Engine, references: list[dict[str, Any]], poli
             if not todo:
                 continue
             engine.policy = policy
-            forced = engine.teacher_force([r["prompt_ids"] for r in todo], [r["tokens"] for r in todo])
+            prefixes = None if shared is None else [shared.get(r["id"]) for r in todo]
+            forced = engine.teacher_force([r["prompt_ids"] for r in todo], [r["tokens"] for r in todo], shared=prefixes)
             records = []
             for ref, f in zip(todo, forced):
                 record = {"kind": "fidelity", "config": policy.describe(), "policy": policy.name,

@@ -80,20 +80,26 @@ def evenly_spaced(traces: list[ReasoningTrace], count: int) -> list[ReasoningTra
 def run_trace_fidelity(engine: Engine, traces: list[ReasoningTrace], policies: list[Policy], max_trace_tokens: int,
                        results: ResultsFile, batch: int = 8, progress: Progress | None = None) -> None:
     """Batch by batch: Dense's log-probs of the traces (stored: the reference), then every other policy
-    on them; an interrupted run resumes from `results` and leaves whole traces behind it."""
+    on them; an interrupted run resumes from `results` and leaves whole traces behind it. Dense's replay
+    records its attention inputs up to where the policies still attend what it does, and their replays
+    share that prefix (engine/recording.py); a batch whose Dense replay was in the results before this run
+    replays in full."""
+    record_until = max([p.dense_prefix(0) for p in policies if not isinstance(p, Dense)], default=0)
     for chunk in _batches(traces, batch):
         engine.policy = Dense()
         have = {r["id"] for r in results.of("trace")}
         todo = [t for t in chunk if t.id not in have]
+        shared = {}
         if todo:
             pairs = [trace_tokens(engine, t, max_trace_tokens) for t in todo]
-            forced = engine.teacher_force([p for p, _ in pairs], [t for _, t in pairs])
+            forced = engine.teacher_force([p for p, _ in pairs], [t for _, t in pairs], record_until=record_until)
             results.append([{"kind": "trace", "config": "dense", "id": t.id, "prompt_ids": p, "tokens": target,
                              "logprobs": f.logprobs, "predicted": f.predicted}
                             if f.error is None else {"kind": "trace", "config": "dense", "id": t.id, "error": f.error}
                             for t, (p, target), f in zip(todo, pairs, forced)])
+            shared = {t.id: f.recording for t, f in zip(todo, forced) if f.error is None and f.recording is not None}
             if progress:
                 progress(len(todo))
         references = {r["id"]: r for r in results.of("trace") if "tokens" in r}
         replay_under_policies(engine, [references[t.id] for t in chunk if t.id in references], policies, results,
-                              batch, progress)
+                              batch, progress, shared)

@@ -1,0 +1,70 @@
+"""Shared replay prefixes: a policy replays the positions where it attends exactly what Dense attends
+from Dense's recorded attention inputs, instead of running the model there.
+
+Before its first eviction an evicting policy holds every page, and Quest selects every page while it
+holds at most its budget: their attention, hence every layer's hidden states and the logits, equal
+Dense's up to `Policy.dense_prefix` (page-chunked replay is exact, engine/replay.py). What differs is
+only the policy's own bookkeeping (page opens, key bounds, stamps, mass), which is a function of each
+layer's post-RoPE q, k and v. So a Dense teacher-forced replay records those per layer at its first
+positions, with what it scored there; a policy replay of the same prompt and targets then feeds its
+chunks before that position to the attention phases alone (no projections, MLP or LM head) and takes
+Dense's log-probs and argmax for them. The pool ends up with the same keys, values and metadata, and
+the replay goes on through the model from there. Evaluating 24 configs against one Dense reference
+this skips the shared part of every config's trace.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lemma.errors import LemmaError
+
+
+class Recording:
+    """Dense's q, k, v [rows, heads, dim] per layer at one teacher-forced sequence's replayed positions
+    [start, end) (end <= limit), and its log-probs and argmax per target (filled as the replay runs)."""
+
+    def __init__(self, prompt_ids: list[int], targets: list[int], limit: int, layers: int):
+        self.prompt_ids, self.targets = list(prompt_ids), list(targets)
+        self.start = self.end = len(prompt_ids)  # the first replayed position (prefill scores target 0)
+        self.limit = limit
+        self.logprobs: list[float] = []
+        self.predicted: list[int] = []
+        self._chunks: list[list[tuple[torch.Tensor, ...]]] = [[] for _ in range(layers)]
+        self._joined: list[tuple[torch.Tensor, ...]] | None = None
+
+    def put(self, layer: int, start: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Layer `layer`'s inputs at positions [start, start + rows). Kept only while they extend the
+        recording without a gap (a preempted and re-prefilled sequence stops it) and before `limit`."""
+        if start != self.end or start >= self.limit:
+            if layer == len(self._chunks) - 1:
+                self.limit = min(self.limit, self.end)  # a gap: nothing past it is recorded
+            return
+        rows = min(q.shape[0], self.limit - start)
+        self._chunks[layer].append((q[:rows].clone(), k[:rows].clone(), v[:rows].clone()))
+        if layer == len(self._chunks) - 1:
+            self.end = start + rows
+        self._joined = None
+
+    def inputs(self, layer: int, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(q, k, v) of `layer` at positions [start, end), which must lie within [self.start, self.end)."""
+        if not self.start <= start <= end <= self.end:
+            raise LemmaError(f"positions [{start}, {end}) are outside the recording [{self.start}, {self.end})")
+        if self._joined is None:
+            self._joined = [tuple(torch.cat(parts) for parts in zip(*chunks)) if chunks else ()
+                            for chunks in self._chunks]
+            self._chunks = [[joined] if joined else [] for joined in self._joined]
+        q, k, v = self._joined[layer]
+        return q[start - self.start : end - self.start], k[start - self.start : end - self.start], \
+            v[start - self.start : end - self.start]
+
+    def scores(self, first: int, count: int) -> tuple[list[float], list[int]]:
+        """Dense's log-probs and argmax of targets [first, first + count)."""
+        if first + count > len(self.logprobs):
+            raise LemmaError(f"the recording has Dense's scores of {len(self.logprobs)} targets, not of "
+                             f"[{first}, {first + count}): its replay has not finished")
+        return self.logprobs[first : first + count], self.predicted[first : first + count]
+
+    def covers(self, prompt_ids: list[int], targets: list[int]) -> bool:
+        """Whether this recording is of the same prompt and targets."""
+        return prompt_ids == self.prompt_ids and targets == self.targets
