@@ -167,3 +167,5 @@ def test_shared_prefix_of_other_tokens_is_refused(tiny_dir):
     assert out.error is not None and "shared[0]" in out.error
     with pytest.raises(LemmaError, match="record_until"):
         engine.teacher_force([[5] * 10], [[7] * 40], record_until=64)
+    with pytest.raises(LemmaError, match="chunked"):
+        dense.teacher_force([[5] * 10], [[7] * 40], record_until=64, chunked=False)

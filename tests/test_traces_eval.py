@@ -159,3 +159,34 @@ def test_pin_share_pins_the_sink_and_the_last_prompt_pages(tiny_dir):
     assert out.stats.peak_kv_pages == 10  # the whole prompt until prefill ends, then 8 (sink + most recent)
     with pytest.raises(LemmaError, match="does not fit the raas budget"):
         engine.add_request(prompt, policy=RaaS(budget=128))
+
+
+def test_eval_traces_shares_dense_prefix_with_the_same_records(tiny_dir, tmp_path, monkeypatch):
+    """run_trace_fidelity replays each policy from Dense's recorded prefix where it may; its records
+    equal those of full replays."""
+    from lemma.engine.runner import ModelRunner
+    from lemma.evaluation.results import ResultsFile
+    from lemma.evaluation.traces import run_trace_fidelity
+
+    rows = [dict(r, trace="Step by step, carefully. " * (20 + 9 * i)) for i, r in enumerate(TRACES)]
+    traces = load_traces(write_traces(tmp_path / "traces.jsonl", rows))
+    policies = [make_policy("dense")] + [make_policy(n, b) for n in ("raas", "h2o", "quest") for b in (64, 128)]
+    runs_by_mode = {}
+    for mode in ("shared", "full"):
+        engine = Engine(tiny_dir, kv_cache_tokens=4096, dtype="float32")
+        calls = []
+        recorded = engine.runner._replay_recorded
+        engine.runner._replay_recorded = lambda seqs, p: calls.append(len(seqs)) or recorded(seqs, p)
+        if mode == "full":
+            monkeypatch.setattr(ModelRunner, "_shares", lambda *args: False)
+        results = ResultsFile(tmp_path / f"{mode}.jsonl")
+        run_trace_fidelity(engine, traces, policies, 400, results, batch=2)
+        runs_by_mode[mode] = ({(r["config"], r["id"]): r for r in results.of("fidelity")}, calls)
+    (shared, calls), (full, none) = runs_by_mode["shared"], runs_by_mode["full"]
+    assert calls and not none
+    assert shared.keys() == full.keys() and len(shared) == 18
+    for key, record in full.items():
+        assert record["error"] is None and record["pages_evicted"] == shared[key]["pages_evicted"], key
+        assert shared[key]["nll_sum"] == pytest.approx(record["nll_sum"], abs=1e-3), key
+        assert shared[key]["agree_sum"] == record["agree_sum"], key
+    assert any(r["pages_evicted"] for r in full.values())

@@ -134,6 +134,10 @@ class BlockingCalls:
             raise LemmaError("teacher_force needs a list of prompts and one target list per prompt")
         if shared is not None and len(shared) != len(prompts):
             raise LemmaError(f"teacher_force got {len(shared)} shared recordings for {len(prompts)} prompts")
+        if isinstance(record_until, bool) or not isinstance(record_until, int) or record_until < 0:
+            raise LemmaError(f"record_until must be a position >= 0, got {record_until!r}")
+        if not chunked and (record_until or shared is not None):
+            raise LemmaError("record_until and shared work on chunked replay only (chunked=True)")
         if record_until and not isinstance(self.policy, Dense):
             raise LemmaError(f"record_until records Dense's attention inputs, but the policy is {self.policy.describe()}")
         vocab = self.config.vocab_size
@@ -149,12 +153,14 @@ class BlockingCalls:
 
         def prepare(i: int, seq: Sequence) -> None:
             seq.forced, seq.chunked = forced[i], chunked
-            if record_until and chunked:
+            if record_until:
                 seq.recording = Recording(seq.prompt_ids, forced[i], record_until, self.config.num_layers)
             prefix = None if shared is None else shared[i]
-            if prefix is not None and chunked:
+            if prefix is not None:
                 if not prefix.covers(seq.prompt_ids, forced[i]):
                     raise LemmaError(f"shared[{i}] is a recording of other tokens than prompts[{i}] and targets[{i}]")
+                if len(prefix.logprobs) < len(forced[i]):
+                    raise LemmaError(f"shared[{i}] is the recording of a replay that did not finish")
                 seq.shared_prefix = prefix
 
         seqs, failed = self._submit_all(list(prompts), params, box, prepare=prepare)
