@@ -158,7 +158,8 @@ def evaluate(
     limit: Optional[int] = typer.Option(None, help="Only the first N problems."),
     sample: Optional[int] = typer.Option(None, help="--traces: N traces spread evenly over the file (instead of the first N)."),
     max_tokens: int = typer.Option(512, help="Most tokens per answer (or per fidelity trace)."),
-    batch: int = typer.Option(8, help="Problems decoded together."),
+    batch: int = typer.Option(8, help="Problems decoded together (--traces: traces replayed together, from groups of "
+                                      "4x as many taken longest first)."),
     fidelity: bool = typer.Option(False, "--fidelity", help="Replay Dense's greedy traces under each policy instead of grading answers."),
     pin_prompt: bool = typer.Option(True, "--pin-prompt/--no-pin-prompt", help="raas: pin the prompt (it must fit the budget)."),
     out: Path = typer.Option(Path("eval-results.jsonl"), help="Results file; an interrupted run resumes from it."),
@@ -241,7 +242,7 @@ def _evaluate_traces(path: Path, model: str | None, policies: str, budgets: str,
                      dtype: str | None) -> None:
     from lemma.evaluation import plots, runs
     from lemma.evaluation.results import ResultsFile
-    from lemma.evaluation.traces import evenly_spaced, load_traces, run_trace_fidelity
+    from lemma.evaluation.traces import GROUP_PER_BATCH, evenly_spaced, load_traces, run_trace_fidelity
     from lemma.models.store import DEFAULT_MODEL
 
     grid = _eval_grid(_names(policies), _ints(budgets, "--budgets"), pin_prompt, True)
@@ -258,7 +259,7 @@ def _evaluate_traces(path: Path, model: str | None, policies: str, budgets: str,
     bar, advance = _progress(len(traces) * (1 + sum(p.budget is not None for p in grid)), "trace fidelity")
     try:
         with bar:
-            run_trace_fidelity(engine, traces, grid, max_trace_tokens, results, batch, advance)
+            run_trace_fidelity(engine, traces, grid, max_trace_tokens, results, GROUP_PER_BATCH * batch, advance)
     except KeyboardInterrupt:
         typer.echo(f"\ninterrupted; {out} holds every finished batch; run the same command again to resume", err=True)
         raise typer.Exit(130) from None

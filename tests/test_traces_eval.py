@@ -125,10 +125,9 @@ def test_eval_traces_command_and_resume(tiny_dir, tmp_path):
                           "at most one of --limit")
     assert_one_line_error(invoke("eval", "--data", data, "--model", tiny_dir, "--sample", 2), "--sample spreads --traces")
     kinds = [(r["kind"], r["config"], r["id"]) for r in map(json.loads, lines) if "kind" in r]
-    # batch by batch (two traces here): Dense, then all six policy configs, before the next batch
-    assert kinds[:2] == [("trace", "dense", "m:0"), ("trace", "dense", "m:1")]
-    assert {(k[0], k[2]) for k in kinds[2:14]} == {("fidelity", "m:0"), ("fidelity", "m:1")}
-    assert len({k[1] for k in kinds[2:14]}) == 6 and kinds[14] == ("trace", "dense", "m:2")
+    # group by group (4 x --batch traces: all three here): Dense, then all six policy configs
+    assert kinds[:3] == [("trace", "dense", f"m:{i}") for i in range(3)]
+    assert len(kinds) == 21 and {k[0] for k in kinds[3:]} == {"fidelity"} and len({k[1] for k in kinds[3:]}) == 6
 
 
 def test_sampled_traces_and_comparable_rows():
@@ -180,8 +179,12 @@ def test_eval_traces_shares_dense_prefix_with_the_same_records(tiny_dir, tmp_pat
         if mode == "full":
             monkeypatch.setattr(ModelRunner, "_shares", lambda *args: False)
         results = ResultsFile(tmp_path / f"{mode}.jsonl")
-        run_trace_fidelity(engine, traces, policies, 400, results, batch=2)
+        run_trace_fidelity(engine, traces, policies, 400, results, group=2)
         runs_by_mode[mode] = ({(r["config"], r["id"]): r for r in results.of("fidelity")}, calls)
+        kinds = [(r["kind"], r["id"]) for r in results.records]
+        # groups of two, longest trace first: Dense, then every policy on the group
+        assert kinds[:2] == [("trace", "m:1"), ("trace", "m:0")] and kinds[2:4] == [("fidelity", "m:1"), ("fidelity", "m:0")]
+        assert kinds[14] == ("trace", "m:2")
     (shared, calls), (full, none) = runs_by_mode["shared"], runs_by_mode["full"]
     assert calls and not none
     assert shared.keys() == full.keys() and len(shared) == 18
@@ -190,3 +193,17 @@ def test_eval_traces_shares_dense_prefix_with_the_same_records(tiny_dir, tmp_pat
         assert shared[key]["nll_sum"] == pytest.approx(record["nll_sum"], abs=1e-3), key
         assert shared[key]["agree_sum"] == record["agree_sum"], key
     assert any(r["pages_evicted"] for r in full.values())
+    # a resumed group whose policies are not all done records Dense again and shares it
+    monkeypatch.undo()
+    path = tmp_path / "shared.jsonl"
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(lines[:-3]) + "\n")  # the last three records of group 2 are gone
+    engine = Engine(tiny_dir, kv_cache_tokens=4096, dtype="float32")
+    calls = []
+    recorded = engine.runner._replay_recorded
+    engine.runner._replay_recorded = lambda seqs, p: calls.append(len(seqs)) or recorded(seqs, p)
+    results = ResultsFile(path)
+    run_trace_fidelity(engine, traces, policies, 400, results, group=2)
+    assert calls and results.path.read_text().splitlines()[:-3] == lines[:-3]
+    again = {(r["config"], r["id"]): r for r in results.of("fidelity")}
+    assert again.keys() == shared.keys() and all(again[k]["nll_sum"] == pytest.approx(shared[k]["nll_sum"], abs=1e-3) for k in again)

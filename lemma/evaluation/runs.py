@@ -154,7 +154,7 @@ def replay_under_policies(engine: Engine, references: list[dict[str, Any]], poli
     done = results.done("fidelity")
     for chunk in _batches(references, batch):
         for policy in policies:
-            todo = [r for r in chunk if (policy.describe(), r["id"]) not in done]
+            todo = remaining(policy, chunk, done)
             if not todo:
                 continue
             engine.policy = policy
@@ -171,6 +171,11 @@ def replay_under_policies(engine: Engine, references: list[dict[str, Any]], poli
             results.append(records)
             if progress:
                 progress(len(todo))
+
+
+def remaining(policy: Policy, references: list[dict[str, Any]], done: set) -> list[dict[str, Any]]:
+    """The references `policy` has no fidelity record of yet."""
+    return [r for r in references if (policy.describe(), r["id"]) not in done]
 
 
 def summarize_fidelity(records: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -18,7 +18,7 @@ from lemma.errors import LemmaError
 from lemma.evaluation.datasets import json_rows
 from lemma.evaluation.jsonl import json_kind
 from lemma.evaluation.results import ResultsFile
-from lemma.evaluation.runs import Progress, _batches, replay_under_policies
+from lemma.evaluation.runs import Progress, _batches, remaining, replay_under_policies
 from lemma.reasoning import CLOSE, OPEN, opens_thinking
 
 
@@ -77,29 +77,41 @@ def evenly_spaced(traces: list[ReasoningTrace], count: int) -> list[ReasoningTra
     return [traces[i * len(traces) // count] for i in range(count)]
 
 
+GROUP_PER_BATCH = 4  # `lemma eval --traces` groups 4x --batch traces: the batch refills within a group
+
+
 def run_trace_fidelity(engine: Engine, traces: list[ReasoningTrace], policies: list[Policy], max_trace_tokens: int,
-                       results: ResultsFile, batch: int = 8, progress: Progress | None = None) -> None:
-    """Batch by batch: Dense's log-probs of the traces (stored: the reference), then every other policy
-    on them; an interrupted run resumes from `results` and leaves whole traces behind it. Dense's replay
-    records its attention inputs up to where the policies still attend what it does, and their replays
-    share that prefix (engine/recording.py); a batch whose Dense replay was in the results before this run
-    replays in full."""
+                       results: ResultsFile, group: int = 16, progress: Progress | None = None) -> None:
+    """Group by group of traces: Dense's log-probs of the traces (stored: the reference), then every other
+    policy on them; an interrupted run resumes from `results` and leaves whole traces behind it.
+    A group goes to the engine longest trace first, so the engine's batch (its max_batch) refills as
+    shorter ones finish instead of running its longest one alone. Dense's replay records its attention
+    inputs up to where the policies still attend what it does, and their replays share that prefix
+    (engine/recording.py); a resumed group whose policies are not all done replays Dense again to record."""
     record_until = max([p.dense_prefix(0) for p in policies if not isinstance(p, Dense)], default=0)
-    for chunk in _batches(traces, batch):
+    for chunk in _batches(traces, group):
         engine.policy = Dense()
         have = {r["id"] for r in results.of("trace")}
         todo = [t for t in chunk if t.id not in have]
-        shared = {}
+        pairs = {t.id: trace_tokens(engine, t, max_trace_tokens) for t in todo}
         if todo:
-            pairs = [trace_tokens(engine, t, max_trace_tokens) for t in todo]
-            forced = engine.teacher_force([p for p, _ in pairs], [t for _, t in pairs], record_until=record_until)
-            results.append([{"kind": "trace", "config": "dense", "id": t.id, "prompt_ids": p, "tokens": target,
-                             "logprobs": f.logprobs, "predicted": f.predicted}
+            todo.sort(key=lambda t: -sum(map(len, pairs[t.id])))
+            forced = engine.teacher_force([pairs[t.id][0] for t in todo], [pairs[t.id][1] for t in todo],
+                                          record_until=record_until)
+            results.append([{"kind": "trace", "config": "dense", "id": t.id, "prompt_ids": pairs[t.id][0],
+                             "tokens": pairs[t.id][1], "logprobs": f.logprobs, "predicted": f.predicted}
                             if f.error is None else {"kind": "trace", "config": "dense", "id": t.id, "error": f.error}
-                            for t, (p, target), f in zip(todo, pairs, forced)])
-            shared = {t.id: f.recording for t, f in zip(todo, forced) if f.error is None and f.recording is not None}
+                            for t, f in zip(todo, forced)])
             if progress:
                 progress(len(todo))
         references = {r["id"]: r for r in results.of("trace") if "tokens" in r}
-        replay_under_policies(engine, [references[t.id] for t in chunk if t.id in references], policies, results,
-                              batch, progress, shared)
+        refs = sorted((references[t.id] for t in chunk if t.id in references),
+                      key=lambda r: -len(r["prompt_ids"]) - len(r["tokens"]))
+        shared = {t.id: f.recording for t, f in zip(todo, forced) if f.error is None} if todo else {}
+        done = results.done("fidelity")
+        unrecorded = [r for r in refs if r["id"] not in shared]
+        if record_until and unrecorded and any(remaining(p, unrecorded, done) for p in policies if not isinstance(p, Dense)):
+            again = engine.teacher_force([r["prompt_ids"] for r in unrecorded], [r["tokens"] for r in unrecorded],
+                                         record_until=record_until)
+            shared.update({r["id"]: f.recording for r, f in zip(unrecorded, again) if f.error is None})
+        replay_under_policies(engine, refs, policies, results, group, progress, shared)
