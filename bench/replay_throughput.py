@@ -52,5 +52,6 @@ def main() -> None:
             line += f" {'shared prefix' if shared else 'full'} {seconds:6.1f} s, {total / seconds:6.1f} trace tokens/s;"
         print(line)
 
+
 if __name__ == "__main__":
     main()

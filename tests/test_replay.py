@@ -165,7 +165,57 @@ def test_shared_prefix_of_other_tokens_is_refused(tiny_dir):
     engine = Engine(tiny_dir, policy=RaaS(budget=64), kv_cache_tokens=4096)
     out = engine.teacher_force([[5] * 10], [[8] * 40], shared=[recording])[0]
     assert out.error is not None and "shared[0]" in out.error
+    other = Engine(tiny_dir, policy=RaaS(budget=64), kv_cache_tokens=4096, dtype="bfloat16")
+    assert "in bfloat16" in other.teacher_force([[5] * 10], [[7] * 40], shared=[recording])[0].error
     with pytest.raises(LemmaError, match="record_until"):
         engine.teacher_force([[5] * 10], [[7] * 40], record_until=64)
     with pytest.raises(LemmaError, match="chunked"):
         dense.teacher_force([[5] * 10], [[7] * 40], record_until=64, chunked=False)
+
+
+@pytest.mark.parametrize("policy", [Quest(budget=48), RaaS(budget=64), H2O(budget=48)], ids=lambda p: p.describe())
+def test_shared_prefix_with_preemption_and_a_limit_inside_a_page(policy, tiny_dir):
+    """A pool so small that Dense (and Quest) requests are preempted and prefilled again, and a
+    recording limit that ends inside a page: the shared replay still equals the full one."""
+    torch.manual_seed(2)
+    prompts = [torch.randint(3, 200, (n,)).tolist() for n in [5, 20, 37, 21, 9, 30]]
+    targets = [torch.randint(3, 200, (n,)).tolist() for n in [100, 90, 75, 100, 120, 60]]
+    dense = Engine(tiny_dir, policy=Dense(), kv_cache_tokens=256, dtype="float32")
+    recordings = [f.recording for f in dense.teacher_force(prompts, targets, record_until=40)]
+    assert dense.scheduler.preemptions > 0
+    assert all(r.end <= 40 for r in recordings) and recordings[0].end == 40  # 5-token prompt: cut inside page 2
+    runs = []
+    for shared in (None, recordings):
+        engine = Engine(tiny_dir, policy=policy, kv_cache_tokens=256, dtype="float32")
+        runs.append(engine.teacher_force(prompts, targets, shared=shared))
+        assert engine.pool.all_free
+        if isinstance(policy, Quest):
+            assert engine.scheduler.preemptions > 0
+    for a, b in zip(*runs):
+        assert a.error is None and b.error is None
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4)
+        assert a.predicted == b.predicted and a.stats.pages_evicted == b.stats.pages_evicted
+
+
+def test_recording_keeps_rows_without_gaps_and_before_its_limit():
+    from lemma.engine.recording import Recording
+
+    rec = Recording([1] * 5, [2] * 60, limit=30, layers=2)
+    rows = lambda n, at: torch.arange(at, at + n, dtype=torch.float32)[:, None, None].expand(n, 2, 4)  # noqa: E731
+    for layer in range(2):
+        rec.put(layer, 5, rows(11, 5), rows(11, 5), rows(11, 5))  # positions 5..15
+    for layer in range(2):
+        rec.put(layer, 16, rows(16, 16), rows(16, 16), rows(16, 16))  # 16..31, kept up to the limit 30
+    assert rec.end == 30
+    q, k, v = rec.inputs(1, 14, 30)
+    assert q[:, 0, 0].tolist() == list(range(14, 30))
+    with pytest.raises(LemmaError, match="outside the recording"):
+        rec.inputs(0, 14, 31)
+    gap = Recording([1] * 5, [2] * 60, limit=100, layers=2)
+    for layer in range(2):
+        gap.put(layer, 5, rows(11, 5), rows(11, 5), rows(11, 5))
+    for layer in range(2):  # a preempted sequence comes back further on: nothing past the gap is kept
+        gap.put(layer, 40, rows(8, 40), rows(8, 40), rows(8, 40))
+    assert gap.end == 16 and gap.limit == 16
+    with pytest.raises(LemmaError, match="not of"):
+        gap.scores(0, 3)

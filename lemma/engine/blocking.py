@@ -120,6 +120,14 @@ class BlockingCalls:
             finally:
                 self.scheduler.release(seq)
 
+    @property
+    def shares_prefixes(self) -> bool:
+        """Whether teacher_force can record and share Dense prefixes (not under tensor parallelism)."""
+        return self.runner.cluster is None
+
+    def _recording_source(self) -> tuple[str, str]:
+        return str(self.model_dir), str(self.dtype).removeprefix("torch.")
+
     def teacher_force(self, prompts: list[Prompt], targets: list[list[int]], chunked: bool = True,
                       record_until: int = 0, shared: list[Recording | None] | None = None) -> list[Forced]:
         """Replay each target continuation under the current policy (eviction active), as generation
@@ -127,9 +135,9 @@ class BlockingCalls:
         page of targets per forward (exact: the same evictions as one token per step, see
         engine/replay.py); chunked=False runs one decode step per token, the oracle.
         Shared prefixes (engine/recording.py): under Dense, `record_until` > 0 records each replay's
-        attention inputs before that position (Forced.recording); `shared` hands such recordings (of the
-        same prompt ids and targets, or None) to another policy's replay, which skips the model where it
-        attends what Dense attends."""
+        attention inputs before that position (Forced.recording; None under tensor parallelism); `shared`
+        hands such recordings, made by this engine of the same prompt ids and targets (or None), to
+        another policy's replay, which skips the model where it attends what Dense attends."""
         if not isinstance(prompts, (list, tuple)) or not isinstance(targets, (list, tuple)) or len(prompts) != len(targets):
             raise LemmaError("teacher_force needs a list of prompts and one target list per prompt")
         if shared is not None and len(shared) != len(prompts):
@@ -153,14 +161,19 @@ class BlockingCalls:
 
         def prepare(i: int, seq: Sequence) -> None:
             seq.forced, seq.chunked = forced[i], chunked
-            if record_until:
-                seq.recording = Recording(seq.prompt_ids, forced[i], record_until, self.config.num_layers)
+            if record_until and self.shares_prefixes:  # a rank's recording would hold only its heads
+                seq.recording = Recording(seq.prompt_ids, forced[i], record_until, self.config.num_layers,
+                                          self._recording_source())
             prefix = None if shared is None else shared[i]
             if prefix is not None:
                 if not prefix.covers(seq.prompt_ids, forced[i]):
                     raise LemmaError(f"shared[{i}] is a recording of other tokens than prompts[{i}] and targets[{i}]")
                 if len(prefix.logprobs) < len(forced[i]):
                     raise LemmaError(f"shared[{i}] is the recording of a replay that did not finish")
+                if prefix.source != self._recording_source():
+                    model, dtype = self._recording_source()
+                    raise LemmaError(f"shared[{i}] was recorded with {prefix.source[0]} in {prefix.source[1]}, "
+                                     f"not with this engine's {model} in {dtype}")
                 seq.shared_prefix = prefix
 
         seqs, failed = self._submit_all(list(prompts), params, box, prepare=prepare)

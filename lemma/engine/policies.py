@@ -69,11 +69,10 @@ class Policy:
 
     def dense_prefix(self, prompt_len: int) -> int:
         """Positions before which this policy attends every token Dense attends (so its logits there are
-        Dense's): an evicting policy until its first eviction (none when prefill already cuts the
-        prompt); a selecting one, conservatively, nowhere (Quest says otherwise)."""
-        if not self.evicts or -(-prompt_len // PAGE_SIZE) > self.budget_pages:
-            return 0
-        return self.budget_pages * PAGE_SIZE
+        Dense's): an evicting policy until its first eviction (a prompt longer than that was cut at
+        prefill and no chunk comes before it); a selecting one, conservatively, nowhere (Quest says
+        otherwise)."""
+        return self.budget_pages * PAGE_SIZE if self.evicts else 0
 
     def pinned_prompt_pages(self, prompt_pages: int) -> int:
         """How many of a prompt's pages are pinned (never evicted): 0 here. When fewer than all, the

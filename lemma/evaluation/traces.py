@@ -14,6 +14,7 @@ from pathlib import Path
 
 from lemma.engine.engine import Engine
 from lemma.engine.policies import Dense, Policy
+from lemma.engine.recording import Recording
 from lemma.errors import LemmaError
 from lemma.evaluation.datasets import json_rows
 from lemma.evaluation.jsonl import json_kind
@@ -89,29 +90,42 @@ def run_trace_fidelity(engine: Engine, traces: list[ReasoningTrace], policies: l
     inputs up to where the policies still attend what it does, and their replays share that prefix
     (engine/recording.py); a resumed group whose policies are not all done replays Dense again to record."""
     record_until = max([p.dense_prefix(0) for p in policies if not isinstance(p, Dense)], default=0)
+    record_until = record_until if engine.shares_prefixes else 0
     for chunk in _batches(traces, group):
-        engine.policy = Dense()
-        have = {r["id"] for r in results.of("trace")}
-        todo = [t for t in chunk if t.id not in have]
+        _run_group(engine, chunk, policies, max_trace_tokens, results, group, record_until, progress)
+
+
+def _run_group(engine: Engine, chunk: list[ReasoningTrace], policies: list[Policy], max_trace_tokens: int,
+               results: ResultsFile, group: int, record_until: int, progress: Progress | None) -> None:
+    """One group: Dense (recording) on the traces it has not replayed, then every policy on all of them.
+    The recordings live only while this runs."""
+    engine.policy = Dense()
+    have = {r["id"] for r in results.of("trace")}
+    todo = [t for t in chunk if t.id not in have]
+    shared: dict[str, Recording] = {}
+    if todo:
         pairs = {t.id: trace_tokens(engine, t, max_trace_tokens) for t in todo}
-        if todo:
-            todo.sort(key=lambda t: -sum(map(len, pairs[t.id])))
-            forced = engine.teacher_force([pairs[t.id][0] for t in todo], [pairs[t.id][1] for t in todo],
-                                          record_until=record_until)
-            results.append([{"kind": "trace", "config": "dense", "id": t.id, "prompt_ids": pairs[t.id][0],
-                             "tokens": pairs[t.id][1], "logprobs": f.logprobs, "predicted": f.predicted}
-                            if f.error is None else {"kind": "trace", "config": "dense", "id": t.id, "error": f.error}
-                            for t, f in zip(todo, forced)])
-            if progress:
-                progress(len(todo))
-        references = {r["id"]: r for r in results.of("trace") if "tokens" in r}
-        refs = sorted((references[t.id] for t in chunk if t.id in references),
-                      key=lambda r: -len(r["prompt_ids"]) - len(r["tokens"]))
-        shared = {t.id: f.recording for t, f in zip(todo, forced) if f.error is None} if todo else {}
-        done = results.done("fidelity")
-        unrecorded = [r for r in refs if r["id"] not in shared]
-        if record_until and unrecorded and any(remaining(p, unrecorded, done) for p in policies if not isinstance(p, Dense)):
-            again = engine.teacher_force([r["prompt_ids"] for r in unrecorded], [r["tokens"] for r in unrecorded],
-                                         record_until=record_until)
-            shared.update({r["id"]: f.recording for r, f in zip(unrecorded, again) if f.error is None})
-        replay_under_policies(engine, refs, policies, results, group, progress, shared)
+        todo.sort(key=lambda t: -sum(map(len, pairs[t.id])))
+        forced = engine.teacher_force([pairs[t.id][0] for t in todo], [pairs[t.id][1] for t in todo],
+                                      record_until=record_until)
+        results.append([{"kind": "trace", "config": "dense", "id": t.id, "prompt_ids": pairs[t.id][0],
+                         "tokens": pairs[t.id][1], "logprobs": f.logprobs, "predicted": f.predicted}
+                        if f.error is None else {"kind": "trace", "config": "dense", "id": t.id, "error": f.error}
+                        for t, f in zip(todo, forced)])
+        shared = {t.id: f.recording for t, f in zip(todo, forced) if f.error is None and f.recording is not None}
+        if progress:
+            progress(len(todo))
+    references = {r["id"]: r for r in results.of("trace") if "tokens" in r}
+    refs = sorted((references[t.id] for t in chunk if t.id in references),
+                  key=lambda r: -len(r["prompt_ids"]) - len(r["tokens"]))
+    done = results.done("fidelity")
+    others = [p for p in policies if not isinstance(p, Dense)]
+    unrecorded = [r for r in refs if r["id"] not in shared and any(remaining(p, [r], done) for p in others)]
+    if record_until and unrecorded:  # resumed: record Dense again, with the stored reference's scores
+        again = engine.teacher_force([r["prompt_ids"] for r in unrecorded], [r["tokens"] for r in unrecorded],
+                                     record_until=record_until)
+        for ref, f in zip(unrecorded, again):
+            if f.error is None and f.recording is not None:
+                f.recording.logprobs, f.recording.predicted = ref["logprobs"], ref["predicted"]
+                shared[ref["id"]] = f.recording
+    replay_under_policies(engine, refs, policies, results, group, progress, shared)
