@@ -31,36 +31,40 @@ class Recording:
         self.prompt_ids, self.targets = list(prompt_ids), list(targets)
         self.source = source  # (model folder, dtype) that recorded it: only the same may share it
         self.start = self.end = len(prompt_ids)  # the first replayed position (prefill scores target 0)
-        self.limit = limit
+        self.limit = min(limit, len(prompt_ids) + len(targets) - 1)  # the last target is never fed
+        self.layers = layers
         self.logprobs: list[float] = []
         self.predicted: list[int] = []
-        self._chunks: list[list[tuple[torch.Tensor, ...]]] = [[] for _ in range(layers)]
-        self._joined: list[tuple[torch.Tensor, ...]] | None = None
+        # one buffer [layers, positions, q heads + 2 kv heads, dim], allocated at the first put: one
+        # large allocation per recording, not thousands of small ones (which fragment the CPU heap)
+        self._rows: torch.Tensor | None = None
+        self._heads = (0, 0)
 
     def put(self, layer: int, start: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Layer `layer`'s inputs at positions [start, start + rows). Kept only while they extend the
         recording without a gap (a preempted and re-prefilled sequence stops it) and before `limit`."""
+        last = layer == self.layers - 1
         if start != self.end or start >= self.limit:
-            if layer == len(self._chunks) - 1:
+            if last:
                 self.limit = min(self.limit, self.end)  # a gap: nothing past it is recorded
             return
+        if self._rows is None:
+            self._heads = (q.shape[1], k.shape[1])
+            self._rows = torch.empty(self.layers, self.limit - self.start, q.shape[1] + 2 * k.shape[1], q.shape[2],
+                                     dtype=q.dtype, device=q.device)
         rows = min(q.shape[0], self.limit - start)
-        self._chunks[layer].append((q[:rows].clone(), k[:rows].clone(), v[:rows].clone()))
-        if layer == len(self._chunks) - 1:
+        at = slice(start - self.start, start - self.start + rows)
+        torch.cat([q[:rows], k[:rows], v[:rows]], dim=1, out=self._rows[layer, at])
+        if last:
             self.end = start + rows
-        self._joined = None
 
     def inputs(self, layer: int, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(q, k, v) of `layer` at positions [start, end), which must lie within [self.start, self.end)."""
-        if not self.start <= start <= end <= self.end:
+        if not self.start <= start <= end <= self.end or self._rows is None:
             raise LemmaError(f"positions [{start}, {end}) are outside the recording [{self.start}, {self.end})")
-        if self._joined is None:
-            self._joined = [tuple(torch.cat(parts) for parts in zip(*chunks)) if chunks else ()
-                            for chunks in self._chunks]
-            self._chunks = [[joined] if joined else [] for joined in self._joined]
-        q, k, v = self._joined[layer]
-        return q[start - self.start : end - self.start], k[start - self.start : end - self.start], \
-            v[start - self.start : end - self.start]
+        rows = self._rows[layer, start - self.start : end - self.start]
+        heads, kv_heads = self._heads
+        return rows[:, :heads], rows[:, heads : heads + kv_heads], rows[:, heads + kv_heads :]
 
     def scores(self, first: int, count: int) -> tuple[list[float], list[int]]:
         """Dense's log-probs and argmax of targets [first, first + count)."""

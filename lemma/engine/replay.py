@@ -64,8 +64,11 @@ class ReplayBatch:
 class ReplayAttention:
     """The `Attend` of a replay forward: one page of known tokens per sequence."""
 
-    def __init__(self, pool: KVPool, policy: Policy, scale: float, batch: ReplayBatch, positions: torch.Tensor):
-        self.pool, self.policy, self.scale, self.batch = pool, policy, scale, batch
+    def __init__(self, pool: KVPool, policy: Policy, scale: float, batch: ReplayBatch, positions: torch.Tensor,
+                 outputs: bool = True):
+        """outputs=False: only the policy's bookkeeping is wanted (a shared prefix, engine/recording.py);
+        the attention runs only when the policy needs its mass, and the call returns None."""
+        self.pool, self.policy, self.scale, self.batch, self.outputs = pool, policy, scale, batch, outputs
         cell_positions = positions[batch.grid]  # [B, T]
         self.positions = positions
         self.offsets = cell_positions % pool.page_size  # [B, T]
@@ -75,7 +78,7 @@ class ReplayAttention:
         self.row_sequence = batch.cells // batch.grid.shape[1]  # [N]
         self.last = batch.active.sum(1) - 1  # [B] each chunk's last cell
 
-    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
         pool, policy, batch = self.pool, self.policy, self.batch
         heads, kv_heads = pool.heads, pool.heads.numel()
         (count, steps), offsets = batch.grid.shape, self.offsets
@@ -116,9 +119,11 @@ class ReplayAttention:
                 picked = torch.zeros_like(cell_ids, dtype=torch.bool).scatter_(2, chosen, True)
                 fill = torch.where(picked.view_as(fill), fill, 0)
         want_mass = sparse and policy.needs_mass
-        result = reference.paged_chunk_attention(cell_q.view(count, steps, *q.shape[1:]), pool.k[layer], pool.v[layer],
-                                                 ids, fill, self.scale, want_mass)
-        out, mass = result if want_mass else (result, None)
+        out = mass = None
+        if self.outputs or want_mass:
+            result = reference.paged_chunk_attention(cell_q.view(count, steps, *q.shape[1:]), pool.k[layer],
+                                                     pool.v[layer], ids, fill, self.scale, want_mass)
+            out, mass = result if want_mass else (result, None)
 
         if evicts:  # the decode step's update, once per query in order; padding cells keep the state
             meta = pool.slot_meta(layer, ids, valid)  # the opened pages changed
@@ -131,7 +136,7 @@ class ReplayAttention:
                 real = batch.active[:, t, None, None]
                 stamp, acc = torch.where(real, new_stamp, stamp), torch.where(real, new_acc, acc)
             pool.write_policy_state(layer, ids, stamp, acc)
-        return out.reshape(count * steps, *q.shape[1:])[batch.cells]
+        return out.reshape(count * steps, *q.shape[1:])[batch.cells] if self.outputs else None
 
     def _bounds(self, layer: int, cell_q: torch.Tensor, ids: torch.Tensor, slot: torch.Tensor,
                 seen_hi: torch.Tensor, seen_lo: torch.Tensor) -> torch.Tensor:

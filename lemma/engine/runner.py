@@ -238,7 +238,7 @@ class ModelRunner:
         """The attention phases alone, per layer, on each sequence's recorded q/k/v of its chunk."""
         spans = [seq.replay_span(self.pool.page_size) for seq in seqs]
         (_, positions, batch), _ = self._replay_inputs(seqs)
-        attend = ReplayAttention(self.pool, policy, self.scale, batch, positions)
+        attend = ReplayAttention(self.pool, policy, self.scale, batch, positions, outputs=False)
         for layer in range(self.pool.num_layers):
             parts = [seq.shared_prefix.inputs(layer, start, end) for seq, (start, end) in zip(seqs, spans)]
             attend(layer, *(torch.cat(rows).to(self.device) for rows in zip(*parts)))
