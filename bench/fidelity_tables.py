@@ -8,9 +8,9 @@ time draws none).
 
 from __future__ import annotations
 
+import argparse
 import sys
 from collections import defaultdict
-
 from pathlib import Path
 
 from lemma.evaluation import plots, runs
@@ -58,4 +58,10 @@ def main(path: str, draw: bool = False) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], "--plots" in sys.argv[2:])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("results", type=Path, help="a `lemma eval --traces` results file (JSONL)")
+    parser.add_argument("--plots", action="store_true", help="also draw the two plots next to it")
+    args = parser.parse_args()
+    if not args.results.is_file():
+        sys.exit(f"error: results file {args.results} does not exist")
+    main(str(args.results), args.plots)
