@@ -64,6 +64,16 @@ def assert_same_state(chunked: dict, stepped: dict) -> None:
                 assert [r[2] for r in rows_a] == pytest.approx([r[2] for r in rows_b], abs=1e-4), where
 
 
+def assert_same_replays(runs: list, oracle: list) -> None:
+    """Two teacher_force results of the same requests: no errors, log-probs within 1e-4, same argmax
+    and evictions."""
+    for a, b in zip(runs, oracle, strict=True):
+        assert a.error is None and b.error is None
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4)
+        assert a.predicted == b.predicted
+        assert a.stats.pages_evicted == b.stats.pages_evicted
+
+
 @pytest.mark.parametrize("policy", POLICIES, ids=lambda p: p.describe())
 def test_chunked_replay_equals_token_by_token(policy, tiny_dir):
     torch.manual_seed(0)
@@ -76,11 +86,7 @@ def test_chunked_replay_equals_token_by_token(policy, tiny_dir):
         runs.append((engine.teacher_force(prompts, targets, chunked=chunked), seen))
         assert engine.pool.all_free
     (stepped, stepped_state), (chunked, chunked_state) = runs
-    for a, b in zip(chunked, stepped):
-        assert a.error is None and b.error is None
-        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4)
-        assert a.predicted == b.predicted
-        assert a.stats.pages_evicted == b.stats.pages_evicted
+    assert_same_replays(chunked, stepped)
     assert_same_state(chunked_state, stepped_state)
     if policy.evicts:
         assert sum(f.stats.pages_evicted for f in stepped) > 0  # the budgets really evict
@@ -151,11 +157,7 @@ def test_shared_dense_prefix_equals_full_replay(policy, tiny_dir):
         assert engine.pool.all_free
     (full, full_state, none), (reused, reused_state, calls) = runs
     assert not none and calls  # the shared run really skipped the model somewhere
-    for a, b in zip(reused, full):
-        assert a.error is None and b.error is None
-        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4)
-        assert a.predicted == b.predicted
-        assert a.stats.pages_evicted == b.stats.pages_evicted
+    assert_same_replays(reused, full)
     assert_same_state(reused_state, full_state)
 
 
@@ -191,10 +193,7 @@ def test_shared_prefix_with_preemption_and_a_limit_inside_a_page(policy, tiny_di
         assert engine.pool.all_free
         if isinstance(policy, Quest):
             assert engine.scheduler.preemptions > 0
-    for a, b in zip(*runs):
-        assert a.error is None and b.error is None
-        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4)
-        assert a.predicted == b.predicted and a.stats.pages_evicted == b.stats.pages_evicted
+    assert_same_replays(runs[1], runs[0])
 
 
 def test_recording_keeps_rows_without_gaps_and_before_its_limit():
