@@ -268,6 +268,11 @@ def _evaluate_traces(path: Path, model: str | None, policies: str, budgets: str,
     if failed:
         typer.echo(f"{len(failed)} of {len(traces)} Dense replays failed and are left out; first: {failed[0]['error']}")
     records = [r for r in results.of("fidelity") if r["id"] in ids]
+    counted = [r for r in records if "shared_tokens" in r]
+    if counted:
+        share = sum(r["shared_tokens"] for r in counted) / max(sum(r["n"] for r in counted), 1)
+        typer.echo(f"policy replays took {share:.0%} of their targets from Dense's shared prefix "
+                   f"({len(counted)} records that count it)")
     records, failed = runs.comparable(records)
     for budget, bad in sorted(failed.items(), key=lambda item: item[0] or 0):
         first = next(iter(bad.values()))

@@ -115,6 +115,7 @@ def test_eval_traces_command_and_resume(tiny_dir, tmp_path):
         assert f"| {config} | 3 | 300 |" in result.output
     assert "| raas-1024 | 3 | 300 | 0.0000 | 1.000 |" in result.output  # nothing evicted: Dense exactly
     assert "NLL 2nd half" in result.output and "NLL 0-1K" in result.output
+    assert "of their targets from Dense's shared prefix" in result.output
     assert (tmp_path / "fid.png").stat().st_size > 0 and (tmp_path / "fid-position.png").stat().st_size > 0
     lines = out.read_text().splitlines()
     assert invoke(*args).exit_code == 0 and out.read_text().splitlines() == lines  # nothing ran twice
@@ -187,6 +188,8 @@ def test_eval_traces_shares_dense_prefix_with_the_same_records(tiny_dir, tmp_pat
         assert kinds[14] == ("trace", "m:2")
     (shared, calls), (full, none) = runs_by_mode["shared"], runs_by_mode["full"]
     assert calls and not none
+    assert sum(r["shared_tokens"] for r in shared.values()) > 0 == sum(r["shared_tokens"] for r in full.values())
+    assert all(r["shared_tokens"] < r["n"] for r in shared.values() if r["pages_evicted"])
     assert shared.keys() == full.keys() and len(shared) == 18
     for key, record in full.items():
         assert record["error"] is None and record["pages_evicted"] == shared[key]["pages_evicted"], key

@@ -182,7 +182,7 @@ class BlockingCalls:
         for seq in seqs:
             if seq is not None and seq.recording is not None:
                 seq.recording.logprobs, seq.recording.predicted = seq.forced_logprobs, seq.predicted
-        return [Forced(s.forced_logprobs, s.predicted, s.stats, s.error, s.recording) if s is not None
+        return [Forced(s.forced_logprobs, s.predicted, s.stats, s.error, s.recording, s.shared_tokens) if s is not None
                 else Forced([], [], Stats(), failed[i].error) for i, s in enumerate(seqs)]
 
     def chat_prompt(self, messages: list[dict[str, Any]]) -> list[int]:

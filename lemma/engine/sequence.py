@@ -72,6 +72,7 @@ class Forced:
     stats: Stats
     error: str | None = None
     recording: Recording | None = None  # teacher_force(record_until=...): the Recording a policy replay can share
+    shared_tokens: int = 0  # targets scored from a shared Dense prefix instead of by the model
 
 
 @dataclass
@@ -104,6 +105,7 @@ class Sequence:
         self.chunked = False  # teacher forcing: replay a page of forced tokens per forward (engine/replay.py)
         self.recording: Recording | None = None  # chunked teacher forcing under Dense: a Recording it fills (engine/recording.py)
         self.shared_prefix: Recording | None = None  # chunked teacher forcing: a Dense Recording of the same tokens it replays from
+        self.shared_tokens = 0  # targets it took from shared_prefix
         self.prompt_ids = prompt_ids
         self.params = params
         self.seed = 0  # the sampling seed: params.seed, or drawn when the request is added

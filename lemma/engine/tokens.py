@@ -82,4 +82,5 @@ def force_recorded(seq: Sequence, count: int) -> list[int]:
     logprobs, predicted = seq.shared_prefix.scores(done, count)
     seq.forced_logprobs += logprobs
     seq.predicted += predicted
+    seq.shared_tokens += count
     return seq.forced[done : done + count]

@@ -166,7 +166,8 @@ def replay_under_policies(engine: Engine, references: list[dict[str, Any]], poli
                           "budget": policy.budget, "id": ref["id"], "error": f.error}
                 if f.error is None:
                     record.update(fidelity_sums(ref["predicted"], ref["logprobs"], f.logprobs, f.predicted))
-                    record.update(pages_evicted=f.stats.pages_evicted, peak_kv_pages=f.stats.peak_kv_pages)
+                    record.update(pages_evicted=f.stats.pages_evicted, peak_kv_pages=f.stats.peak_kv_pages,
+                                  shared_tokens=f.shared_tokens)
                 records.append(record)
             results.append(records)
             if progress:
