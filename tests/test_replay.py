@@ -152,7 +152,7 @@ def test_shared_dense_prefix_equals_full_replay(policy, tiny_dir):
         seen = snapshots(engine)
         recorded = engine.runner._replay_recorded
         calls = []
-        engine.runner._replay_recorded = lambda seqs, p: calls.append(len(seqs)) or recorded(seqs, p)
+        engine.runner._replay_recorded = lambda seqs, spans, p: calls.append(len(seqs)) or recorded(seqs, spans, p)
         runs.append((engine.teacher_force(prompts, targets, shared=shared), seen, calls))
         assert engine.pool.all_free
     (full, full_state, none), (reused, reused_state, calls) = runs

@@ -176,7 +176,7 @@ def test_eval_traces_shares_dense_prefix_with_the_same_records(tiny_dir, tmp_pat
         engine = Engine(tiny_dir, kv_cache_tokens=4096, dtype="float32")
         calls = []
         recorded = engine.runner._replay_recorded
-        engine.runner._replay_recorded = lambda seqs, p: calls.append(len(seqs)) or recorded(seqs, p)
+        engine.runner._replay_recorded = lambda seqs, spans, p: calls.append(len(seqs)) or recorded(seqs, spans, p)
         if mode == "full":
             monkeypatch.setattr(ModelRunner, "_shares", lambda *args: False)
         results = ResultsFile(tmp_path / f"{mode}.jsonl")
@@ -204,7 +204,7 @@ def test_eval_traces_shares_dense_prefix_with_the_same_records(tiny_dir, tmp_pat
     engine = Engine(tiny_dir, kv_cache_tokens=4096, dtype="float32")
     calls = []
     recorded = engine.runner._replay_recorded
-    engine.runner._replay_recorded = lambda seqs, p: calls.append(len(seqs)) or recorded(seqs, p)
+    engine.runner._replay_recorded = lambda seqs, spans, p: calls.append(len(seqs)) or recorded(seqs, spans, p)
     results = ResultsFile(path)
     run_trace_fidelity(engine, traces, policies, 400, results, group=2)
     assert calls and results.path.read_text().splitlines()[:-3] == lines[:-3]

@@ -278,12 +278,11 @@ class Engine(BlockingCalls):
                 outputs.append(self._advance(seq, token))
         for policy, seqs in plan.replay.items():
             start = time.perf_counter()
-            spans = [seq.replay_span(self.pool.page_size) for seq in seqs]
-            logits = self.runner.replay(seqs, policy)
+            replayed = self.runner.replay(seqs, policy)
             elapsed = time.perf_counter() - start
-            for seq, rows, (first, end) in zip(seqs, logits, spans):
+            for seq, rows in zip(seqs, replayed):  # logits [T, V], or T tokens from the shared prefix
                 seq.stats.decode_seconds += elapsed
-                tokens = force_rows(rows, seq) if rows is not None else force_recorded(seq, end - first)
+                tokens = force_recorded(seq, rows) if isinstance(rows, int) else force_rows(rows, seq)
                 outputs.append(self._advance_all(seq, tokens))
         if plan.prefill:
             start = time.perf_counter()

@@ -171,18 +171,19 @@ class ModelRunner:
 
     # ---- exact chunked replay of known tokens ---------------------------------------------------------
     @torch.inference_mode()
-    def replay(self, seqs: list[Sequence], policy: Policy) -> list[torch.Tensor | None]:
+    def replay(self, seqs: list[Sequence], policy: Policy) -> list[torch.Tensor | int]:
         """Feed each teacher-forced sequence its known tokens up to the end of the current page (one
         forward for all of them); per sequence, the logits [T, V] after each fed token. Equals T decode
         steps (see engine/replay.py). A sequence whose chunk lies in its shared prefix (engine/recording.py)
-        is fed Dense's recorded attention inputs instead, without the model: None for it."""
-        page = self.pool.page_size
-        spans = [seq.replay_span(page) for seq in seqs]
+        is fed Dense's recorded attention inputs instead, without the model: the chunk's length T for it."""
+        spans = [seq.replay_span(self.pool.page_size) for seq in seqs]
         shared = [self._shares(seq, policy, span) for seq, span in zip(seqs, spans)]
-        modeled = [seq for seq, s in zip(seqs, shared) if not s]
+        modeled = [i for i, s in enumerate(shared) if not s]
+        recorded = [i for i, s in enumerate(shared) if s]
         logits: dict[int, torch.Tensor] = {}
         if modeled:
-            inputs, lengths = self._replay_inputs(modeled)
+            inputs, lengths = self._replay_inputs([seqs[i] for i in modeled], [spans[i] for i in modeled])
+            modeled = [seqs[i] for i in modeled]
             recorders: list[Recorder] = []
             if self.cluster is not None:
                 self.cluster.send(("replay", policy, inputs))
@@ -194,10 +195,9 @@ class ModelRunner:
                     row += count
             rows = self._collective(self.replay_forward, policy, *inputs, recorders)
             logits = {seq.uid: part for seq, part in zip(modeled, rows.split(lengths))}
-        recorded = [seq for seq, s in zip(seqs, shared) if s]
         if recorded:
-            self._replay_recorded(recorded, policy)
-        return [logits.get(seq.uid) for seq in seqs]
+            self._replay_recorded([seqs[i] for i in recorded], [spans[i] for i in recorded], policy)
+        return [logits[seq.uid] if seq.uid in logits else end - start for seq, (start, end) in zip(seqs, spans)]
 
     def _shares(self, seq: Sequence, policy: Policy, span: tuple[int, int]) -> bool:
         """Whether this chunk replays from the sequence's shared Dense prefix (not under tensor parallelism)."""
@@ -207,13 +207,12 @@ class ModelRunner:
         start, end = span
         return prefix.start <= start and end <= min(prefix.end, policy.dense_prefix(len(seq.prompt_ids)))
 
-    def _replay_inputs(self, seqs: list[Sequence]) -> tuple[tuple, list[int]]:
-        """The replay forward's inputs (tokens, positions, ReplayBatch) for each sequence's next chunk,
-        taking a page or deciding an eviction where a chunk opens one; and the chunk lengths."""
+    def _replay_inputs(self, seqs: list[Sequence], spans: list[tuple[int, int]]) -> tuple[tuple, list[int]]:
+        """The replay forward's inputs (tokens, positions, ReplayBatch) for each sequence's next chunk
+        (its span), taking a page or deciding an eviction where a chunk opens one; and the chunk lengths."""
         page, layers = self.pool.page_size, self.pool.num_layers
         tokens, positions, tables, modes, new_slots = [], [], [], [], []
-        for seq in seqs:
-            start, end = seq.replay_span(page)
+        for seq, (start, end) in zip(seqs, spans):
             open_modes, open_slots = [CONTINUE] * layers, [0] * layers
             if start % page == 0:  # the page opens: a free slot or an eviction, per layer (as prepare)
                 evicted = False
@@ -234,10 +233,9 @@ class ModelRunner:
                   ReplayBatch.build(tables, modes, new_slots, lengths, self.device))
         return inputs, lengths
 
-    def _replay_recorded(self, seqs: list[Sequence], policy: Policy) -> None:
-        """The attention phases alone, per layer, on each sequence's recorded q/k/v of its chunk."""
-        spans = [seq.replay_span(self.pool.page_size) for seq in seqs]
-        (_, positions, batch), _ = self._replay_inputs(seqs)
+    def _replay_recorded(self, seqs: list[Sequence], spans: list[tuple[int, int]], policy: Policy) -> None:
+        """The attention phases alone, per layer, on each sequence's recorded q/k/v of its chunk (span)."""
+        (_, positions, batch), _ = self._replay_inputs(seqs, spans)
         attend = ReplayAttention(self.pool, policy, self.scale, batch, positions, outputs=False)
         for layer in range(self.pool.num_layers):
             parts = [seq.shared_prefix.inputs(layer, start, end) for seq, (start, end) in zip(seqs, spans)]
