@@ -13,7 +13,7 @@ case "${2:-qwen}" in
   smollm2) MODEL=smollm2-135m-instruct; TAG=smollm2_bf16 ;;
   *) echo "model must be qwen or smollm2, got ${2}" >&2; exit 2 ;;
 esac
-COMMON=(-m "$MODEL" --dtype bfloat16 --max-trace-tokens 4096 --batch 8
+COMMON=(-m "$MODEL" --dtype bfloat16 --max-trace-tokens 4096 --batch 16
         --policies dense,raas,raas-capped,quest,h2o,streaming,random --budgets 128,256,512,1024)
 # name, trace file, stages (traces spread evenly over the file, each stage resuming the one before, so a
 # run stopped early covers every writer model), results file. MATH500: all 260 rows; GSM8K: 200 R1 traces.
