@@ -218,3 +218,15 @@ def test_recording_keeps_rows_without_gaps_and_before_its_limit():
     assert gap.end == 16 and gap.limit == 16
     with pytest.raises(LemmaError, match="not of"):
         gap.scores(0, 3)
+
+
+def test_recording_of_a_cut_replay_stands_for_the_whole_one():
+    from lemma.engine.recording import Recording
+
+    cut = Recording([1] * 5, [2] * 26, limit=30, layers=2)  # a replay of the targets' first part only
+    cut.finish_as([2] * 60, [-1.0] * 60, [2] * 60)
+    assert cut.covers([1] * 5, [2] * 60) and cut.scores(50, 10) == ([-1.0] * 10, [2] * 10)
+    with pytest.raises(LemmaError, match="extend"):
+        cut.finish_as([3] * 60, [-1.0] * 60, [3] * 60)
+    with pytest.raises(LemmaError, match="one score per target"):
+        cut.finish_as([2] * 60, [-1.0] * 59, [2] * 60)

@@ -205,8 +205,18 @@ def test_eval_traces_shares_dense_prefix_with_the_same_records(tiny_dir, tmp_pat
     calls = []
     recorded = engine.runner._replay_recorded
     engine.runner._replay_recorded = lambda seqs, spans, p: calls.append(len(seqs)) or recorded(seqs, spans, p)
+    forced, fed = engine.teacher_force, []
+
+    def recording_lengths(prompts, targets, **options):  # the Dense re-recording: how much it replays
+        if options.get("record_until"):
+            fed.extend(len(p) + len(t) for p, t in zip(prompts, targets))
+        return forced(prompts, targets, **options)
+
+    engine.teacher_force = recording_lengths
     results = ResultsFile(path)
     run_trace_fidelity(engine, traces, policies, 400, results, group=2)
     assert calls and results.path.read_text().splitlines()[:-3] == lines[:-3]
+    full = [len(r["prompt_ids"]) + len(r["tokens"]) for r in results.of("trace")][-2:]
+    assert fed and max(fed) <= 128 + 1 < max(full)  # up to record_until (budget 128), not the whole trace
     again = {(r["config"], r["id"]): r for r in results.of("fidelity")}
     assert again.keys() == shared.keys() and all(again[k]["nll_sum"] == pytest.approx(shared[k]["nll_sum"], abs=1e-3) for k in again)

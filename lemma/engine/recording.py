@@ -73,6 +73,16 @@ class Recording:
                              f"[{first}, {first + count}): its replay has not finished")
         return self.logprobs[first : first + count], self.predicted[first : first + count]
 
+    def finish_as(self, targets: list[int], logprobs: list[float], predicted: list[int]) -> None:
+        """Take a finished reference replay's targets and scores: a recording made by replaying only
+        the targets' first part (what the recording needs) stands for the whole replay."""
+        if len(targets) < len(self.targets) or targets[: len(self.targets)] != self.targets:
+            raise LemmaError("finish_as needs targets that extend the recorded ones")
+        if len(logprobs) != len(targets) or len(predicted) != len(targets):
+            raise LemmaError(f"finish_as needs one score per target: {len(targets)} targets, "
+                             f"{len(logprobs)} log-probs, {len(predicted)} argmax")
+        self.targets, self.logprobs, self.predicted = list(targets), list(logprobs), list(predicted)
+
     def covers(self, prompt_ids: list[int], targets: list[int]) -> bool:
         """Whether this recording is of the same prompt and targets."""
         return prompt_ids == self.prompt_ids and targets == self.targets

@@ -121,11 +121,11 @@ def _run_group(engine: Engine, chunk: list[ReasoningTrace], policies: list[Polic
     done = results.done("fidelity")
     others = [p for p in policies if not isinstance(p, Dense)]
     unrecorded = [r for r in refs if r["id"] not in shared and any(remaining(p, [r], done) for p in others)]
-    if record_until and unrecorded:  # resumed: record Dense again, with the stored reference's scores
-        again = engine.teacher_force([r["prompt_ids"] for r in unrecorded], [r["tokens"] for r in unrecorded],
-                                     record_until=record_until)
+    if record_until and unrecorded:  # resumed: record Dense again up to record_until, with the stored scores
+        cut = [r["tokens"][: max(1, record_until - len(r["prompt_ids"]) + 1)] for r in unrecorded]
+        again = engine.teacher_force([r["prompt_ids"] for r in unrecorded], cut, record_until=record_until)
         for ref, f in zip(unrecorded, again):
             if f.error is None and f.recording is not None:
-                f.recording.logprobs, f.recording.predicted = ref["logprobs"], ref["predicted"]
+                f.recording.finish_as(ref["tokens"], ref["logprobs"], ref["predicted"])
                 shared[ref["id"]] = f.recording
     replay_under_policies(engine, refs, policies, results, group, progress, shared)
