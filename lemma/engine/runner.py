@@ -174,7 +174,7 @@ class ModelRunner:
     def replay(self, seqs: list[Sequence], policy: Policy) -> list[torch.Tensor | int]:
         """Feed each teacher-forced sequence its known tokens up to the end of the current page (one
         forward for all of them); per sequence, the logits [T, V] after each fed token. Equals T decode
-        steps (see engine/replay.py). A sequence whose chunk lies in its shared prefix (engine/recording.py)
+        steps (see engine/replay.py); in the model's dtype. A sequence whose chunk lies in its shared prefix (engine/recording.py)
         is fed Dense's recorded attention inputs instead, without the model: the chunk's length T for it."""
         spans = [seq.replay_span(self.pool.page_size) for seq in seqs]
         shared = [self._shares(seq, policy, span) for seq, span in zip(seqs, spans)]
@@ -248,7 +248,7 @@ class ModelRunner:
         attend = ReplayAttention(self.pool, policy, self.scale, batch, positions)
         if recorders:
             attend = recording_attend(attend, recorders)
-        return self.model(tokens, positions, attend)
+        return self.model(tokens, positions, attend, float_logits=False)  # force_rows upcasts them
 
     def positions(self, policy: Policy, batch: int) -> torch.Tensor:
         """The positions the last decode step under `policy` fed, on the device: [batch]."""

@@ -158,8 +158,10 @@ class CausalLM(nn.Module):
         positions: torch.Tensor,
         attend: Attend,
         logits_at: torch.Tensor | None = None,
+        float_logits: bool = True,
     ) -> torch.Tensor:
-        """input_ids/positions [N] -> logits [M, V] in fp32 for the rows `logits_at` (default: all)."""
+        """input_ids/positions [N] -> logits [M, V] for the rows `logits_at` (default: all), in fp32 (or,
+        float_logits=False, in the model's dtype: a caller scoring many rows upcasts them a few at a time)."""
         x = self.embed(input_ids)
         freqs = positions.float()[:, None] * self.inv_freq.float()[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
@@ -170,5 +172,6 @@ class CausalLM(nn.Module):
             x = x[logits_at]
         x = self.model.norm(x)
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        logits = F.linear(x, weight).float()
+        logits = F.linear(x, weight)
+        logits = logits.float() if float_logits else logits
         return logits if self.shard is None else self.shard.gather(logits, self.config.vocab_size)
