@@ -2,8 +2,9 @@
 # The issue-13 trace-fidelity grid (bf16, traces cut at 4K, budgets 128-1024, every policy) for both demo
 # models, as two background lanes, one per core. Each lane runs its jobs in order and each job resumes
 # from its results file, so run `start` again in any later session until `status` shows all done, then
-# `tables`. The lanes are about equal work: Qwen2.5-Coder-0.5B's MATH500 rows on one core; its GSM8K R1
-# traces, then SmolLM2-135M (~3.7x fewer FLOPs per token; its 8K context holds every 4K cut) on the other.
+# `tables`. Qwen2.5-Coder-0.5B's MATH500 rows on one core (the most work left: ~60 core-hours on
+# 2026-12-04); its GSM8K R1 traces, then SmolLM2-135M (~3.7x fewer FLOPs per token; its 8K context holds
+# every 4K cut) on the other (~30).
 #   bash bench/trace_fidelity_jobs.sh start|stop|status|tables
 set -euo pipefail
 SELF="$(cd "$(dirname "$0")" && pwd)/$(basename "$0")"
@@ -49,23 +50,19 @@ case "${1:-status}" in
     pkill -f "trace_fidelity_jobs.sh (lane|start)" || true
     pkill -f "lemma eval .*fidelity_traces_" && echo "stopped" || echo "nothing running" ;;
   status)
-    for lane in "${LANES[@]}"; do
-      for job in $lane; do
-        read -r id file stages out <<<"$(describe "$job")"
-        count=${stages##*,}
-        traces=$(grep -c '"kind": "trace"' "$RESULTS/$out.jsonl" 2>/dev/null || true)
-        records=$(grep -c '"kind": "fidelity"' "$RESULTS/$out.jsonl" 2>/dev/null || true)
-        echo "$job: ${traces:-0}/$count Dense traces, ${records:-0}/$((count * 24)) policy records"
-      done
+    for job in ${LANES[*]}; do
+      read -r id file stages out <<<"$(describe "$job")"
+      count=${stages##*,}
+      traces=$(grep -c '"kind": "trace"' "$RESULTS/$out.jsonl" 2>/dev/null || true)
+      records=$(grep -c '"kind": "fidelity"' "$RESULTS/$out.jsonl" 2>/dev/null || true)
+      echo "$job: ${traces:-0}/$count Dense traces, ${records:-0}/$((count * 24)) policy records"
     done ;;
   tables)
-    for lane in "${LANES[@]}"; do
-      for job in $lane; do
-        read -r id file stages out <<<"$(describe "$job")"
-        [ -s "$RESULTS/$out.jsonl" ] || continue
-        .venv/bin/python -m bench.fidelity_tables "$RESULTS/$out.jsonl" --plots >"$RESULTS/$out.md"
-        echo "$RESULTS/$out.md"
-      done
+    for job in ${LANES[*]}; do
+      read -r id file stages out <<<"$(describe "$job")"
+      [ -s "$RESULTS/$out.jsonl" ] || continue
+      .venv/bin/python -m bench.fidelity_tables "$RESULTS/$out.jsonl" --plots >"$RESULTS/$out.md"
+      echo "$RESULTS/$out.md"
     done ;;
   *) echo "usage: $0 start|stop|status|tables" >&2; exit 2 ;;
 esac
