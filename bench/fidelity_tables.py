@@ -18,7 +18,8 @@ from lemma.evaluation.results import ResultsFile
 
 
 def main(path: str, draw: bool = False) -> None:
-    records, failed = runs.comparable(ResultsFile(path).of("fidelity"))
+    everything = ResultsFile(path).of("fidelity")
+    records, failed = runs.comparable(everything)
     rows = runs.summarize_fidelity(records)
     if draw:
         title = Path(path).stem
@@ -53,8 +54,10 @@ def main(path: str, draw: bool = False) -> None:
             if b in cells:
                 print(f"| {name} | " + " | ".join(f"{nll:.3f}" for _, _, nll, _ in runs.regroup(cells[b]["position"], 1024)) + " |")
     for budget, bad in sorted(failed.items()):
-        print(f"\nbudget {budget}: {len(bad)} traces left out (a policy could not replay them: "
-              f"{next(iter(bad.values()))['error']})")
+        replayed = {r["id"] for r in everything if r["budget"] == budget}
+        refusers = sorted({r["config"] for r in everything if r["budget"] == budget and r.get("error") is not None})
+        print(f"\nbudget {budget}: {len(bad)} of the {len(replayed)} traces replayed so far at this budget are left out of "
+              f"every row above because {', '.join(refusers)} could not replay them (first: {next(iter(bad.values()))['error']})")
 
 
 if __name__ == "__main__":
