@@ -2,9 +2,10 @@
 # The issue-13 trace-fidelity grid (bf16, traces cut at 4K, budgets 128-1024, every policy) for both demo
 # models, as two background lanes, one per core. Each lane runs its jobs in order and each job resumes
 # from its results file, so run `start` again in any later session until `status` shows all done, then
-# `tables`. Qwen2.5-Coder-0.5B's MATH500 rows on one core (the most work left: ~60 core-hours on
-# 2026-12-04); its GSM8K R1 traces, then SmolLM2-135M (~3.7x fewer FLOPs per token; its 8K context holds
-# every 4K cut) on the other (~30).
+# `tables`. Every job is split in two shards (every other trace) that append to the same results file,
+# one per lane, so both cores work on Qwen2.5-Coder-0.5B's GSM8K R1 traces, then its MATH500 rows (the
+# most work: ~65 core-hours left on 2026-12-04), then SmolLM2-135M's (~3.7x fewer FLOPs per token; its
+# 8K context holds every 4K cut), and the lanes finish together.
 #   bash bench/trace_fidelity_jobs.sh start|stop|status|tables
 set -euo pipefail
 SELF="$(cd "$(dirname "$0")" && pwd)/$(basename "$0")"
@@ -13,7 +14,8 @@ TRACES=../shared/data/reasoning_traces
 RESULTS=bench/results
 COMMON=(--dtype bfloat16 --max-trace-tokens 4096 --batch 16
         --policies dense,raas,raas-capped,quest,h2o,streaming,random --budgets 128,256,512,1024)
-LANES=("gsm8k_r1:qwen gsm8k_r1:smollm2 math500:smollm2" "math500:qwen")
+JOBS="gsm8k_r1:qwen math500:qwen gsm8k_r1:smollm2 math500:smollm2"
+LANES=(0/2 1/2)  # the shard of every job each lane replays
 
 # job (name:model) -> model id, trace file, stages (traces spread evenly over the file, each stage resuming
 # the one before, so a run stopped early covers every writer model), results file (no .jsonl)
@@ -31,18 +33,20 @@ describe() {
 
 case "${1:-status}" in
   start)
-    for lane in "${LANES[@]}"; do
-      if pgrep -f "trace_fidelity_jobs.sh lane $lane" >/dev/null; then echo "lane '$lane': already running"; continue; fi
-      nohup bash "$SELF" lane "$lane" >"/tmp/trace-fidelity-lane-${lane%% *}.log" 2>&1 &
-      echo "lane '$lane': started (logs /tmp/trace-fidelity-*.log)"
+    for shard in "${LANES[@]}"; do
+      if pgrep -f "trace_fidelity_jobs.sh lane $shard" >/dev/null; then echo "lane $shard: already running"; continue; fi
+      nohup bash "$SELF" lane "$shard" >"/tmp/trace-fidelity-lane-${shard%/*}.log" 2>&1 &
+      echo "lane $shard: started (logs /tmp/trace-fidelity-*.log)"
     done ;;
-  lane)  # one core's jobs in order; a failed job stops its lane
-    for job in $2; do
+  lane)  # one core's shard of every job, in order; a failed job stops its lane
+    shard=$2
+    for job in $JOBS; do
       read -r id file stages out <<<"$(describe "$job")"
       for count in ${stages//,/ }; do
-        echo "$(date -u +%FT%TZ) $job: $count traces"
+        echo "$(date -u +%FT%TZ) $job: shard $shard of $count traces"
         OMP_NUM_THREADS=1 LEMMA_HOME="${LEMMA_HOME:-$PWD/weights}" .venv/bin/lemma eval -m "$id" "${COMMON[@]}" \
-          --traces "$file" --sample "$count" --out "$RESULTS/$out.jsonl" >"/tmp/trace-fidelity-$out.log" 2>&1
+          --traces "$file" --sample "$count" --shard "$shard" --out "$RESULTS/$out.jsonl" \
+          >"/tmp/trace-fidelity-$out-${shard%/*}.log" 2>&1
       done
     done
     echo "$(date -u +%FT%TZ) lane done" ;;
@@ -50,7 +54,7 @@ case "${1:-status}" in
     pkill -f "trace_fidelity_jobs.sh (lane|start)" || true
     pkill -f "lemma eval .*fidelity_traces_" && echo "stopped" || echo "nothing running" ;;
   status)
-    for job in ${LANES[*]}; do
+    for job in $JOBS; do
       read -r id file stages out <<<"$(describe "$job")"
       count=${stages##*,}
       traces=$(grep -c '"kind": "trace"' "$RESULTS/$out.jsonl" 2>/dev/null || true)
@@ -58,7 +62,7 @@ case "${1:-status}" in
       echo "$job: ${traces:-0}/$count Dense traces, ${records:-0}/$((count * 24)) policy records"
     done ;;
   tables)
-    for job in ${LANES[*]}; do
+    for job in $JOBS; do
       read -r id file stages out <<<"$(describe "$job")"
       [ -s "$RESULTS/$out.jsonl" ] || continue
       .venv/bin/python -m bench.fidelity_tables "$RESULTS/$out.jsonl" --plots >"$RESULTS/$out.md"

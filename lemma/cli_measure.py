@@ -157,6 +157,8 @@ def evaluate(
     budgets: str = typer.Option("64,128,256,512", help="Comma-separated KV budgets (tokens) for non-dense policies."),
     limit: Optional[int] = typer.Option(None, help="Only the first N problems."),
     sample: Optional[int] = typer.Option(None, help="--traces: N traces spread evenly over the file (instead of the first N)."),
+    shard: Optional[str] = typer.Option(None, help="--traces: K/N replays every Nth of the chosen traces from the Kth "
+                                         "(0-based), so N processes can share one --out file."),
     max_tokens: int = typer.Option(512, help="Most tokens per answer (or per fidelity trace)."),
     batch: int = typer.Option(8, help="Problems decoded together (--traces: traces replayed together, from groups of "
                                       "4x as many taken longest first)."),
@@ -189,10 +191,10 @@ def evaluate(
         _at_least(sample, 1, "--sample")
         if sample is not None and limit is not None:
             raise LemmaError("name at most one of --limit (the first N traces) or --sample (N spread over the file)")
-        return _evaluate_traces(traces, model, policies, budgets, limit, sample, max_trace_tokens, batch, pin_prompt, out,
-                                device, dtype)
-    if sample is not None:
-        raise LemmaError("--sample spreads --traces over a file; with --data use --limit")
+        return _evaluate_traces(traces, model, policies, budgets, limit, sample, _shard(shard), max_trace_tokens, batch,
+                                pin_prompt, out, device, dtype)
+    if sample is not None or shard is not None:
+        raise LemmaError(f"{'--sample' if sample is not None else '--shard'} applies to --traces; with --data use --limit")
     grid = _eval_grid(_names(policies), _ints(budgets, "--budgets"), pin_prompt, fidelity)
     problems = load_problems(data, limit)
     png = outputs.plot_next_to(out, "--out")
@@ -237,8 +239,18 @@ def evaluate(
     typer.echo(f"results in {out}, plot in {png}")
 
 
+def _shard(spec: str | None) -> tuple[int, int]:
+    """--shard K/N as (K, N); (0, 1) when not given."""
+    if spec is None:
+        return 0, 1
+    k, _, n = spec.partition("/")
+    if not (k.isdigit() and n.isdigit() and int(k) < int(n)):
+        raise LemmaError(f"--shard must be K/N with 0 <= K < N (e.g. 0/2), got {spec!r}")
+    return int(k), int(n)
+
+
 def _evaluate_traces(path: Path, model: str | None, policies: str, budgets: str, limit: int | None, sample: int | None,
-                     max_trace_tokens: int, batch: int, pin_prompt: bool, out: Path, device: str | None,
+                     shard: tuple[int, int], max_trace_tokens: int, batch: int, pin_prompt: bool, out: Path, device: str | None,
                      dtype: str | None) -> None:
     from lemma.evaluation import plots, runs
     from lemma.evaluation.results import ResultsFile
@@ -249,6 +261,9 @@ def _evaluate_traces(path: Path, model: str | None, policies: str, budgets: str,
     traces = load_traces(path, limit)
     if sample is not None:
         traces = evenly_spaced(traces, sample)
+    traces = traces[shard[0]::shard[1]]
+    if not traces:
+        raise LemmaError(f"--shard {shard[0]}/{shard[1]} leaves no trace of the {path.name} traces chosen")
     png = outputs.plot_next_to(out, "--out")
     position_png = png.with_name(png.stem + "-position.png")
     outputs.check_png(position_png, "--out")

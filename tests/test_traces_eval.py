@@ -124,11 +124,55 @@ def test_eval_traces_command_and_resume(tiny_dir, tmp_path):
                           "raas has no option 'recnt'")
     assert_one_line_error(invoke("eval", "--traces", data, "--model", tiny_dir, "--sample", 2, "--limit", 2),
                           "at most one of --limit")
-    assert_one_line_error(invoke("eval", "--data", data, "--model", tiny_dir, "--sample", 2), "--sample spreads --traces")
+    assert_one_line_error(invoke("eval", "--data", data, "--model", tiny_dir, "--sample", 2), "--sample applies to --traces")
+    for bad in ("2/2", "1", "a/2", "-1/2"):
+        assert_one_line_error(invoke(*args[:-2], "--out", tmp_path / "x.jsonl", "--shard", bad), "--shard must be K/N")
     kinds = [(r["kind"], r["config"], r["id"]) for r in map(json.loads, lines) if "kind" in r]
     # group by group (4 x --batch traces: all three here): Dense, then all six policy configs
     assert kinds[:3] == [("trace", "dense", f"m:{i}") for i in range(3)]
     assert len(kinds) == 21 and {k[0] for k in kinds[3:]} == {"fidelity"} and len({k[1] for k in kinds[3:]}) == 6
+
+
+def test_shards_of_one_results_file_make_up_the_unsharded_run(tiny_dir, tmp_path):
+    data = write_traces(tmp_path / "traces.jsonl")
+    args = ["eval", "--traces", data, "--model", tiny_dir, "--policies", "dense,raas,h2o", "--budgets", "64",
+            "--max-trace-tokens", 100, "--batch", 2]
+    whole, sharded = tmp_path / "whole.jsonl", tmp_path / "sharded.jsonl"
+    assert invoke(*args, "--out", whole).exit_code == 0
+    first = invoke(*args, "--out", sharded, "--shard", "0/2")
+    assert first.exit_code == 0 and "2 traces (200 tokens" in first.output
+    assert invoke(*args, "--out", sharded, "--shard", "1/2").exit_code == 0
+    records = lambda path: {(r["kind"], r["config"], r["id"]): r for r in map(json.loads, path.read_text().splitlines())}  # noqa: E731
+    expected, got = records(whole), records(sharded)
+    assert got.keys() == expected.keys()
+    for key, r in got.items():
+        if key[0] == "fidelity":
+            assert r["n"] == expected[key]["n"] and r["nll_sum"] == pytest.approx(expected[key]["nll_sum"], abs=1e-4)
+
+
+def test_results_file_reads_and_appends_wait_for_another_writers_lock(tmp_path):
+    import fcntl
+    import threading
+
+    from lemma.evaluation.results import ResultsFile
+
+    path = tmp_path / "shared.jsonl"
+    results = ResultsFile(path)
+    record = {"kind": "trace", "config": "dense", "id": "a", "error": "x"}
+    results.append([record])
+    with open(path, "rb") as other_writer:  # another process's open file holding the lock mid-append
+        fcntl.flock(other_writer, fcntl.LOCK_EX)
+        opened: list = []
+        appending = threading.Thread(target=lambda: results.append([{**record, "id": "b"}]))
+        opening = threading.Thread(target=lambda: opened.append(ResultsFile(path)))
+        for t in (appending, opening):
+            t.start()
+            t.join(0.5)
+            assert t.is_alive()
+        assert [r["id"] for r in map(json.loads, path.read_text().splitlines())] == ["a"]
+    for t in (appending, opening):
+        t.join(10)
+    assert [r["id"] for r in ResultsFile(path).records] == ["a", "b"] and len(opened) == 1
 
 
 def test_sampled_traces_and_comparable_rows():

@@ -1,10 +1,14 @@
 """An append-only JSONL results file that survives interruption: each record is one line, written and
 flushed whole. Reading it back drops only a torn last line (a kill mid-write leaves it without its
 newline); any other line that is not a lemma record is an error naming the file and line, with the file
-left unchanged, so a file that lemma did not write is never rewritten."""
+left unchanged, so a file that lemma did not write is never rewritten. Reads and appends hold an
+exclusive lock on the file, so several processes may append to one file (each must write records the
+others do not, as `lemma eval --traces --shard` does); each reads the others' records only when it opens
+the file."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 from pathlib import Path
@@ -76,7 +80,6 @@ class ResultsFile:
         never mixes two runs' results."""
         self.path, self.label, self.run = Path(path), label, run
         self.records: list[dict[str, Any]] = []
-        self._needs_newline = False  # the last line is a whole record that lacks its newline
         check_writable(self.path, label)
         if self.path.is_file():
             self._load()
@@ -91,19 +94,22 @@ class ResultsFile:
 
     def _load(self) -> None:
         try:
-            data = self.path.read_bytes()
+            with open(self.path, "rb") as f:
+                fcntl.flock(f, fcntl.LOCK_EX)  # no other writer mid-append: a torn last line is a killed one
+                data = f.read()
+                self._parse(data)
         except OSError as exc:
             raise LemmaError(f"cannot read {self.label} {self.path}: {exc.strerror or exc}") from None
+
+    def _parse(self, data: bytes) -> None:
         *lines, tail = data.split(b"\n")  # tail: whatever follows the last newline
         for line_no, raw in enumerate(lines, 1):
             if raw.strip():
                 self.records.append(self._checked(raw, line_no))
         if not tail.strip():
-            self._needs_newline = bool(tail)
             return
         try:
             self.records.append(self._checked(tail, len(lines) + 1))
-            self._needs_newline = True
         except LemmaError:
             if not _is_torn_record(tail):
                 raise
@@ -130,10 +136,13 @@ class ResultsFile:
     def append(self, records: list[dict[str, Any]]) -> None:
         if self.run is not None:
             records = [{**r, "run": self.run} for r in records]
-        text = "".join(json.dumps(r) + "\n" for r in records)
-        with writing(self.path, self.label), open(self.path, "a") as f:
-            f.write("\n" * self._needs_newline + text)
+        data = "".join(json.dumps(r) + "\n" for r in records).encode()
+        with writing(self.path, self.label), open(self.path, "a+b") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            end = f.seek(0, os.SEEK_END)
+            if end and os.pread(f.fileno(), 1, end - 1) != b"\n":  # a whole last record without its newline
+                data = b"\n" + data
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        self._needs_newline = False
         self.records += records
