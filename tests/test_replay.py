@@ -230,3 +230,13 @@ def test_recording_of_a_cut_replay_stands_for_the_whole_one():
         cut.finish_as([3] * 60, [-1.0] * 60, [3] * 60)
     with pytest.raises(LemmaError, match="one score per target"):
         cut.finish_as([2] * 60, [-1.0] * 59, [2] * 60)
+
+
+def test_teacher_force_reports_each_replay_as_it_finishes(tiny_dir):
+    engine = Engine(tiny_dir, kv_cache_tokens=256)
+    seen = []
+    targets = [[7] * 100, [7] * 300, [7] * 20]  # the second can never fit the 256-token pool under Dense
+    forced = engine.teacher_force([[5] * 10] * 3, targets, on_finished=lambda i, f: seen.append((i, f)))
+    assert [i for i, _ in seen] == [1, 2, 0]  # the refused one at once, then the shortest replay first
+    assert all(f is forced[i] for i, f in seen)
+    assert "KV cache" in forced[1].error and [len(f.logprobs) for f in forced] == [100, 0, 20]

@@ -150,6 +150,42 @@ def test_shards_of_one_results_file_make_up_the_unsharded_run(tiny_dir, tmp_path
             assert r["n"] == expected[key]["n"] and r["nll_sum"] == pytest.approx(expected[key]["nll_sum"], abs=1e-4)
 
 
+def test_a_stopped_trace_run_keeps_every_replay_that_finished(tiny_dir, tmp_path):
+    """Records land as each replay finishes, so a run stopped mid-batch loses only the replays in flight,
+    and resuming it gives the records of an uninterrupted run."""
+    from lemma.evaluation.results import ResultsFile
+    from lemma.evaluation.traces import run_trace_fidelity
+
+    rows = [dict(r, trace="Step by step, carefully. " * (6 + 9 * i)) for i, r in enumerate(TRACES)]
+    traces = load_traces(write_traces(tmp_path / "traces.jsonl", rows))
+    policies = [make_policy("dense"), make_policy("raas", 64), make_policy("h2o", 64)]
+    engine = Engine(tiny_dir, kv_cache_tokens=4096, dtype="float32")
+    whole = ResultsFile(tmp_path / "whole.jsonl")
+    run_trace_fidelity(engine, traces, policies, 400, whole, group=4)
+
+    class Stop(Exception):
+        pass
+
+    finished = []
+
+    def stop_after_five(n: int) -> None:  # three Dense traces, then two of raas-64's three replays
+        finished.append(n)
+        if len(finished) == 5:
+            raise Stop
+
+    stopped = ResultsFile(tmp_path / "stopped.jsonl")
+    with pytest.raises(Stop):
+        run_trace_fidelity(engine, traces, policies, 400, stopped, group=4, progress=stop_after_five)
+    kept = [(r["kind"], r["config"]) for r in ResultsFile(stopped.path).records]
+    assert kept == [("trace", "dense")] * 3 + [("fidelity", "raas-64")] * 2
+    resumed = ResultsFile(stopped.path)
+    run_trace_fidelity(engine, traces, policies, 400, resumed, group=4)
+    expected = {(r["config"], r["id"]): r for r in whole.of("fidelity")}
+    got = {(r["config"], r["id"]): r for r in resumed.of("fidelity")}
+    assert got.keys() == expected.keys() and len(got) == 6
+    assert all(got[k]["nll_sum"] == pytest.approx(expected[k]["nll_sum"], abs=1e-4) for k in got)
+
+
 def test_results_file_reads_and_appends_wait_for_another_writers_lock(tmp_path):
     import fcntl
     import threading
@@ -227,9 +263,9 @@ def test_eval_traces_shares_dense_prefix_with_the_same_records(tiny_dir, tmp_pat
         run_trace_fidelity(engine, traces, policies, 400, results, group=2)
         runs_by_mode[mode] = ({(r["config"], r["id"]): r for r in results.of("fidelity")}, calls)
         kinds = [(r["kind"], r["id"]) for r in results.records]
-        # groups of two, longest trace first: Dense, then every policy on the group
-        assert kinds[:2] == [("trace", "m:1"), ("trace", "m:0")] and kinds[2:4] == [("fidelity", "m:1"), ("fidelity", "m:0")]
-        assert kinds[14] == ("trace", "m:2")
+        # groups of two (m:0, m:1 then m:2): Dense, then every policy on the group; records as replays finish
+        assert set(kinds[:2]) == {("trace", "m:0"), ("trace", "m:1")}
+        assert set(kinds[2:4]) == {("fidelity", "m:0"), ("fidelity", "m:1")} and kinds[14] == ("trace", "m:2")
     (shared, calls), (full, none) = runs_by_mode["shared"], runs_by_mode["full"]
     assert calls and not none
     assert sum(r["shared_tokens"] for r in shared.values()) > 0 == sum(r["shared_tokens"] for r in full.values())

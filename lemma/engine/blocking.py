@@ -129,7 +129,8 @@ class BlockingCalls:
         return str(self.model_dir), str(self.dtype).removeprefix("torch.")
 
     def teacher_force(self, prompts: list[Prompt], targets: list[list[int]], chunked: bool = True,
-                      record_until: int = 0, shared: list[Recording | None] | None = None) -> list[Forced]:
+                      record_until: int = 0, shared: list[Recording | None] | None = None,
+                      on_finished: Callable[[int, Forced], None] | None = None) -> list[Forced]:
         """Replay each target continuation under the current policy (eviction active), as generation
         would see it; per token: log-probability of the target and the model's argmax. `chunked` feeds a
         page of targets per forward (exact: the same evictions as one token per step, see
@@ -137,7 +138,9 @@ class BlockingCalls:
         Shared prefixes (engine/recording.py): under Dense, `record_until` > 0 records each replay's
         attention inputs before that position (Forced.recording; None under tensor parallelism); `shared`
         hands such recordings, made by this engine of the same prompt ids and targets (or None), to
-        another policy's replay, which skips the model where it attends what Dense attends."""
+        another policy's replay, which skips the model where it attends what Dense attends.
+        `on_finished(i, forced)` is called as each replay finishes (in finishing order), so a caller can
+        keep each result before the slowest one is done."""
         if not isinstance(prompts, (list, tuple)) or not isinstance(targets, (list, tuple)) or len(prompts) != len(targets):
             raise LemmaError("teacher_force needs a list of prompts and one target list per prompt")
         if shared is not None and len(shared) != len(prompts):
@@ -177,13 +180,24 @@ class BlockingCalls:
                 seq.shared_prefix = prefix
 
         seqs, failed = self._submit_all(list(prompts), params, box, prepare=prepare)
-        for _ in self._follow([s.request_id for s in seqs if s is not None], box):
-            pass
-        for seq in seqs:
-            if seq is not None and seq.recording is not None:
-                seq.recording.logprobs, seq.recording.predicted = seq.forced_logprobs, seq.predicted
-        return [Forced(s.forced_logprobs, s.predicted, s.stats, s.error, s.recording, s.shared_tokens) if s is not None
-                else Forced([], [], Stats(), failed[i].error) for i, s in enumerate(seqs)]
+        results = {i: Forced([], [], Stats(), out.error) for i, out in failed.items()}
+        index = {s.request_id: i for i, s in enumerate(seqs) if s is not None}
+        if on_finished is not None:
+            for i, f in results.items():
+                on_finished(i, f)
+        for out in self._follow(list(index), box):
+            if out.finished:
+                i = index[out.request_id]
+                results[i] = self._forced(seqs[i])
+                if on_finished is not None:
+                    on_finished(i, results[i])
+        return [results[i] for i in range(len(seqs))]
+
+    @staticmethod
+    def _forced(seq: Sequence) -> Forced:
+        if seq.recording is not None:
+            seq.recording.logprobs, seq.recording.predicted = seq.forced_logprobs, seq.predicted
+        return Forced(seq.forced_logprobs, seq.predicted, seq.stats, seq.error, seq.recording, seq.shared_tokens)
 
     def chat_prompt(self, messages: list[dict[str, Any]]) -> list[int]:
         """Token ids of a conversation rendered with the chat template (generate accepts it directly)."""

@@ -17,6 +17,7 @@ from typing import Any
 from lemma.engine.engine import Engine
 from lemma.engine.policies import POLICIES, Dense, Policy, make_policy, parse_policy_spec
 from lemma.engine.recording import Recording
+from lemma.engine.sequence import Forced
 from lemma.engine.sampler import SamplingParams
 from lemma.evaluation.answers import equivalent, extract_answer
 from lemma.evaluation.datasets import Problem
@@ -147,9 +148,10 @@ def replay_under_policies(engine: Engine, references: list[dict[str, Any]], poli
                           shared: dict[str, Recording] | None = None) -> None:
     """Teacher-force each Dense reference ("trace" record: prompt_ids, tokens, logprobs, predicted) under
     every other policy; one "fidelity" record per (policy, reference), skipping those already in results.
-    Batch by batch of references, every policy on a batch before the next: a run stopped early leaves
-    whole traces (all policies), which is what the tables compare. `shared`: Dense's recordings of
-    references by id, which policy replays share where they attend what Dense does (engine/recording.py)."""
+    Batch by batch of references, every policy on a batch before the next, each record appended as its
+    replay finishes: a run stopped early loses only the replays in flight (the tables compare the traces
+    every config has replayed). `shared`: Dense's recordings of references by id, which policy replays
+    share where they attend what Dense does (engine/recording.py)."""
     policies = [p for p in policies if not isinstance(p, Dense)]
     done = results.done("fidelity")
     for chunk in _batches(references, batch):
@@ -159,19 +161,25 @@ def replay_under_policies(engine: Engine, references: list[dict[str, Any]], poli
                 continue
             engine.policy = policy
             prefixes = None if shared is None else [shared.get(r["id"]) for r in todo]
-            forced = engine.teacher_force([r["prompt_ids"] for r in todo], [r["tokens"] for r in todo], shared=prefixes)
-            records = []
-            for ref, f in zip(todo, forced):
-                record = {"kind": "fidelity", "config": policy.describe(), "policy": policy.name,
-                          "budget": policy.budget, "id": ref["id"], "error": f.error}
-                if f.error is None:
-                    record.update(fidelity_sums(ref["predicted"], ref["logprobs"], f.logprobs, f.predicted))
-                    record.update(pages_evicted=f.stats.pages_evicted, peak_kv_pages=f.stats.peak_kv_pages,
-                                  shared_tokens=f.shared_tokens)
-                records.append(record)
-            results.append(records)
-            if progress:
-                progress(len(todo))
+
+            def keep(i: int, forced: Forced) -> None:  # as each replay finishes: a stop loses only those running
+                results.append([fidelity_record(policy, todo[i], forced)])
+                if progress:
+                    progress(1)
+
+            engine.teacher_force([r["prompt_ids"] for r in todo], [r["tokens"] for r in todo], shared=prefixes,
+                                 on_finished=keep)
+
+
+def fidelity_record(policy: Policy, reference: dict[str, Any], forced: Forced) -> dict[str, Any]:
+    """The "fidelity" record of one replay of a Dense reference under `policy`."""
+    record = {"kind": "fidelity", "config": policy.describe(), "policy": policy.name,
+              "budget": policy.budget, "id": reference["id"], "error": forced.error}
+    if forced.error is None:
+        record.update(fidelity_sums(reference["predicted"], reference["logprobs"], forced.logprobs, forced.predicted))
+        record.update(pages_evicted=forced.stats.pages_evicted, peak_kv_pages=forced.stats.peak_kv_pages,
+                      shared_tokens=forced.shared_tokens)
+    return record
 
 
 def remaining(policy: Policy, references: list[dict[str, Any]], done: set) -> list[dict[str, Any]]:

@@ -15,6 +15,7 @@ from pathlib import Path
 from lemma.engine.engine import Engine
 from lemma.engine.policies import Dense, Policy
 from lemma.engine.recording import Recording
+from lemma.engine.sequence import Forced
 from lemma.errors import LemmaError
 from lemma.evaluation.datasets import json_rows
 from lemma.evaluation.jsonl import json_kind
@@ -106,15 +107,19 @@ def _run_group(engine: Engine, chunk: list[ReasoningTrace], policies: list[Polic
     if todo:
         pairs = {t.id: trace_tokens(engine, t, max_trace_tokens) for t in todo}
         todo.sort(key=lambda t: -sum(map(len, pairs[t.id])))
-        forced = engine.teacher_force([pairs[t.id][0] for t in todo], [pairs[t.id][1] for t in todo],
-                                      record_until=record_until)
-        results.append([{"kind": "trace", "config": "dense", "id": t.id, "prompt_ids": pairs[t.id][0],
-                         "tokens": pairs[t.id][1], "logprobs": f.logprobs, "predicted": f.predicted}
-                        if f.error is None else {"kind": "trace", "config": "dense", "id": t.id, "error": f.error}
-                        for t, f in zip(todo, forced)])
-        shared = {t.id: f.recording for t, f in zip(todo, forced) if f.error is None and f.recording is not None}
-        if progress:
-            progress(len(todo))
+
+        def keep(i: int, f: Forced) -> None:  # as each replay finishes: a stop loses only those running
+            t = todo[i]
+            results.append([{"kind": "trace", "config": "dense", "id": t.id, "prompt_ids": pairs[t.id][0],
+                             "tokens": pairs[t.id][1], "logprobs": f.logprobs, "predicted": f.predicted}
+                            if f.error is None else {"kind": "trace", "config": "dense", "id": t.id, "error": f.error}])
+            if f.error is None and f.recording is not None:
+                shared[t.id] = f.recording
+            if progress:
+                progress(1)
+
+        engine.teacher_force([pairs[t.id][0] for t in todo], [pairs[t.id][1] for t in todo],
+                             record_until=record_until, on_finished=keep)
     references = {r["id"]: r for r in results.of("trace") if "tokens" in r}
     refs = sorted((references[t.id] for t in chunk if t.id in references),
                   key=lambda r: -len(r["prompt_ids"]) - len(r["tokens"]))
