@@ -5,10 +5,13 @@ H100/H200; `--smoke` runs the same code paths on CPU with toy shapes.
     TRITON_INTERPRET=1 python bench/gpu_bench.py --smoke               # anywhere, checks the script
 
 Measures, on random-init models of Qwen2.5-1.5B and 7B shape in bf16:
-1. paged decode attention (Triton, Dense page table) vs torch SDPA over the same dense cache at 4K/16K/32K;
+1. paged decode attention (Triton, Dense page table) vs torch SDPA over the same dense cache at 4K/16K/32K:
+   eager wall time per call (host launch cost included) and device time per call (20 calls captured in
+   one CUDA graph and replayed), with the KV bandwidth that device time achieves;
 2. decode tokens/s at batch 1 and 32, eager vs CUDA graphs (compile=True: one graph per bucket);
 3. achieved bandwidth ((weight + KV bytes read) / step time) against a measured device-to-device copy;
-4. KV memory held by Dense vs RaaS-1024 with 16K tokens of context.
+4. KV memory held by Dense vs RaaS-1024 with 16K tokens of context, and their step time there, eager
+   and with CUDA graphs.
 """
 
 from __future__ import annotations
@@ -74,6 +77,29 @@ def timed(fn, device: torch.device, repeats: int = 20) -> float:
     return sorted(samples)[len(samples) // 2]
 
 
+def graphed_seconds(fn, calls: int = 20, replays: int = 5) -> float:
+    """Device seconds per fn() call: `calls` calls captured in one CUDA graph, replayed, timed with events
+    (no host launch cost; repeated calls over a cache that fits in L2 read it from there)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm up (Triton compiles, allocator settles) off the capture
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / 1000 / (replays * calls)
+
+
 def kernel_vs_sdpa(config: ModelConfig, context: int, device: torch.device, dtype: torch.dtype) -> dict:
     pages = -(-context // 16)
     hkv, hq, d = config.num_kv_heads, config.num_heads, config.head_dim
@@ -91,7 +117,18 @@ def kernel_vs_sdpa(config: ModelConfig, context: int, device: torch.device, dtyp
     out = triton_attention.paged_decode_attention(q, k_cache, v_cache, ids, fill, scale)
     ref = reference.paged_decode_attention(q, k_cache, v_cache, ids, fill, scale)
     err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
-    return {"context": context, "triton_us": 1e6 * ours, "sdpa_us": 1e6 * theirs, "rel_err_vs_twin": err}
+    row = {"context": context, "triton_us": 1e6 * ours, "sdpa_us": 1e6 * theirs, "rel_err_vs_twin": err}
+    if device.type == "cuda":
+        kv_bytes = 2 * k_cache.numel() * k_cache.element_size()
+        ours = graphed_seconds(lambda: triton_attention.paged_decode_attention(q, k_cache, v_cache, ids, fill, scale))
+        theirs = graphed_seconds(lambda: torch.nn.functional.scaled_dot_product_attention(
+            q[:, :, None, :], k_dense, v_dense, scale=scale, enable_gqa=True))
+        row.update(triton_device_us=1e6 * ours, sdpa_device_us=1e6 * theirs,
+                   triton_kv_gb_per_s=kv_bytes / ours / 1e9, sdpa_kv_gb_per_s=kv_bytes / theirs / 1e9)
+        row["triton_device_us_by_pages_per_block"] = {  # the tile-size knob (default PAGES_PER_BLOCK)
+            per_block: 1e6 * graphed_seconds(lambda per_block=per_block: triton_attention.paged_decode_attention(
+                q, k_cache, v_cache, ids, fill, scale, pages_per_block=per_block)) for per_block in (1, 2, 4, 8)}
+    return row
 
 
 def graphs_vs_eager(model: CausalLM, batches: list[int], context: int, steps: int) -> list[dict]:
@@ -137,8 +174,13 @@ def main() -> None:
         model = random_model(shape, device, dtype)
         entry = {"attention": [kernel_vs_sdpa(model.config, c, device, dtype) for c in contexts]}
         for row in entry["attention"]:
-            print(f"{shape} attention @{row['context']}: triton {row['triton_us']:.0f} us, sdpa {row['sdpa_us']:.0f} us, "
-                  f"rel err {row['rel_err_vs_twin']:.1e}")
+            print(f"{shape} attention @{row['context']}: eager call triton {row['triton_us']:.0f} us, sdpa "
+                  f"{row['sdpa_us']:.0f} us, rel err {row['rel_err_vs_twin']:.1e}")
+            if "triton_device_us" in row:
+                print(f"{shape} attention @{row['context']}: device time triton {row['triton_device_us']:.1f} us "
+                      f"({row['triton_kv_gb_per_s']:.0f} GB/s of KV), sdpa {row['sdpa_device_us']:.1f} us "
+                      f"({row['sdpa_kv_gb_per_s']:.0f} GB/s); triton by pages per block: "
+                      + ", ".join(f"{k}: {v:.1f} us" for k, v in row["triton_device_us_by_pages_per_block"].items()))
         engine = Engine.from_model(model, toy_tokenizer(), kv_cache_tokens=long_context + 2 * decode_steps + 64,
                                    attention="triton")
         prompt = [1] * 64
@@ -152,11 +194,17 @@ def main() -> None:
                                                    decode_steps)
         long_prompt = [1] * long_context
         memory = {}
+        graphed = Engine.from_model(model, toy_tokenizer(), kv_cache_tokens=long_context + 2 * decode_steps + 64,
+                                    attention="triton", compile=device.type == "cuda" or "eager")
         for policy in (Dense(), RaaS(budget=1024, pin_prompt=False)):
             row = speed.bench_policy(engine, policy, long_prompt, 8)
-            memory[policy.describe()] = {"resident_kv_mib": row["resident_kv_mib"], "ms_per_token": row["ms_per_token"]}
+            graphs_ms = speed.decode_step_ms(graphed, policy, [long_prompt], 8)
+            memory[policy.describe()] = {"resident_kv_mib": row["resident_kv_mib"], "ms_per_token": row["ms_per_token"],
+                                         "graphs_ms_per_token": graphs_ms}
             print(f"{shape} {policy.describe()} with {long_context} tokens of context: resident KV "
-                  f"{row['resident_kv_mib']:.0f} MiB, {row['ms_per_token']:.2f} ms/token")
+                  f"{row['resident_kv_mib']:.0f} MiB, {row['ms_per_token']:.2f} ms/token eager, "
+                  f"{graphs_ms:.2f} ms/token with graphs")
+        del graphed
         entry["memory_at_long_context"] = memory
         report["models"][shape] = entry
         del engine, model

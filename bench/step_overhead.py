@@ -1,11 +1,14 @@
 """Per-step overhead of the decode loop: a 30-layer model with hidden size 72 (SmolLM2's layer and head
 layout shrunk until the arithmetic is negligible), so the time is nearly all Python, dispatch and
-launches. Eager vs compiled for every policy, side by side in one run.
+launches. Eager vs compiled for every policy, side by side in one run; `--modes ops` counts the aten
+calls one eager step dispatches instead (seconds, no timing: what makes one policy's eager step slower
+than another's when the step is host-bound, as eager decode is on a GPU).
 
 The prompt (390 tokens, 25 pages) and the steps (110) keep every policy inside one slot bucket, so each
 compiles once; a warm-up generation pays the compile, the second one is timed.
 
     OMP_NUM_THREADS=1 python bench/step_overhead.py --out bench/results/step_overhead.json
+    OMP_NUM_THREADS=1 python bench/step_overhead.py --modes ops
 """
 
 from __future__ import annotations
@@ -48,12 +51,40 @@ def step_ms(engine: Engine, batch: int, prompt_len: int, steps: int) -> float:
     return speed.decode_step_ms(engine, engine.policy, prompts, steps)
 
 
+def aten_calls_per_step(engine: Engine, batch: int, prompt_len: int, steps: int) -> int:
+    """Top-level aten calls of the last eager decode step of one generation (views included: each costs
+    host dispatch time; the others launch at least one kernel on a GPU)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    counts: list[int] = []
+    calls = 0
+    decode = engine.runner.decode
+
+    def counted(*args):
+        nonlocal calls
+        calls += 1
+        if calls < steps:  # only the last step runs under the profiler
+            return decode(*args)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            logits = decode(*args)
+        counts.append(sum(1 for e in prof.events() if e.name.startswith("aten::") and e.cpu_parent is None))
+        return logits
+
+    engine.runner.decode = counted
+    try:
+        prompts = [[1 + (i + b) % 500 for i in range(prompt_len)] for b in range(batch)]
+        engine.generate(prompts, SamplingParams(temperature=0, max_tokens=steps + 1, ignore_eos=True))
+    finally:
+        engine.runner.decode = decode
+    return counts[-1]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=110)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--prompt", type=int, default=390)
-    parser.add_argument("--modes", default="eager,compiled", help="comma list of eager, compiled")
+    parser.add_argument("--modes", default="eager,compiled", help="comma list of eager, compiled, ops")
     parser.add_argument("--policies", default=",".join(POLICIES))
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -65,6 +96,12 @@ def main() -> None:
         row = {"policy": name}
         for mode in args.modes.split(","):
             if mode == "compiled" and not can_compile:
+                continue
+            if mode == "ops":
+                engine = Engine.from_model(overhead_model(args.batch), toy_tokenizer(), policy=POLICIES[name],
+                                           kv_cache_tokens=64 * 1024, max_batch=max(args.batch, 1))
+                row["eager_aten_calls"] = aten_calls_per_step(engine, args.batch, args.prompt, args.steps)
+                row["aten_calls_per_layer"] = row["eager_aten_calls"] / SHAPE["num_hidden_layers"]
                 continue
             extra = {"compile": True} if mode == "compiled" else {}
             engine = Engine.from_model(overhead_model(args.batch), toy_tokenizer(), policy=POLICIES[name],

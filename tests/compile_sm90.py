@@ -32,9 +32,15 @@ def main() -> None:
                         "acc_ptr": "*fp32", "m_ptr": "*fp32", "l_ptr": "*fp32", "lse_ptr": "*fp32"}
             for mass in (False, True):
                 constexprs = dict(GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=dim,
-                                  BLOCK_D=dim, PAGE=PAGE, UPCAST=False, WITH_MASS=mass, IEEE=dtype == "fp32")
+                                  BLOCK_D=dim, PAGE=PAGE, PAGES_PER_BLOCK=attention.PAGES_PER_BLOCK, UPCAST=False,
+                                  WITH_MASS=mass, IEEE=dtype == "fp32")
                 compile_sm90(attention._decode_attention_kernel, pointers, constexprs, floats=("scale",))
                 count += 1
+        pointers = {"acc_ptr": "*fp32", "m_ptr": "*fp32", "l_ptr": "*fp32", "out_ptr": cache, "log_total_ptr": "*fp32"}
+        compile_sm90(attention._combine_kernel, pointers, dict(GROUP=7, BLOCK_G=16, HEAD_DIM=128, BLOCK_D=128,
+                                                               CHUNK_D=attention.COMBINE_CHUNK_D,
+                                                               SPLITS=attention.COMBINE_SPLITS))
+        count += 1
         pointers = {"k_ptr": cache, "v_ptr": cache, "kc_ptr": cache, "vc_ptr": cache, "ids_ptr": "*i64",
                     "off_ptr": "*i64", "kmax_ptr": "*fp32", "kmin_ptr": "*fp32", "fill_ptr": "*i32"}
         for bounds in (False, True):
@@ -43,6 +49,9 @@ def main() -> None:
     pointers = {"q_ptr": "*bf16", "kmax_ptr": "*fp32", "kmin_ptr": "*fp32", "ids_ptr": "*i64", "out_ptr": "*fp32"}
     compile_sm90(scores._page_scores_kernel, pointers, dict(GROUP=7, BLOCK_G=8, HEAD_DIM=128, BLOCK_D=128,
                                                             BLOCK_S=scores.BLOCK_S))
+    count += 1
+    pointers = {"lse_ptr": "*fp32", "log_total_ptr": "*fp32", "mass_ptr": "*fp32"}
+    compile_sm90(attention._mass_kernel, pointers, dict(GROUP=7, BLOCK_G=16, BLOCK_S=attention.MASS_BLOCK_S))
     count += 1
     print(f"compiled {count} kernels for sm_90")
 

@@ -53,14 +53,30 @@ def test_decode_attention_matches_the_twin(case, dtype):
     q, k_cache, v_cache, ids, fill = random_case(*case, dtype=dtype)
     scale = case[3] ** -0.5
     ref_out, ref_mass = reference.paged_decode_attention(q, k_cache, v_cache, ids, fill, scale, return_mass=True)
-    for per_split in (None, 2):  # one split, and a split list with the combine step
+    # one split; split lists with the combine step, blocks longer than a split or cut by the slot list's end;
+    # one page per block
+    for per_split, per_block in ((None, attention.PAGES_PER_BLOCK), (2, attention.PAGES_PER_BLOCK), (3, 2), (None, 1)):
         out, mass = attention.paged_decode_attention(q, k_cache, v_cache, ids, fill, scale, return_mass=True,
-                                                     pages_per_split=per_split)
+                                                     pages_per_split=per_split, pages_per_block=per_block)
         assert out.dtype == dtype and out.shape == ref_out.shape
         assert rel_err(out, ref_out) < TOLERANCE[dtype]
         assert rel_err(mass, ref_mass) < TOLERANCE[dtype]
     plain = attention.paged_decode_attention(q, k_cache, v_cache, ids, fill, scale)
     assert rel_err(plain, ref_out) < TOLERANCE[dtype]
+
+
+def test_decode_attention_merges_many_splits_and_an_empty_head(monkeypatch):
+    """More splits than the combine merges at once, head-dim chunks as on a GPU, and a KV head with no
+    page at all (attends nothing: zeros, zero mass, as the twin)."""
+    monkeypatch.setattr(attention, "combine_chunk", lambda block_d, device: min(attention.COMBINE_CHUNK_D, block_d))
+    q, k_cache, v_cache, ids, fill = random_case(2, 2, 3, 64, 20, torch.float32, seed=3)
+    ids[1, 0] = -1
+    ref_out, ref_mass = reference.paged_decode_attention(q, k_cache, v_cache, ids, fill, 0.125, return_mass=True)
+    assert attention.COMBINE_SPLITS < 20
+    out, mass = attention.paged_decode_attention(q, k_cache, v_cache, ids, fill, 0.125, return_mass=True,
+                                                 pages_per_split=1, pages_per_block=1)
+    assert rel_err(out, ref_out) < 1e-5 and rel_err(mass, ref_mass) < 1e-5
+    assert out[1, :3].abs().max() == 0 and mass[1, 0].abs().max() == 0
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -116,7 +132,7 @@ def test_every_kernel_compiles_for_sm90():
     script = Path(__file__).with_name("compile_sm90.py")
     result = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "compiled 19 kernels for sm_90" in result.stdout
+    assert "compiled 23 kernels for sm_90" in result.stdout
 
 
 @pytest.mark.parametrize("policy", ["dense", "raas"])

@@ -1,9 +1,11 @@
 """Triton paged decode attention over the compacted cache (twin: reference.paged_decode_attention).
 
 One program per (sequence, KV head, split of the slot list): it loads each listed K/V page once for
-all query heads of the group (GQA-packed), keeps an online softmax in fp32, and writes its partial
-accumulator; a small combine step merges the splits. With WITH_MASS it also writes each page's
-log-sum-exp per query head, from which the combine step derives the per-page attention mass.
+all query heads of the group (GQA-packed), PAGES_PER_BLOCK pages per iteration (one [rows, D] tile
+gathered from several pages: fewer dependent page-id -> K/V round trips and larger dots), keeps an
+online softmax in fp32, and writes its partial accumulator; a combine kernel merges the splits into
+the output. With WITH_MASS it also writes each page's log-sum-exp per query head, from which a mass
+kernel derives the per-page attention mass: two launches, three with the mass.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ def _decode_attention_kernel(
     stride_vp, stride_vh, stride_vt,
     stride_ib, stride_ih, stride_fb, stride_fh,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    PAGE: tl.constexpr, UPCAST: tl.constexpr, WITH_MASS: tl.constexpr, IEEE: tl.constexpr,
+    PAGE: tl.constexpr, PAGES_PER_BLOCK: tl.constexpr, UPCAST: tl.constexpr, WITH_MASS: tl.constexpr,
+    IEEE: tl.constexpr,
 ):
     pid = tl.program_id(0)  # sequence * num_kv_heads + kv head
     split = tl.program_id(1)
@@ -31,7 +34,10 @@ def _decode_attention_kernel(
     h = pid % num_kv_heads
     g = tl.arange(0, BLOCK_G)
     d = tl.arange(0, BLOCK_D)
-    t = tl.arange(0, PAGE)
+    r = tl.arange(0, PAGES_PER_BLOCK * PAGE)  # a tile's rows: page r // PAGE of the block, row r % PAGE
+    j = r // PAGE
+    t = r % PAGE
+    pj = tl.arange(0, PAGES_PER_BLOCK)
     g_ok = g < GROUP
     d_ok = d < HEAD_DIM
 
@@ -43,16 +49,18 @@ def _decode_attention_kernel(
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
 
-    for i in range(0, pages_per_split):
-        s = split * pages_per_split + i
-        in_range = s < num_slots
+    for i in range(0, pages_per_split, PAGES_PER_BLOCK):
+        s = split * pages_per_split + i + j  # [rows] the slot of each row
+        in_range = (i + j < pages_per_split) & (s < num_slots)
         page = tl.load(ids_ptr + b * stride_ib + h * stride_ih + s, mask=in_range, other=-1).to(tl.int64)
         n = tl.load(fill_ptr + b * stride_fb + h * stride_fh + s, mask=in_range, other=0)
-        n = tl.where(page >= 0, n, 0)
+        ok = (page >= 0) & (t < n)
         safe = tl.where(page >= 0, page, 0)
-        rows = (t < n)[:, None] & d_ok[None, :]
-        k = tl.load(k_ptr + safe * stride_kp + h * stride_kh + t[:, None] * stride_kt + d[None, :], mask=rows, other=0.0)
-        v = tl.load(v_ptr + safe * stride_vp + h * stride_vh + t[:, None] * stride_vt + d[None, :], mask=rows, other=0.0)
+        rows = ok[:, None] & d_ok[None, :]
+        k = tl.load(k_ptr + safe[:, None] * stride_kp + h * stride_kh + t[:, None] * stride_kt + d[None, :],
+                    mask=rows, other=0.0)
+        v = tl.load(v_ptr + safe[:, None] * stride_vp + h * stride_vh + t[:, None] * stride_vt + d[None, :],
+                    mask=rows, other=0.0)
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
@@ -60,9 +68,8 @@ def _decode_attention_kernel(
             scores = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
             scores = tl.dot(q, tl.trans(k))
-        scores = tl.where((t < n)[None, :], scores * scale, float("-inf"))
-        page_max = tl.max(scores, 1)
-        m_new = tl.maximum(m_i, page_max)
+        scores = tl.where(ok[None, :], scores * scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, 1))
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(scores - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
@@ -71,10 +78,15 @@ def _decode_attention_kernel(
         else:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
-        if WITH_MASS:
-            lse = page_max + tl.log(tl.sum(tl.exp(scores - page_max[:, None]), 1))
-            lse = tl.where(n > 0, lse, float("-inf"))
-            tl.store(lse_ptr + (pid * BLOCK_G + g) * num_slots + s, lse, mask=in_range & g_ok)
+        if WITH_MASS:  # per page of the block: an empty page's scores are all -inf, its lse too
+            paged = tl.reshape(scores, (BLOCK_G, PAGES_PER_BLOCK, PAGE))
+            page_max = tl.max(paged, 2)
+            seen = page_max > float("-inf")
+            total = tl.sum(tl.exp(paged - tl.where(seen, page_max, 0.0)[:, :, None]), 2)
+            lse = tl.where(seen, page_max + tl.log(tl.where(seen, total, 1.0)), float("-inf"))  # [G, pages]
+            slot = split * pages_per_split + i + pj
+            stored = g_ok[:, None] & ((i + pj < pages_per_split) & (slot < num_slots))[None, :]
+            tl.store(lse_ptr + (pid * BLOCK_G + g)[:, None] * num_slots + slot[None, :], lse, mask=stored)
 
     part = pid * num_splits + split
     tl.store(acc_ptr + (part * BLOCK_G + g)[:, None] * BLOCK_D + d[None, :], acc)
@@ -82,24 +94,91 @@ def _decode_attention_kernel(
     tl.store(l_ptr + part * BLOCK_G + g, l_i)
 
 
-def _splits(programs: int, slots: int, pages_per_split: int | None, device: torch.device) -> int:
+@triton.jit
+def _combine_kernel(
+    acc_ptr, m_ptr, l_ptr, out_ptr, log_total_ptr, num_splits, num_kv_heads, stride_ob, stride_oh,
+    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    CHUNK_D: tl.constexpr, SPLITS: tl.constexpr,
+):
+    """Merge one (sequence, KV head)'s splits for CHUNK_D of the head dim, SPLITS at a time:
+    out = sum_s w_s acc_s / sum_s w_s l_s with w_s = exp(m_s - max_s m_s). The chunk-0 program also
+    writes the log of the softmax denominator (for the mass)."""
+    pid = tl.program_id(0)
+    chunk = tl.program_id(1)
+    b = pid // num_kv_heads
+    h = pid % num_kv_heads
+    g = tl.arange(0, BLOCK_G)
+    sp = tl.arange(0, SPLITS)
+    d = chunk * CHUNK_D + tl.arange(0, CHUNK_D)
+    first = pid * num_splits
+    top = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    for s0 in range(0, num_splits, SPLITS):
+        rows = (first + s0 + sp)[:, None] * BLOCK_G + g[None, :]  # [SPLITS, BLOCK_G]
+        m = tl.load(m_ptr + rows, mask=(s0 + sp < num_splits)[:, None], other=float("-inf"))
+        top = tl.maximum(top, tl.max(m, 0))
+    total = tl.zeros([BLOCK_G], tl.float32)
+    out = tl.zeros([BLOCK_G, CHUNK_D], tl.float32)
+    for s0 in range(0, num_splits, SPLITS):
+        ok = (s0 + sp < num_splits)[:, None]
+        rows = (first + s0 + sp)[:, None] * BLOCK_G + g[None, :]
+        weight = tl.exp(tl.load(m_ptr + rows, mask=ok, other=float("-inf")) - top[None, :])  # a split's m >= -1e30
+        total += tl.sum(tl.load(l_ptr + rows, mask=ok, other=0.0) * weight, 0)
+        acc = tl.load(acc_ptr + rows[:, :, None] * BLOCK_D + d[None, None, :], mask=ok[:, :, None], other=0.0)
+        out += tl.sum(acc * weight[:, :, None], 0)
+    out = out / tl.maximum(total, 1e-30)[:, None]
+    keep = (g < GROUP)[:, None] & (d < HEAD_DIM)[None, :]
+    tl.store(out_ptr + b * stride_ob + (h * GROUP + g)[:, None] * stride_oh + d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=keep)
+    if chunk == 0:
+        some = total > 0
+        tl.store(log_total_ptr + pid * BLOCK_G + g, tl.where(some, top + tl.log(tl.where(some, total, 1.0)), float("-inf")))
+
+
+@triton.jit
+def _mass_kernel(lse_ptr, log_total_ptr, mass_ptr, num_slots,
+                 GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Per page: its softmax weight summed over its rows (exp(lse - log_total)), averaged over the group."""
+    pid = tl.program_id(0)
+    s = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
+    g = tl.arange(0, BLOCK_G)
+    ok = (g < GROUP)[:, None] & (s < num_slots)[None, :]
+    lse = tl.load(lse_ptr + (pid * BLOCK_G + g)[:, None] * num_slots + s[None, :], mask=ok, other=float("-inf"))
+    log_total = tl.load(log_total_ptr + pid * BLOCK_G + g)
+    seen = log_total > float("-inf")
+    weight = tl.exp(lse - tl.where(seen, log_total, 0.0)[:, None])
+    weight = tl.where(ok & seen[:, None], weight, 0.0)
+    tl.store(mass_ptr + pid * num_slots + s, tl.sum(weight, 0) / GROUP, mask=s < num_slots)
+
+
+PAGES_PER_BLOCK = 4  # 64-row K/V tiles for 16-token pages
+COMBINE_SPLITS, COMBINE_CHUNK_D, MASS_BLOCK_S = 16, 32, 64
+
+
+def combine_chunk(block_d: int, device: torch.device) -> int:
+    """Head-dim columns per combine program: a GPU wants more programs, the interpreter pays per program."""
+    return min(COMBINE_CHUNK_D, block_d) if device.type == "cuda" else block_d
+
+
+def _splits(programs: int, slots: int, pages_per_split: int | None, per_block: int, device: torch.device) -> int:
     if pages_per_split is not None:
         return max(1, pages_per_split)
     if device.type != "cuda":
         return max(1, slots)
-    # split a long slot list so that the launch fills the GPU at least twice over
+    # split a long slot list so that the launch fills the GPU at least twice over, in whole blocks
     target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
     splits = min(slots, max(1, -(-target // programs)))
-    return max(1, -(-slots // splits))
+    per_split = max(1, -(-slots // splits))
+    return -(-per_split // per_block) * per_block
 
 
-def decode_attention_launch_args(q, k_cache, v_cache, page_ids, fill, pages_per_split=None, return_mass=False):
+def decode_attention_launch_args(q, k_cache, v_cache, page_ids, fill, pages_per_split=None, return_mass=False,
+                                 pages_per_block=PAGES_PER_BLOCK):
     """Shapes, buffers and constexprs of one launch (shared by the wrapper and the compile test)."""
     batch, num_heads, dim = q.shape
     num_kv_heads, slots = page_ids.shape[1], page_ids.shape[2]
     group = num_heads // num_kv_heads
     block_g, block_d = max(16, triton.next_power_of_2(group)), max(16, triton.next_power_of_2(dim))
-    per_split = _splits(batch * num_kv_heads, slots, pages_per_split, q.device)
+    per_split = _splits(batch * num_kv_heads, slots, pages_per_split, pages_per_block, q.device)
     num_splits = max(1, -(-slots // per_split))
     programs = batch * num_kv_heads
     f32 = dict(dtype=torch.float32, device=q.device)
@@ -108,20 +187,21 @@ def decode_attention_launch_args(q, k_cache, v_cache, page_ids, fill, pages_per_
     l = torch.empty(programs, num_splits, block_g, **f32)
     lse = torch.empty(programs, block_g, slots, **f32) if return_mass else torch.empty(1, **f32)
     constexprs = dict(GROUP=group, BLOCK_G=block_g, HEAD_DIM=dim, BLOCK_D=block_d, PAGE=k_cache.shape[2],
-                      UPCAST=not q.is_cuda,
+                      PAGES_PER_BLOCK=pages_per_block, UPCAST=not q.is_cuda,
                       WITH_MASS=return_mass, IEEE=q.dtype == torch.float32)
     return (programs, num_splits), per_split, acc, m, l, lse, constexprs
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, page_ids: torch.Tensor,
                            fill: torch.Tensor, scale: float, return_mass: bool = False,
-                           pages_per_split: int | None = None):
-    """Same contract as reference.paged_decode_attention."""
+                           pages_per_split: int | None = None, pages_per_block: int = PAGES_PER_BLOCK):
+    """Same contract as reference.paged_decode_attention. pages_per_split / pages_per_block (a power of
+    two) are tuning knobs: how many slots one program walks, and how many pages one tile gathers."""
     batch, num_heads, dim = q.shape
     num_kv_heads, slots = page_ids.shape[1], page_ids.shape[2]
     q, page_ids, fill = q.contiguous(), page_ids.contiguous(), fill.contiguous()
     grid, per_split, acc, m, l, lse, constexprs = decode_attention_launch_args(
-        q, k_cache, v_cache, page_ids, fill, pages_per_split, return_mass)
+        q, k_cache, v_cache, page_ids, fill, pages_per_split, return_mass, pages_per_block)
     _decode_attention_kernel[grid](
         q, k_cache, v_cache, page_ids, fill, acc, m, l, lse,
         scale, slots, per_split, num_kv_heads,
@@ -132,13 +212,17 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         **constexprs,
     )
     group = num_heads // num_kv_heads
-    top = m.amax(1, keepdim=True)
-    weight = torch.exp(m - top)
-    total = (l * weight).sum(1)  # [programs, BLOCK_G]
-    out = (acc * weight[..., None]).sum(1) / total.clamp(min=1e-30)[..., None]
-    out = out[:, :group, :dim].reshape(batch, num_heads, dim).to(q.dtype)
+    programs, num_splits = grid
+    block_g, block_d = constexprs["BLOCK_G"], constexprs["BLOCK_D"]
+    out = torch.empty_like(q)
+    log_total = torch.empty(programs, block_g, dtype=torch.float32, device=q.device)
+    chunk_d = combine_chunk(block_d, q.device)
+    _combine_kernel[(programs, block_d // chunk_d)](
+        acc, m, l, out, log_total, num_splits, num_kv_heads, out.stride(0), out.stride(1),
+        GROUP=group, BLOCK_G=block_g, HEAD_DIM=dim, BLOCK_D=block_d, CHUNK_D=chunk_d, SPLITS=COMBINE_SPLITS)
     if not return_mass:
         return out
-    log_total = top[:, 0] + torch.log(total)  # [programs, BLOCK_G]
-    mass = torch.exp(lse - log_total[..., None])[:, :group].nan_to_num(0.0).mean(1)
-    return out, mass.view(batch, num_kv_heads, slots)
+    mass = torch.empty(batch, num_kv_heads, slots, dtype=torch.float32, device=q.device)
+    _mass_kernel[(programs, triton.cdiv(slots, MASS_BLOCK_S))](
+        lse, log_total, mass, slots, GROUP=group, BLOCK_G=block_g, BLOCK_S=MASS_BLOCK_S)
+    return out, mass
