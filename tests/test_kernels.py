@@ -53,8 +53,8 @@ def test_decode_attention_matches_the_twin(case, dtype):
     q, k_cache, v_cache, ids, fill = random_case(*case, dtype=dtype)
     scale = case[3] ** -0.5
     ref_out, ref_mass = reference.paged_decode_attention(q, k_cache, v_cache, ids, fill, scale, return_mass=True)
-    # one split; split lists with the combine step, blocks longer than a split or cut by the slot list's end;
-    # one page per block
+    # one split; split lists with the combine step (tiles shrunk to a short split, or cut by its end and by
+    # the slot list's end); one page per tile
     for per_split, per_block in ((None, attention.PAGES_PER_BLOCK), (2, attention.PAGES_PER_BLOCK), (3, 2), (None, 1)):
         out, mass = attention.paged_decode_attention(q, k_cache, v_cache, ids, fill, scale, return_mass=True,
                                                      pages_per_split=per_split, pages_per_block=per_block)

@@ -88,10 +88,10 @@ def _decode_attention_kernel(
             stored = g_ok[:, None] & ((i + pj < pages_per_split) & (slot < num_slots))[None, :]
             tl.store(lse_ptr + (pid * BLOCK_G + g)[:, None] * num_slots + slot[None, :], lse, mask=stored)
 
-    part = pid * num_splits + split
-    tl.store(acc_ptr + (part * BLOCK_G + g)[:, None] * BLOCK_D + d[None, :], acc)
-    tl.store(m_ptr + part * BLOCK_G + g, m_i)
-    tl.store(l_ptr + part * BLOCK_G + g, l_i)
+    part = pid * num_splits + split  # the group's rows only: the padding rows of BLOCK_G are never read
+    tl.store(acc_ptr + (part * BLOCK_G + g)[:, None] * BLOCK_D + d[None, :], acc, mask=g_ok[:, None])
+    tl.store(m_ptr + part * BLOCK_G + g, m_i, mask=g_ok)
+    tl.store(l_ptr + part * BLOCK_G + g, l_i, mask=g_ok)
 
 
 @triton.jit
@@ -111,17 +111,18 @@ def _combine_kernel(
     sp = tl.arange(0, SPLITS)
     d = chunk * CHUNK_D + tl.arange(0, CHUNK_D)
     first = pid * num_splits
-    top = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    real = (g < GROUP)[None, :]  # masked cells read m = -1e30 (a split's floor), l = 0, acc = 0: no weight
+    top = tl.full([BLOCK_G], -1.0e30, tl.float32)
     for s0 in range(0, num_splits, SPLITS):
         rows = (first + s0 + sp)[:, None] * BLOCK_G + g[None, :]  # [SPLITS, BLOCK_G]
-        m = tl.load(m_ptr + rows, mask=(s0 + sp < num_splits)[:, None], other=float("-inf"))
+        m = tl.load(m_ptr + rows, mask=(s0 + sp < num_splits)[:, None] & real, other=-1.0e30)
         top = tl.maximum(top, tl.max(m, 0))
     total = tl.zeros([BLOCK_G], tl.float32)
     out = tl.zeros([BLOCK_G, CHUNK_D], tl.float32)
     for s0 in range(0, num_splits, SPLITS):
-        ok = (s0 + sp < num_splits)[:, None]
+        ok = (s0 + sp < num_splits)[:, None] & real
         rows = (first + s0 + sp)[:, None] * BLOCK_G + g[None, :]
-        weight = tl.exp(tl.load(m_ptr + rows, mask=ok, other=float("-inf")) - top[None, :])  # a split's m >= -1e30
+        weight = tl.exp(tl.load(m_ptr + rows, mask=ok, other=-1.0e30) - top[None, :])
         total += tl.sum(tl.load(l_ptr + rows, mask=ok, other=0.0) * weight, 0)
         acc = tl.load(acc_ptr + rows[:, :, None] * BLOCK_D + d[None, None, :], mask=ok[:, :, None], other=0.0)
         out += tl.sum(acc * weight[:, :, None], 0)
@@ -131,7 +132,8 @@ def _combine_kernel(
              out.to(out_ptr.dtype.element_ty), mask=keep)
     if chunk == 0:
         some = total > 0
-        tl.store(log_total_ptr + pid * BLOCK_G + g, tl.where(some, top + tl.log(tl.where(some, total, 1.0)), float("-inf")))
+        log_total = tl.where(some, top + tl.log(tl.where(some, total, 1.0)), float("-inf"))
+        tl.store(log_total_ptr + pid * BLOCK_G + g, log_total)
 
 
 @triton.jit
@@ -159,16 +161,15 @@ def combine_chunk(block_d: int, device: torch.device) -> int:
     return min(COMBINE_CHUNK_D, block_d) if device.type == "cuda" else block_d
 
 
-def _splits(programs: int, slots: int, pages_per_split: int | None, per_block: int, device: torch.device) -> int:
+def _splits(programs: int, slots: int, pages_per_split: int | None, device: torch.device) -> int:
     if pages_per_split is not None:
         return max(1, pages_per_split)
     if device.type != "cuda":
         return max(1, slots)
-    # split a long slot list so that the launch fills the GPU at least twice over, in whole blocks
+    # split a long slot list so that the launch fills the GPU at least twice over
     target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
-    splits = min(slots, max(1, -(-target // programs)))
-    per_split = max(1, -(-slots // splits))
-    return -(-per_split // per_block) * per_block
+    splits = max(1, min(slots, -(-target // programs)))
+    return max(1, -(-slots // splits))
 
 
 def decode_attention_launch_args(q, k_cache, v_cache, page_ids, fill, pages_per_split=None, return_mass=False,
@@ -178,7 +179,8 @@ def decode_attention_launch_args(q, k_cache, v_cache, page_ids, fill, pages_per_
     num_kv_heads, slots = page_ids.shape[1], page_ids.shape[2]
     group = num_heads // num_kv_heads
     block_g, block_d = max(16, triton.next_power_of_2(group)), max(16, triton.next_power_of_2(dim))
-    per_split = _splits(batch * num_kv_heads, slots, pages_per_split, pages_per_block, q.device)
+    per_split = _splits(batch * num_kv_heads, slots, pages_per_split, q.device)
+    pages_per_block = min(pages_per_block, triton.next_power_of_2(per_split))  # a short split: a smaller tile
     num_splits = max(1, -(-slots // per_split))
     programs = batch * num_kv_heads
     f32 = dict(dtype=torch.float32, device=q.device)
@@ -222,7 +224,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         GROUP=group, BLOCK_G=block_g, HEAD_DIM=dim, BLOCK_D=block_d, CHUNK_D=chunk_d, SPLITS=COMBINE_SPLITS)
     if not return_mass:
         return out
-    mass = torch.empty(batch, num_kv_heads, slots, dtype=torch.float32, device=q.device)
-    _mass_kernel[(programs, triton.cdiv(slots, MASS_BLOCK_S))](
-        lse, log_total, mass, slots, GROUP=group, BLOCK_G=block_g, BLOCK_S=MASS_BLOCK_S)
+    mass = torch.zeros(batch, num_kv_heads, slots, dtype=torch.float32, device=q.device)
+    if slots:
+        _mass_kernel[(programs, triton.cdiv(slots, MASS_BLOCK_S))](
+            lse, log_total, mass, slots, GROUP=group, BLOCK_G=block_g, BLOCK_S=MASS_BLOCK_S)
     return out, mass
