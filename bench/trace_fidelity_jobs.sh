@@ -7,6 +7,9 @@
 # most work: ~65 core-hours left on 2026-12-04), then SmolLM2-135M's (~3.7x fewer FLOPs per token; its
 # 8K context holds every 4K cut), and the lanes finish together.
 #   bash bench/trace_fidelity_jobs.sh start|stop|status|tables
+# The lanes can keep running across sessions: `tables` tabulates and stages a consistent copy of each
+# results file (the live one keeps growing), so there is no need to stop them (a restart replays Dense
+# again to record the shared prefixes of its group: ~10-15 minutes per lane).
 set -euo pipefail
 SELF="$(cd "$(dirname "$0")" && pwd)/$(basename "$0")"
 cd "$(dirname "$0")/.."
@@ -61,12 +64,22 @@ case "${1:-status}" in
       records=$(grep -c '"kind": "fidelity"' "$RESULTS/$out.jsonl" 2>/dev/null || true)
       echo "$job: ${traces:-0}/$count Dense traces, ${records:-0}/$((count * 24)) policy records"
     done ;;
-  tables)
+  tables)  # safe while the lanes run: tables and plots of a locked copy, and that copy staged in git
+    snap=$(mktemp -d)
     for job in $JOBS; do
       read -r id file stages out <<<"$(describe "$job")"
       [ -s "$RESULTS/$out.jsonl" ] || continue
-      .venv/bin/python -m bench.fidelity_tables "$RESULTS/$out.jsonl" --plots >"$RESULTS/$out.md"
-      echo "$RESULTS/$out.md"
-    done ;;
+      flock "$RESULTS/$out.jsonl" cp "$RESULTS/$out.jsonl" "$snap/"  # the lanes append under the same lock
+      blob=$(git hash-object -w "$snap/$out.jsonl")
+      if [ "$blob" = "$(git rev-parse -q --verify "HEAD:$RESULTS/$out.jsonl")" ]; then
+        echo "$RESULTS/$out.jsonl: no new records since HEAD"; continue
+      fi
+      .venv/bin/python -m bench.fidelity_tables "$snap/$out.jsonl" --plots >"$RESULTS/$out.md"
+      cp "$snap/$out".png "$snap/$out"-position.png "$RESULTS/"
+      git update-index --add --cacheinfo "100644,$blob,$RESULTS/$out.jsonl"
+      git add "$RESULTS/$out.md" "$RESULTS/$out".png "$RESULTS/$out"-position.png
+      echo "$RESULTS/$out.md: staged with the $(grep -c . "$snap/$out.jsonl") lines it tabulates (commit without -a)"
+    done
+    rm -rf "$snap" ;;
   *) echo "usage: $0 start|stop|status|tables" >&2; exit 2 ;;
 esac
