@@ -50,10 +50,12 @@ def _decode_attention_kernel(
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
 
     for i in range(0, pages_per_split, PAGES_PER_BLOCK):
-        s = split * pages_per_split + i + j  # [rows] the slot of each row
-        in_range = (i + j < pages_per_split) & (s < num_slots)
-        page = tl.load(ids_ptr + b * stride_ib + h * stride_ih + s, mask=in_range, other=-1).to(tl.int64)
-        n = tl.load(fill_ptr + b * stride_fb + h * stride_fh + s, mask=in_range, other=0)
+        slot = split * pages_per_split + i + pj  # one load per page, broadcast to its rows
+        listed = (i + pj < pages_per_split) & (slot < num_slots)
+        page = tl.load(ids_ptr + b * stride_ib + h * stride_ih + slot, mask=listed, other=-1).to(tl.int64)
+        n = tl.load(fill_ptr + b * stride_fb + h * stride_fh + slot, mask=listed, other=0)
+        page = tl.reshape(tl.broadcast_to(page[:, None], (PAGES_PER_BLOCK, PAGE)), (PAGES_PER_BLOCK * PAGE,))
+        n = tl.reshape(tl.broadcast_to(n[:, None], (PAGES_PER_BLOCK, PAGE)), (PAGES_PER_BLOCK * PAGE,))
         ok = (page >= 0) & (t < n)
         safe = tl.where(page >= 0, page, 0)
         rows = ok[:, None] & d_ok[None, :]
@@ -84,8 +86,7 @@ def _decode_attention_kernel(
             seen = page_max > float("-inf")
             total = tl.sum(tl.exp(paged - tl.where(seen, page_max, 0.0)[:, :, None]), 2)
             lse = tl.where(seen, page_max + tl.log(tl.where(seen, total, 1.0)), float("-inf"))  # [G, pages]
-            slot = split * pages_per_split + i + pj
-            stored = g_ok[:, None] & ((i + pj < pages_per_split) & (slot < num_slots))[None, :]
+            stored = g_ok[:, None] & listed[None, :]
             tl.store(lse_ptr + (pid * BLOCK_G + g)[:, None] * num_slots + slot[None, :], lse, mask=stored)
 
     part = pid * num_splits + split  # the group's rows only: the padding rows of BLOCK_G are never read
