@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # One short GPU session (device tool): the GPU tests compiled for real, then the GPU benchmark.
-# The device image has its own torch/triton; install lemma without dependencies.
+# The device image has its own torch/triton; install lemma without dependencies. The first H200 run took
+# 449 s; the device-time attention timings and the graphed 16K step added since should cost under a
+# minute more: run it as `timeout 580 bash bench/gpu_check.sh 2>&1 | tee $OUT/gpu_check.log`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install -q --no-deps -e . 2>/dev/null || export PYTHONPATH=$PWD
