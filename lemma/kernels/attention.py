@@ -34,9 +34,7 @@ def _decode_attention_kernel(
     h = pid % num_kv_heads
     g = tl.arange(0, BLOCK_G)
     d = tl.arange(0, BLOCK_D)
-    r = tl.arange(0, PAGES_PER_BLOCK * PAGE)  # a tile's rows: page r // PAGE of the block, row r % PAGE
-    j = r // PAGE
-    t = r % PAGE
+    t = tl.arange(0, PAGES_PER_BLOCK * PAGE) % PAGE  # a tile's row r is row r % PAGE of its page r // PAGE
     pj = tl.arange(0, PAGES_PER_BLOCK)
     g_ok = g < GROUP
     d_ok = d < HEAD_DIM
@@ -225,8 +223,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         GROUP=group, BLOCK_G=block_g, HEAD_DIM=dim, BLOCK_D=block_d, CHUNK_D=chunk_d, SPLITS=COMBINE_SPLITS)
     if not return_mass:
         return out
-    mass = torch.zeros(batch, num_kv_heads, slots, dtype=torch.float32, device=q.device)
-    if slots:
+    mass = torch.empty(batch, num_kv_heads, slots, dtype=torch.float32, device=q.device)
+    if slots:  # a grid of zero programs is not a launch
         _mass_kernel[(programs, triton.cdiv(slots, MASS_BLOCK_S))](
             lse, log_total, mass, slots, GROUP=group, BLOCK_G=block_g, BLOCK_S=MASS_BLOCK_S)
     return out, mass
