@@ -79,6 +79,17 @@ def test_decode_attention_merges_many_splits_and_an_empty_head(monkeypatch):
     assert out[1, :3].abs().max() == 0 and mass[1, 0].abs().max() == 0
 
 
+@pytest.mark.parametrize("programs, slots", [(8, 1024), (8, 3), (64, 300), (512, 256)])
+def test_gpu_split_fills_the_device_twice_over(monkeypatch, programs, slots):
+    """On a GPU the slot list is split so that (sequence, KV head, split) programs cover every SM at least
+    twice where the slots allow it, with no split left empty (132 SMs, as an H100/H200 SXM)."""
+    monkeypatch.setattr(attention, "_multiprocessors", lambda device: 132)
+    per_split = attention._splits(programs, slots, None, torch.device("cuda"))
+    splits = -(-slots // per_split)
+    assert 1 <= per_split <= slots and (splits - 1) * per_split < slots
+    assert programs * splits >= min(2 * 132, programs * slots)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "b{}-kv{}-g{}-d{}-s{}".format(*c))
 def test_page_scores_match_the_twin(case, dtype):

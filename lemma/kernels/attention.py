@@ -10,6 +10,8 @@ kernel derives the per-page attention mass: two launches, three with the mass.
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 import triton
 import triton.language as tl
@@ -160,15 +162,20 @@ def combine_chunk(block_d: int, device: torch.device) -> int:
     return min(COMBINE_CHUNK_D, block_d) if device.type == "cuda" else block_d
 
 
+@lru_cache(maxsize=None)
+def _multiprocessors(device: torch.device) -> int:  # asked once per device, not on every eager launch
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def _splits(programs: int, slots: int, pages_per_split: int | None, device: torch.device) -> int:
     if pages_per_split is not None:
         return max(1, pages_per_split)
     if device.type != "cuda":
         return max(1, slots)
     # split a long slot list so that the launch fills the GPU at least twice over
-    target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    target = 2 * _multiprocessors(device)
     splits = max(1, min(slots, -(-target // programs)))
-    return max(1, -(-slots // splits))
+    return max(1, slots // splits)  # rounded down: at least `splits` splits
 
 
 def decode_attention_launch_args(q, k_cache, v_cache, page_ids, fill, pages_per_split=None, return_mass=False,
