@@ -8,9 +8,9 @@
 # session until `status` shows all done, then `tables`. Order: Qwen2.5-Coder-0.5B's GSM8K R1 traces,
 # its MATH500 rows, then SmolLM2-135M's (~3.7x fewer FLOPs per token; its 8K context holds every 4K cut).
 #   bash bench/trace_fidelity_jobs.sh start|stop|status|tables
-# The lanes can keep running across sessions: `tables` tabulates and stages a consistent copy of each
-# results file (the live one keeps growing), so there is no need to stop them (a restarted part replays
-# Dense again to record the shared prefixes of its traces: a few minutes per lane).
+# `tables` tabulates and stages a consistent copy of each results file (the live one keeps growing), so
+# the lanes need not stop for it. They do not outlive the dev VM's session: `start` at each session's
+# start (a restarted part replays Dense again to record the shared prefixes of its traces: a few minutes).
 set -euo pipefail
 SELF="$(cd "$(dirname "$0")" && pwd)/$(basename "$0")"
 cd "$(dirname "$0")/.."
