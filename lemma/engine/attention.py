@@ -155,5 +155,5 @@ class PrefillAttention:
             hi, lo = reference.page_key_bounds(kc, written[:, None].expand(-1, heads), fill_heads)
             pool.write_prefilled(layer, written, born, fill_heads, hi, lo, seg.pinned[layer][:, None])
             outs.append(reference.prefill_attention(q[rows], kc, vc, table[None, :].expand(heads, -1),
-                                                    self.positions[rows], self.scale))
+                                                    seg.start, self.scale))
         return outs[0] if len(outs) == 1 else torch.cat(outs)

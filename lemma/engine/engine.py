@@ -33,6 +33,7 @@ from lemma.errors import LemmaError
 from lemma.kernels import resolve_attention
 from lemma.models.config import ModelConfig
 from lemma.models.llama import CausalLM
+from lemma.models.linear import packs
 from lemma.models.loader import load_model
 from lemma.models.shard import Shard
 from lemma.models.tokenizer import StreamingDetokenizer, Tokenizer
@@ -108,7 +109,7 @@ class Engine(BlockingCalls):
                    kv_cache_tokens: int | None = None, max_batch: int = 32, prefill_chunk: int = 512,
                    attention: str | None = None, compile: bool | str = False) -> "Engine":
         """An engine over a model already built in memory (benchmarks on random weights); its device and
-        dtype are the model's."""
+        dtype are the model's. On CPU in bf16 the model's linears are packed in place (models/linear.py)."""
         engine = cls.__new__(cls)
         engine._setup(model, tokenizer, Path(f"<{model.config.model_type} in memory>"), policy, kv_cache_tokens,
                       max_batch, prefill_chunk, attention, compile)
@@ -122,6 +123,8 @@ class Engine(BlockingCalls):
         self.model, self.tokenizer, self.model_dir = model, tokenizer, model_dir
         self.device, self.dtype = model.model.embed_tokens.weight.device, model.model.embed_tokens.weight.dtype
         self.config = model.config
+        if packs(self.device, self.dtype):
+            model.pack_for_cpu()
         self.eos_ids = sorted(set(tokenizer.eos_ids) | set(self.config.eos_token_id))
         self.max_batch = max_batch
         c = self.config

@@ -18,6 +18,7 @@ from lemma.engine.pool import PAGE_SIZE, KVPool
 from lemma.engine.sampler import SamplingParams
 from lemma.errors import LemmaError
 from lemma.models.config import ModelConfig
+from lemma.models.linear import packed_bytes
 
 FILLER = ("The proof proceeds by induction on n. For the base case we check small values directly; for the "
           "inductive step we assume the statement for n and derive it for n + 1 using the recurrence above. ")
@@ -72,9 +73,11 @@ def copy_bandwidth(device: torch.device, mib: int = 256, repeats: int = 5) -> fl
 
 
 def weight_bytes_per_step(engine: Engine) -> int:
-    """Bytes of weights one decode step reads: all of them, except that an untied embedding is a lookup."""
-    total = sum(p.numel() * p.element_size() for p in engine.model.parameters())
-    if engine.model.lm_head is not None:
+    """Bytes of weights one decode step reads: all of them, except that the embedding is a lookup where
+    an output head of its own (untied, or a packed copy of the tied one) is read instead."""
+    model = engine.model
+    total = sum(p.numel() * p.element_size() for p in model.parameters()) + packed_bytes(model)
+    if model.lm_head is not None or model.tied_head is not None:
         emb = engine.model.model.embed_tokens.weight
         total -= emb.numel() * emb.element_size()
     return total

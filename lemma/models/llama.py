@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lemma.models.config import ModelConfig
+from lemma.models.linear import PackedLinear, pack_linears
 from lemma.models.shard import Shard
 
 
@@ -142,7 +143,17 @@ class CausalLM(nn.Module):
         self.model = Backbone(config, shard)
         vocab = config.vocab_size if shard is None else shard.size(config.vocab_size)
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, vocab, bias=False)
+        self.tied_head: nn.Module | None = None  # a packed copy of the tied embedding (see pack_for_cpu)
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+
+    def pack_for_cpu(self) -> int:
+        """Reorder every linear weight once for oneDNN (models/linear.py), the tied output head
+        included (as a packed copy beside the embedding); returns how many were packed."""
+        count = pack_linears(self)
+        if self.lm_head is None:
+            self.tied_head = PackedLinear(self.model.embed_tokens.weight, None)
+            count += 1
+        return count
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.shard is None:
@@ -171,7 +182,7 @@ class CausalLM(nn.Module):
         if logits_at is not None:
             x = x[logits_at]
         x = self.model.norm(x)
-        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        logits = F.linear(x, weight)
+        head = self.lm_head if self.lm_head is not None else self.tied_head
+        logits = head(x) if head is not None else F.linear(x, self.model.embed_tokens.weight)
         logits = logits.float() if float_logits else logits
         return logits if self.shard is None else self.shard.gather(logits, self.config.vocab_size)
