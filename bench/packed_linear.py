@@ -10,12 +10,12 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import time
 from datetime import date
 
 import torch
 
 import lemma.engine.engine as engine_module
+from compiled_speed import prefill_seconds  # bench/ is the script folder, first on sys.path
 from lemma import Dense, Engine, SamplingParams
 from lemma.evaluation import speed
 from lemma.models.store import resolve_model
@@ -41,21 +41,10 @@ def measure(folder, packed: bool, steps: int) -> dict:
 
 
 def transformers_prefill(folder, context: int) -> float:
-    """Seconds for transformers (bf16, eager attention as shipped) to prefill the same 2K prompt; run
-    last, since importing transformers once slowed lemma's compiled step in the same process."""
-    import transformers
-
+    """Seconds for transformers (bf16) to prefill the same prompt (compiled_speed's measure); run last,
+    since importing transformers once slowed lemma's compiled step in the same process."""
     engine = Engine(folder, dtype="bfloat16", device="cpu", kv_cache_tokens=context + 64, max_batch=1)
-    ids = torch.tensor([speed.long_prompt(engine, context)])
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
-    with torch.inference_mode():
-        model(ids)
-        times = []
-        for _ in range(2):
-            start = time.perf_counter()
-            model(ids)
-            times.append(time.perf_counter() - start)
-    return round(min(times), 3)
+    return round(prefill_seconds(engine, context)[1], 3)
 
 
 def main() -> None:
