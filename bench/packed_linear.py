@@ -14,7 +14,7 @@ from datetime import date
 
 import torch
 
-import lemma.engine.engine as engine_module
+import lemma.models.llama as llama_module
 from compiled_speed import prefill_seconds  # bench/ is the script folder, first on sys.path
 from lemma import Dense, Engine, SamplingParams
 from lemma.evaluation import speed
@@ -22,12 +22,12 @@ from lemma.models.store import resolve_model
 
 
 def measure(folder, packed: bool, steps: int) -> dict:
-    packs = engine_module.packs
-    engine_module.packs = packs if packed else (lambda device, dtype: False)
+    packs = llama_module.packs
+    llama_module.packs = packs if packed else (lambda device, dtype: False)
     try:
         engine = Engine(folder, dtype="bfloat16", device="cpu", kv_cache_tokens=16 * 400 + 2300, max_batch=16)
     finally:
-        engine_module.packs = packs
+        llama_module.packs = packs
     row = {}
     for batch, context in ((1, 100), (1, 2000), (16, 100)):
         prompt = speed.long_prompt(engine, context)

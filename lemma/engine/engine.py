@@ -33,7 +33,6 @@ from lemma.errors import LemmaError
 from lemma.kernels import resolve_attention
 from lemma.models.config import ModelConfig
 from lemma.models.llama import CausalLM
-from lemma.models.linear import packs
 from lemma.models.loader import load_model
 from lemma.models.shard import Shard
 from lemma.models.tokenizer import StreamingDetokenizer, Tokenizer
@@ -123,8 +122,7 @@ class Engine(BlockingCalls):
         self.model, self.tokenizer, self.model_dir = model, tokenizer, model_dir
         self.device, self.dtype = model.model.embed_tokens.weight.device, model.model.embed_tokens.weight.dtype
         self.config = model.config
-        if packs(self.device, self.dtype):
-            model.pack_for_cpu()
+        model.pack_weights()
         self.eos_ids = sorted(set(tokenizer.eos_ids) | set(self.config.eos_token_id))
         self.max_batch = max_batch
         c = self.config

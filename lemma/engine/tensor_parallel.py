@@ -152,7 +152,6 @@ def worker_main(rank: int, world: int, port: int, device: torch.device, args: di
     from lemma.engine.pool import KVPool
     from lemma.engine.runner import ModelRunner
     from lemma.models.loader import load_model
-    from lemma.models.linear import packs
     from lemma.models.shard import Shard
 
     device = rank_device(device, rank)
@@ -161,8 +160,7 @@ def worker_main(rank: int, world: int, port: int, device: torch.device, args: di
         _join(rank, world, port, device)
         shard = Shard(rank, world)
         model = load_model(Path(args["model_dir"]), device, args["dtype"], shard)
-        if packs(device, args["dtype"]):  # as rank 0's Engine does
-            model.pack_for_cpu()
+        model.pack_weights()  # as rank 0's Engine does
         c = model.config
         pool = KVPool(c.num_layers, shard.size(c.num_kv_heads), c.head_dim, args["num_pages"], args["dtype"], device)
         runner = ModelRunner(model, pool, args["attention"], args["max_batch"])

@@ -78,7 +78,7 @@ def weight_bytes_per_step(engine: Engine) -> int:
     model = engine.model
     total = sum(p.numel() * p.element_size() for p in model.parameters()) + packed_bytes(model)
     if model.lm_head is not None or model.tied_head is not None:
-        emb = engine.model.model.embed_tokens.weight
+        emb = model.model.embed_tokens.weight
         total -= emb.numel() * emb.element_size()
     return total
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lemma.models.config import ModelConfig
-from lemma.models.linear import PackedLinear, pack_linears
+from lemma.models.linear import PackedLinear, pack_linears, packs
 from lemma.models.shard import Shard
 
 
@@ -143,14 +143,17 @@ class CausalLM(nn.Module):
         self.model = Backbone(config, shard)
         vocab = config.vocab_size if shard is None else shard.size(config.vocab_size)
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, vocab, bias=False)
-        self.tied_head: nn.Module | None = None  # a packed copy of the tied embedding (see pack_for_cpu)
+        self.tied_head: nn.Module | None = None  # a packed copy of the tied embedding (see pack_weights)
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
 
-    def pack_for_cpu(self) -> int:
-        """Reorder every linear weight once for oneDNN (models/linear.py), the tied output head
-        included (as a packed copy beside the embedding); returns how many were packed."""
+    def pack_weights(self) -> int:
+        """Where it pays (bf16 on CPU, models/linear.py), reorder every linear weight once for oneDNN, the
+        tied output head included (as a packed copy beside the embedding); returns how many were packed."""
+        weight = self.model.embed_tokens.weight
+        if not packs(weight.device, weight.dtype):
+            return 0
         count = pack_linears(self)
-        if self.lm_head is None:
+        if self.lm_head is None and self.tied_head is None:
             self.tied_head = PackedLinear(self.model.embed_tokens.weight, None)
             count += 1
         return count
