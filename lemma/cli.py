@@ -28,9 +28,9 @@ DenseLayersOpt = typer.Option(0, "--dense-layers", help="Keep the first N layers
 TpOpt = typer.Option(1, "--tp", help="Tensor parallelism: shard the model and KV pool by heads over N processes "
                                        "(gloo on CPU, NCCL on CUDA, one GPU each).")
 CompileOpt = typer.Option(False, "--compile/--no-compile",
-                          help="Compile the decode step (inductor on CPU; one CUDA graph per bucket on CUDA). The first "
-                               "step of each batch/context bucket pays the compile (about a minute per bucket for "
-                               "SmolLM2 on 2 CPU cores; cached on disk for the next run).")
+                          help="Compile the decode step (inductor on CPU; one CUDA graph per batch bucket on CUDA) at "
+                               "start, for every batch bucket; kept on disk under $LEMMA_HOME/compile, so the next "
+                               "run loads it in seconds.")
 
 
 def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -88,7 +88,34 @@ def _engine(model: Optional[str], device: Optional[str], dtype: Optional[str], q
     from lemma import Engine
     from lemma.models.store import resolve_model
 
-    return Engine(resolve_model(model, quiet=quiet), policy=policy, device=device, dtype=dtype, compile=compile, **options)
+    engine = Engine(resolve_model(model, quiet=quiet), policy=policy, device=device, dtype=dtype, compile=compile,
+                    warm_up=False, **options)
+    if engine.compile:
+        warm_up(engine, quiet)
+    return engine
+
+
+def warm_up(engine: Any, quiet: bool = False, policy: Any = None) -> None:
+    """Compile (or load from disk) the decode step of every batch bucket of `policy` (default: the
+    engine's) now, with a progress bar and the time it took on stderr."""
+    from lemma.engine.runner import bucket_sizes
+
+    policies = None if policy is None else [policy]
+    if quiet:
+        engine.warm_up(policies=policies)
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    buckets = bucket_sizes(engine.max_batch)
+    label = f"compiling the decode step for {(policy or engine.policy).describe()}"
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("batch {task.fields[bucket]}"),
+                  TimeElapsedColumn(), console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task(label, total=len(buckets), bucket=buckets[0])
+        position = iter(buckets[1:] + [buckets[-1]])
+        seconds = engine.warm_up(policies=policies, progress=lambda _, __: bar.update(task, advance=1, bucket=next(position)))
+    typer.echo(_styled(f"(decode step ready in {seconds:.1f} s: {len(buckets)} batch bucket{'s' if len(buckets) > 1 else ''}, kept for the next run "
+                       "under $LEMMA_HOME/compile)", True), err=True)
 
 
 def _styled(text: str, dim: bool) -> str:
@@ -252,6 +279,8 @@ def _chat_loop(engine: Any, system: Optional[str], params: Any, think: bool, mak
             except ValueError as exc:
                 typer.echo(f"error: {exc if isinstance(exc, LemmaError) else 'budget must be an integer'}", err=True)
                 continue
+            if engine.compile:
+                warm_up(engine)
             typer.echo(_styled(f"(policy {engine.policy.describe()})", True))
             continue
         if command.startswith("/"):

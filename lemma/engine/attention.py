@@ -1,8 +1,9 @@
 """The attention the model calls in each layer, over the paged pool under a KV policy.
 
-The model hands every layer's post-RoPE q, k, v to an `Attend` callable and gets the output back. Here
-are the two the runner builds: `DecodeAttention` for one fixed-shape decode step and `PrefillAttention`
-for one chunk of a prompt. A decode layer runs named phases, top to bottom:
+The model hands every layer's post-RoPE q, k, v to the `Attend` it is given for that layer and gets the
+output back. Here are the two the runner builds: `DecodeAttention` for one fixed-shape decode step (a
+`DecodeLayer` per layer) and `PrefillAttention` for one chunk of a prompt. A decode layer runs named
+phases, top to bottom:
 
     slots   -> the layer's page ids [B, Hkv, S] and, where the policy keeps metadata, their SlotMeta
     victim  -> the slot each (row, KV head) writes: its current page, a new slot, or the policy's victim
@@ -24,69 +25,97 @@ import torch
 
 from lemma.engine.decode_state import CONTINUE, EVICT, NEW_SLOT, StepInputs
 from lemma.engine.policies import Policy
-from lemma.engine.pool import KVPool, SlotMeta
+from lemma.engine.pool import KVPool, PoolLayer, SlotMeta
+from lemma.models.llama import ByLayer
 from lemma.kernels import reference
 
 
 class DecodeAttention:
-    """One decode step's attention for every layer. With `trace`, each layer also leaves
-    (born, valid, step mass, evicted logical page or -1) in `traces` for an observer outside the step."""
+    """One decode step's attention: `layer(i)` is layer i's `DecodeLayer`. With `trace`, each layer also
+    leaves (born, valid, step mass, evicted logical page or -1) for an observer outside the step."""
 
     def __init__(self, pool: KVPool, policy: Policy, ops: SimpleNamespace, scale: float, step: StepInputs,
                  trace: bool = False):
-        self.pool, self.policy, self.ops, self.scale, self.step, self.trace = pool, policy, ops, scale, step, trace
+        self.pool, self.policy, self.ops, self.scale, self.trace = pool, policy, ops, scale, trace
+        self.positions = step.positions
         self.logical = step.positions // pool.page_size  # the logical page each row writes
         self.offsets = step.positions % pool.page_size
-        self.traces: list[tuple[torch.Tensor, ...]] = []
+        self.tables, self.modes, self.new_slots = step.tables.unbind(0), step.modes.unbind(0), step.new_slots.unbind(0)
+        self.layers: list[DecodeLayer] = []
 
-    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        pool, policy = self.pool, self.policy
-        sparse = policy.sparse(layer)
+    def layer(self, index: int) -> "DecodeLayer":
+        attend = DecodeLayer(self.pool.layers[index], self.policy, self.policy.sparse(index), self.ops, self.scale,
+                             self.tables[index], self.modes[index], self.new_slots[index], self.positions,
+                             self.logical, self.offsets, self.trace)
+        self.layers.append(attend)
+        return attend
+
+    @property
+    def traces(self) -> list[tuple]:
+        """(layer, born, valid, step mass, evicted) of each traced layer."""
+        return [(i, *layer.trace_out) for i, layer in enumerate(self.layers) if layer.trace_out is not None]
+
+
+@dataclass(eq=False)
+class DecodeLayer:
+    """One layer of a decode step: everything it reads is a field, so the same compiled graph serves
+    every layer whose policy and sparsity match (engine/compiled.py)."""
+
+    pool: PoolLayer
+    policy: Policy
+    sparse: bool
+    ops: SimpleNamespace
+    scale: float
+    tables: torch.Tensor  # [B, S] page ids, -1 = empty
+    modes: torch.Tensor  # [B] CONTINUE, NEW_SLOT or EVICT
+    new_slots: torch.Tensor  # [B]
+    positions: torch.Tensor  # [B]
+    logical: torch.Tensor  # [B] the logical page each row writes
+    offsets: torch.Tensor  # [B] the row within it
+    trace: bool = False
+    trace_out: tuple | None = None
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        pool, policy, sparse = self.pool, self.policy, self.sparse
         evicts = sparse and policy.evicts
         tracked = evicts or self.trace  # needs per-slot metadata
-        mode = self.step.modes[layer][:, None]  # [B, 1]
+        mode = self.modes[:, None]  # [B, 1]
 
-        ids, valid, meta = self.slots(layer, tracked)
-        write_slot = self.victim(layer, meta, mode, evicts)
+        ids, valid, meta = self.slots(tracked)
+        write_slot = write_slots(policy, meta, self.logical, mode, self.new_slots[:, None], pool.heads.numel(), evicts)
         write_page = ids.gather(2, write_slot[..., None])[..., 0]
         write_page = torch.where(write_page >= 0, write_page, pool.scratch)  # padded rows
         evicted = None
         if self.trace:
             evicted = torch.where(mode == EVICT, meta.born.gather(2, write_slot[..., None])[..., 0], -1)
-        self.store(layer, k, v, write_page, mode, tracked, bounded=sparse and policy.needs_bound)
+        self.store(k, v, write_page, mode, tracked, bounded=sparse and policy.needs_bound)
 
-        meta = pool.slot_meta(layer, ids, valid) if tracked else None  # the opened pages changed
-        bound = self.ops.page_scores(q, pool.key_max[layer], pool.key_min[layer], ids) if sparse and policy.needs_bound else None
+        meta = pool.slot_meta(ids, valid) if tracked else None  # the opened pages changed
+        bound = self.ops.page_scores(q, pool.key_max, pool.key_min, ids) if sparse and policy.needs_bound else None
         attend_ids = self.select(ids, valid, bound, meta, write_slot) if sparse else ids
         want_mass = (sparse and policy.needs_mass) or self.trace
-        out, step_mass = self.attend(layer, q, attend_ids, want_mass)
+        out, step_mass = self.attend(q, attend_ids, want_mass)
         if self.trace and attend_ids is ids:  # a trace follows the retained pages, not a selection
-            self.traces.append((layer, meta.born, valid, step_mass, evicted))
+            self.trace_out = (meta.born, valid, step_mass, evicted)
         if evicts:
-            stamp, mass = policy.update(meta, bound, step_mass, self.step.positions)
-            pool.write_policy_state(layer, ids, stamp, mass)
+            stamp, mass = policy.update(meta, bound, step_mass, self.positions)
+            pool.write_policy_state(ids, stamp, mass)
         return out
 
     # ---- phases ----------------------------------------------------------------------------------------
-    def slots(self, layer: int, tracked: bool):
-        ids = self.step.tables[layer][:, None, :].expand(-1, self.pool.heads.numel(), -1)  # [B, Hkv, S]
+    def slots(self, tracked: bool):
+        ids = self.tables[:, None, :].expand(-1, self.pool.heads.numel(), -1)  # [B, Hkv, S]
         valid = ids >= 0
-        return ids, valid, (self.pool.slot_meta(layer, ids, valid) if tracked else None)
+        return ids, valid, (self.pool.slot_meta(ids, valid) if tracked else None)
 
-    def victim(self, layer: int, meta, mode: torch.Tensor, evicts: bool) -> torch.Tensor:
-        """[B, Hkv] slot this step writes."""
-        return write_slots(self.policy, meta, self.logical, mode, self.step.new_slots[layer][:, None],
-                           self.pool.heads.numel(), evicts)
-
-    def store(self, layer: int, k: torch.Tensor, v: torch.Tensor, write_page: torch.Tensor, mode: torch.Tensor,
+    def store(self, k: torch.Tensor, v: torch.Tensor, write_page: torch.Tensor, mode: torch.Tensor,
               tracked: bool, bounded: bool) -> None:
         pool = self.pool
         if tracked:
             opening = (mode != CONTINUE).expand_as(write_page)
-            pool.open_pages(layer, write_page, opening, self.logical, self.step.positions)
-        self.ops.store_decode(pool.k[layer], pool.v[layer], k, v, write_page, self.offsets,
-                              pool.key_max[layer] if bounded else None, pool.key_min[layer] if bounded else None,
-                              pool.fill[layer])
+            pool.open_pages(write_page, opening, self.logical, self.positions)
+        self.ops.store_decode(pool.k, pool.v, k, v, write_page, self.offsets,
+                              pool.key_max if bounded else None, pool.key_min if bounded else None, pool.fill)
 
     def select(self, ids: torch.Tensor, valid: torch.Tensor, bound, meta, write_slot: torch.Tensor) -> torch.Tensor:
         chosen = self.policy.select(bound, meta, write_slot)
@@ -94,11 +123,10 @@ class DecodeAttention:
             return ids
         return torch.where(valid.gather(2, chosen), ids.gather(2, chosen), -1)
 
-    def attend(self, layer: int, q: torch.Tensor, ids: torch.Tensor, want_mass: bool):
+    def attend(self, q: torch.Tensor, ids: torch.Tensor, want_mass: bool):
         pool = self.pool
-        fill = torch.where(ids >= 0, pool.fill[layer][ids.clamp(min=0), pool.heads[None, :, None]], 0)
-        result = self.ops.paged_decode_attention(q, pool.k[layer], pool.v[layer], ids, fill, self.scale,
-                                                 return_mass=want_mass)
+        fill = torch.where(ids >= 0, pool.fill[ids.clamp(min=0), pool.heads[None, :, None]], 0)
+        result = self.ops.paged_decode_attention(q, pool.k, pool.v, ids, fill, self.scale, return_mass=want_mass)
         return result if want_mass else (result, None)
 
 
@@ -128,7 +156,7 @@ class PrefillSegment:
     pinned: list[torch.Tensor]  # per layer: [n] whether each page the chunk writes is pinned (RaaS prompt pages)
 
 
-class PrefillAttention:
+class PrefillAttention(ByLayer):
     """Prompt chunks of one or more sequences in one forward: per sequence, store k/v, set the metadata
     of the pages the chunk writes, causal attention over the sequence's pages so far."""
 
@@ -153,7 +181,7 @@ class PrefillAttention:
             written = table[born]
             fill_heads = fill[:, None].expand(-1, heads)
             hi, lo = reference.page_key_bounds(kc, written[:, None].expand(-1, heads), fill_heads)
-            pool.write_prefilled(layer, written, born, fill_heads, hi, lo, seg.pinned[layer][:, None])
+            pool.layers[layer].write_prefilled(written, born, fill_heads, hi, lo, seg.pinned[layer][:, None])
             outs.append(reference.prefill_attention(q[rows], kc, vc, table[None, :].expand(heads, -1),
                                                     seg.start, self.scale))
         return outs[0] if len(outs) == 1 else torch.cat(outs)

@@ -44,13 +44,15 @@ class Engine(BlockingCalls):
     """A decode engine over one model.
 
     Engine(model_dir, policy=Dense(), device=None, dtype=None, kv_cache_tokens=None, max_batch=32,
-    prefill_chunk=512, attention=None, compile=False, tensor_parallel=1). `engine.policy` (the policy of requests that name
+    prefill_chunk=512, attention=None, compile=False, tensor_parallel=1, warm_up=True). `engine.policy` (the policy of requests that name
     none) may be changed between calls. `prefill_chunk` is the token budget of one step: the decode
     batch plus chunks of waiting prompts (so a long prompt never stalls the running ones).
     `attention` is "triton" or "torch" (default: $LEMMA_ATTENTION, else triton on CUDA, torch elsewhere).
-    `compile=True` compiles the decode step with inductor on CPU and captures it as CUDA graphs (one per
-    batch and slot bucket) on CUDA; a backend name ("eager", "aot_eager", "inductor") picks the
-    torch.compile backend. The eager step stays the reference.
+    `compile=True` compiles the decode step's layers with inductor on CPU (one graph per batch bucket and
+    kind of layer, kept on disk under $LEMMA_HOME/compile) and captures the step as CUDA graphs (one per
+    batch bucket) on CUDA; a backend name ("eager", "aot_eager", "inductor") picks the torch.compile
+    backend. The eager step stays the reference. A compiling engine warms up every batch bucket of its
+    policy at start (`warm_up=False` leaves that to `warm_up()` or to the first step of each bucket).
 
     `tensor_parallel=N` shards the model and the KV pool by heads over N processes (this one is rank 0;
     see engine/tensor_parallel.py); `close()` stops them.
@@ -63,7 +65,7 @@ class Engine(BlockingCalls):
     def __init__(self, model_dir: str | Path, policy: Policy | None = None, device: str | torch.device | None = None,
                  dtype: str | torch.dtype | None = None, kv_cache_tokens: int | None = None,
                  max_batch: int = 32, prefill_chunk: int = 512, attention: str | None = None,
-                 compile: bool | str = False, tensor_parallel: int = 1):
+                 compile: bool | str = False, tensor_parallel: int = 1, warm_up: bool = True):
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
         check_limits(max_batch, prefill_chunk, compile)
@@ -84,6 +86,8 @@ class Engine(BlockingCalls):
             model = load_model(Path(model_dir), device, dtype, shard)
             self._setup(model, Tokenizer(model_dir), Path(model_dir), policy, kv_cache_tokens, max_batch,
                         prefill_chunk, attention, compile)
+            if compile and warm_up:
+                self.warm_up()
         except BaseException:
             if cluster is not None:
                 cluster.stop()
@@ -106,12 +110,14 @@ class Engine(BlockingCalls):
     @classmethod
     def from_model(cls, model: CausalLM, tokenizer: Tokenizer, policy: Policy | None = None,
                    kv_cache_tokens: int | None = None, max_batch: int = 32, prefill_chunk: int = 512,
-                   attention: str | None = None, compile: bool | str = False) -> "Engine":
+                   attention: str | None = None, compile: bool | str = False, warm_up: bool = True) -> "Engine":
         """An engine over a model already built in memory (benchmarks on random weights); its device and
         dtype are the model's. On CPU in bf16 the model's linears are packed in place (models/linear.py)."""
         engine = cls.__new__(cls)
         engine._setup(model, tokenizer, Path(f"<{model.config.model_type} in memory>"), policy, kv_cache_tokens,
                       max_batch, prefill_chunk, attention, compile)
+        if compile and warm_up:
+            engine.warm_up()
         return engine
 
     def _setup(self, model: CausalLM, tokenizer: Tokenizer, model_dir: Path, policy: Policy | None,
@@ -132,7 +138,9 @@ class Engine(BlockingCalls):
         self.pool = KVPool(c.num_layers, kv_heads, c.head_dim, num_pages, self.dtype, self.device)
         self.attention = resolve_attention(attention, self.device)
         self.compile = compile
-        self.runner = ModelRunner(self.model, self.pool, self.attention, max_batch, compile)
+        # a sequence never holds more pages in a layer than the pool has or the model's context spans
+        max_slots = min(num_pages, self.pool.pages_for(c.max_position_embeddings))
+        self.runner = ModelRunner(self.model, self.pool, self.attention, max_batch, compile, max_slots)
         self.scheduler = Scheduler(self.pool, max_batch, prefill_chunk)
         self.sampler = Sampler(self.device)
         self._step_lock = threading.Lock()  # one step at a time (not re-entrant: nothing may step mid-step)
@@ -140,6 +148,20 @@ class Engine(BlockingCalls):
         self._inbox: list[tuple[str, Any]] = []  # ("add", Sequence) or ("abort", request id), in order
         self._listeners: dict[str, Callable[[RequestOutput], None]] = {}
         self._live: set[str] = set()
+
+    def warm_up(self, batches: list[int] | None = None, policies: list[Policy] | None = None,
+                progress: Callable[[Policy, int], None] | None = None) -> float:
+        """Compile (or load from the disk cache, engine/compiled.py) and, on CUDA, capture the decode step
+        of every batch bucket up to max_batch (or those holding `batches`) for each of `policies` (default:
+        the engine's), so no request pays for it later. progress(policy, bucket) after each bucket.
+        Returns the seconds it took; nothing to do (0.0) when the engine does not compile."""
+        if not self.compile:
+            return 0.0
+        start = time.perf_counter()
+        with self._step_lock:
+            for policy in policies or [self.policy]:
+                self.runner.warm_up(policy, batches, None if progress is None else lambda b, p=policy: progress(p, b))
+        return time.perf_counter() - start
 
     @property
     def policy(self) -> Policy:
@@ -168,6 +190,10 @@ class Engine(BlockingCalls):
         seq.reserved, seq.pages = [0 for _ in layers], [[] for _ in layers]
         seq.stats.policy = policy.describe()
         most = max(max(self.pool.pages_for(len(ids) + 1), cap) for cap in seq.capacity)
+        context = self.config.max_position_embeddings
+        if len(ids) + params.max_tokens > context:
+            raise LemmaError(f"prompt of {len(ids)} tokens + max_tokens {params.max_tokens} exceeds the model's context "
+                             f"of {context} tokens (max_position_embeddings); shorten the prompt or lower max_tokens")
         if most > self.pool.num_pages:
             raise LemmaError(
                 f"request needs {most * PAGE_SIZE} tokens of KV cache (prompt {len(ids)} + max_tokens {params.max_tokens} "

@@ -1,8 +1,8 @@
-"""CUDA graphs for the decode step: one graph per (policy, batch bucket, slot bucket), captured on the
-bucket's first step and replayed after, all in one shared memory pool (as compact engines do).
+"""CUDA graphs for the decode step: one graph per (policy, batch bucket), captured on the bucket's first
+step (or at warm-up) and replayed after, all in one shared memory pool (as compact engines do).
 
-The step reads only the persistent DecodeState buffers and the pool, whose addresses do not change
-within a buffer generation (the generation is part of the key), so a replay sees the new step's data.
+The step reads only the persistent DecodeState buffers and the pool, which are allocated once and never
+move, so a replay sees the new step's data.
 The first step of a bucket runs for real (it is also the warm-up that compiles or autotunes); the
 capture that follows records without executing, so no step is applied twice.
 """
@@ -18,15 +18,9 @@ class CudaGraphs:
     def __init__(self):
         self.graphs: dict[Hashable, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.memory_pool = None
-        self.generation = -1
 
-    def run(self, key: Hashable, generation: int, step: Callable[[], torch.Tensor]) -> torch.Tensor:
-        """The step's output: replayed from the bucket's graph, or computed and then captured. Graphs of
-        an older buffer generation read freed buffers and are dropped."""
-        if generation != self.generation:
-            self.graphs.clear()
-            self.memory_pool = None  # the old pool may still hold a live output: start a new one
-            self.generation = generation
+    def run(self, key: Hashable, step: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """The step's output: replayed from the bucket's graph, or computed and then captured."""
         if key in self.graphs:
             graph, output = self.graphs[key]
             graph.replay()

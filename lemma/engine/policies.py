@@ -59,6 +59,13 @@ class Policy:
     def sparse(self, layer: int) -> bool:
         return self.budget is not None and layer >= self.dense_layers
 
+    @property
+    def least_slots(self) -> int:
+        """The narrowest page table a decode step under this policy gets: its budget in pages where it has
+        one, so the budget-sized choices it makes (top-k, victims) see the same width from the first
+        step and a compiled step never meets a narrower one (engine/compiled.py)."""
+        return self.budget_pages
+
     def capacity(self, prompt_len: int, max_tokens: int, layer: int) -> int:
         """Most pages this request holds in `layer` once past prefill."""
         whole = -(-(prompt_len + max_tokens) // PAGE_SIZE)
@@ -288,6 +295,10 @@ class Quest(Policy):
 
     def dense_prefix(self, prompt_len: int) -> int:
         return max(3, self.budget_pages) * PAGE_SIZE  # select keeps every page while it holds that many
+
+    @property
+    def least_slots(self) -> int:
+        return max(3, self.budget_pages)
 
     def select(self, bound: torch.Tensor, meta: SlotMeta, write_slot: torch.Tensor) -> torch.Tensor:
         k = min(max(3, self.budget_pages), bound.shape[-1])

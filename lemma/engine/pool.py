@@ -5,7 +5,7 @@ dense can hold more pages than evicting ones. Beside K and V the pool keeps, per
 the metadata the policies work on: key max/min (Quest's bound), fill count, the logical page number it
 holds (`born`), a timestamp, accumulated attention mass, and a pinned flag. Page id `num_pages` is a
 scratch page that is never handed out: fixed-shape steps send the writes of empty slots and padded
-batch rows there. The metadata writes all live here, as tensor ops (no host sync).
+batch rows there. The metadata writes live in `PoolLayer`, one layer's view of the pool.
 """
 
 from __future__ import annotations
@@ -64,6 +64,9 @@ class KVPool:
         # pop() hands out low ids first
         self.free_pages: list[list[int]] = [list(range(num_pages - 1, -1, -1)) for _ in range(num_layers)]
         self.reserved = [0] * num_layers  # pages promised to admitted sequences but not yet taken
+        self.layers = [PoolLayer(*(t[i] for t in (self.k, self.v, self.key_max, self.key_min, self.fill, self.born,
+                                                  self.stamp, self.mass, self.pinned)), self.heads, self.scratch,
+                                 page_size) for i in range(num_layers)]
 
     @staticmethod
     def bytes_per_page(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
@@ -116,37 +119,56 @@ class KVPool:
     def all_free(self) -> bool:
         return all(len(free) == self.num_pages == len(set(free)) for free in self.free_pages) and not any(self.reserved)
 
-    # ---- page metadata (tensor ops; `pages` index the layer's pages, one column per KV head) ------------
-    def slot_meta(self, layer: int, ids: torch.Tensor, valid: torch.Tensor) -> SlotMeta:
+
+@dataclass(eq=False)
+class PoolLayer:
+    """One layer's tensors of the pool and the metadata writes on them, all tensor ops (no host sync).
+    A decode step hands one of these to each layer, so a compiled layer reads no layer number: the same
+    graph serves every layer (engine/compiled.py). `pages` index the layer's pages, one column per KV head."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    key_max: torch.Tensor
+    key_min: torch.Tensor
+    fill: torch.Tensor
+    born: torch.Tensor
+    stamp: torch.Tensor
+    mass: torch.Tensor
+    pinned: torch.Tensor
+    heads: torch.Tensor  # arange(num_kv_heads)
+    scratch: int
+    page_size: int
+
+    def slot_meta(self, ids: torch.Tensor, valid: torch.Tensor) -> SlotMeta:
         """Metadata of the slots ids [B, Hkv, S] (-1 = empty, read from page 0 and marked invalid)."""
         safe, heads = ids.clamp(min=0), self.heads[None, :, None]
-        return SlotMeta(born=self.born[layer][safe, heads], stamp=self.stamp[layer][safe, heads],
-                        mass=self.mass[layer][safe, heads], pinned=self.pinned[layer][safe, heads], valid=valid)
+        return SlotMeta(born=self.born[safe, heads], stamp=self.stamp[safe, heads], mass=self.mass[safe, heads],
+                        pinned=self.pinned[safe, heads], valid=valid)
 
-    def write_prefilled(self, layer: int, pages: torch.Tensor, born: torch.Tensor, fill: torch.Tensor,
+    def write_prefilled(self, pages: torch.Tensor, born: torch.Tensor, fill: torch.Tensor,
                         key_max: torch.Tensor, key_min: torch.Tensor, pinned: torch.Tensor) -> None:
         """Pages [n] just written by a prefill chunk hold logical pages born [n] with fill [n, Hkv] rows;
         pinned [n, 1] says which of them are never evicted."""
-        cols = pages[:, None].expand(-1, self.heads.numel())
-        self.key_max[layer][cols, self.heads], self.key_min[layer][cols, self.heads] = key_max, key_min
-        self.fill[layer][cols, self.heads] = fill.to(torch.int32)
-        self.born[layer][cols, self.heads] = born[:, None].expand_as(cols)
-        self.stamp[layer][cols, self.heads] = born[:, None].expand_as(cols) * self.page_size
-        self.mass[layer][cols, self.heads] = 0.0
-        self.pinned[layer][cols, self.heads] = pinned
+        cols, heads = pages[:, None].expand(-1, self.heads.numel()), self.heads
+        self.key_max[cols, heads], self.key_min[cols, heads] = key_max, key_min
+        self.fill[cols, heads] = fill.to(torch.int32)
+        self.born[cols, heads] = born[:, None].expand_as(cols)
+        self.stamp[cols, heads] = born[:, None].expand_as(cols) * self.page_size
+        self.mass[cols, heads] = 0.0
+        self.pinned[cols, heads] = pinned
 
-    def open_pages(self, layer: int, pages: torch.Tensor, opening: torch.Tensor, logical: torch.Tensor,
+    def open_pages(self, pages: torch.Tensor, opening: torch.Tensor, logical: torch.Tensor,
                    position: torch.Tensor) -> None:
         """Where opening [B, Hkv], page pages[b, h] starts holding logical page logical[b], stamped now."""
         heads = self.heads
-        keep = lambda t, new: torch.where(opening, new, t[layer][pages, heads])  # noqa: E731
-        self.born[layer][pages, heads] = keep(self.born, logical[:, None])
-        self.stamp[layer][pages, heads] = keep(self.stamp, position[:, None])
-        self.mass[layer][pages, heads] = keep(self.mass, 0.0)
-        self.pinned[layer][pages, heads] = keep(self.pinned, False)
+        keep = lambda t, new: torch.where(opening, new, t[pages, heads])  # noqa: E731
+        self.born[pages, heads] = keep(self.born, logical[:, None])
+        self.stamp[pages, heads] = keep(self.stamp, position[:, None])
+        self.mass[pages, heads] = keep(self.mass, 0.0)
+        self.pinned[pages, heads] = keep(self.pinned, False)
 
-    def write_policy_state(self, layer: int, ids: torch.Tensor, stamp: torch.Tensor, mass: torch.Tensor) -> None:
+    def write_policy_state(self, ids: torch.Tensor, stamp: torch.Tensor, mass: torch.Tensor) -> None:
         """The policy's new timestamps and mass for the slots ids [B, Hkv, S] (empty slots go to scratch)."""
         target, heads = torch.where(ids >= 0, ids, self.scratch), self.heads[None, :, None]
-        self.stamp[layer][target, heads] = stamp
-        self.mass[layer][target, heads] = mass
+        self.stamp[target, heads] = stamp
+        self.mass[target, heads] = mass

@@ -32,6 +32,7 @@ from lemma.engine.decode_state import CONTINUE
 from lemma.engine.policies import Policy
 from lemma.engine.pool import KVPool, SlotMeta
 from lemma.kernels import reference
+from lemma.models.llama import ByLayer
 
 
 @dataclass
@@ -61,7 +62,7 @@ class ReplayBatch:
                            grid.to(device), active.to(device), cells.to(device))
 
 
-class ReplayAttention:
+class ReplayAttention(ByLayer):
     """The `Attend` of a replay forward: one page of known tokens per sequence."""
 
     def __init__(self, pool: KVPool, policy: Policy, scale: float, batch: ReplayBatch, positions: torch.Tensor,
@@ -86,13 +87,13 @@ class ReplayAttention:
         evicts, bounded = sparse and policy.evicts, sparse and policy.needs_bound
         ids = batch.tables[:, layer, None, :].expand(-1, kv_heads, -1)  # [B, Hkv, S]
         valid = ids >= 0
-        meta = pool.slot_meta(layer, ids, valid) if evicts else None
+        meta = pool.layers[layer].slot_meta(ids, valid) if evicts else None
         mode = batch.modes[:, layer, None]  # [B, 1]
         slot = write_slots(policy, meta, self.logical, mode, batch.new_slots[:, layer, None], kv_heads, evicts)
         page = ids.gather(2, slot[..., None])[..., 0]  # [B, Hkv]
 
         if evicts:
-            pool.open_pages(layer, page, (mode != CONTINUE).expand_as(page), self.logical, self.first_positions)
+            pool.layers[layer].open_pages(page, (mode != CONTINUE).expand_as(page), self.logical, self.first_positions)
         reference.store_kv(pool.k[layer], pool.v[layer], k, v, page[self.row_sequence], self.row_offsets)
         pool.fill[layer][page, heads] = (self.offsets.gather(1, self.last[:, None]) + 1).to(torch.int32)
         cell_q = q[batch.grid.view(-1)]  # [B*T, Hq, D]
@@ -126,7 +127,7 @@ class ReplayAttention:
             out, mass = result if want_mass else (result, None)
 
         if evicts:  # the decode step's update, once per query in order; padding cells keep the state
-            meta = pool.slot_meta(layer, ids, valid)  # the opened pages changed
+            meta = pool.layers[layer].slot_meta(ids, valid)  # the opened pages changed
             stamp, acc = meta.stamp, meta.mass
             bound = None if bound is None else bound.view(count, steps, *bound.shape[1:])
             for t in range(steps):
@@ -135,7 +136,7 @@ class ReplayAttention:
                                                    None if mass is None else mass[:, t], self.positions[batch.grid[:, t]])
                 real = batch.active[:, t, None, None]
                 stamp, acc = torch.where(real, new_stamp, stamp), torch.where(real, new_acc, acc)
-            pool.write_policy_state(layer, ids, stamp, acc)
+            pool.layers[layer].write_policy_state(ids, stamp, acc)
         return out.reshape(count * steps, *q.shape[1:])[batch.cells] if self.outputs else None
 
     def _bounds(self, layer: int, cell_q: torch.Tensor, ids: torch.Tensor, slot: torch.Tensor,

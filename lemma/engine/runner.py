@@ -3,8 +3,8 @@
 Between steps the host does bookkeeping only: which sequence sits in which batch row, and, when a
 sequence's position starts a page, whether each layer takes a free page (NEW_SLOT) or evicts (EVICT).
 It writes those decisions into the persistent DecodeState. The decode step itself (`decode_step`) is
-a pure function of fixed-shape tensors: eager, compiled with torch.compile(fullgraph=True), or, on
-CUDA, captured once per bucket as a CUDA graph and replayed.
+a pure function of fixed-shape tensors: eager, with its decoder layers compiled (engine/compiled.py),
+or, on CUDA, captured once per batch bucket as a CUDA graph and replayed.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 from lemma.engine.attention import DecodeAttention, PrefillAttention, PrefillSegment
-from lemma.engine.decode_state import CONTINUE, EVICT, NEW_SLOT, DecodeState, StepInputs, slot_bucket
+from lemma.engine.compiled import compile_layer
+from lemma.engine.decode_state import CONTINUE, EVICT, NEW_SLOT, DecodeState, StepInputs, batch_bucket
 from lemma.engine.graphs import CudaGraphs
 from lemma.engine.policies import Policy
 from lemma.engine.pool import KVPool
@@ -25,7 +26,7 @@ from lemma.engine.replay import ReplayAttention, ReplayBatch
 from lemma.errors import LemmaError
 from lemma.engine.sequence import Sequence
 from lemma.kernels import kernel_ops
-from lemma.models.llama import CausalLM
+from lemma.models.llama import ByLayer, CausalLM, call_layer
 
 if TYPE_CHECKING:
     from lemma.engine.tensor_parallel import Cluster
@@ -34,31 +35,33 @@ PrefillChunk = tuple[Sequence, Policy, int, int]  # (sequence, its policy, first
 Recorder = tuple[Recording, int, int, int]  # (recording, its first row in the forward, first position, rows)
 # observer(layer, born [B,Hkv,S], valid, step mass [B,Hkv,S], evicted born [B,Hkv] or -1): for traces
 Observer = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
-COMPILE_CHOICES = ("inductor", "eager", "aot_eager")
 MAX_POLICY_STATES = 8  # distinct KV policies whose decode state (and CUDA graphs) are kept while idle
 
 
 class ModelRunner:
     def __init__(self, model: CausalLM, pool: KVPool, attention: str = "torch", max_batch: int = 32,
-                 compile: bool | str = False):
+                 compile: bool | str = False, max_slots: int | None = None):
+        """max_slots: the most pages a sequence may hold in a layer (the width of the page tables)."""
         self.model, self.pool = model, pool
         self.ops = kernel_ops(attention)
         self.device = pool.device
         self.scale = model.config.head_dim ** -0.5
         self.max_batch = max_batch
+        self.max_slots = pool.num_pages if max_slots is None else max_slots
         self.states: dict[Policy, DecodeState] = {}  # one persistent step state per policy in use
         self.cluster: Cluster | None = None  # tensor parallelism: the other ranks, sent each forward's inputs
         self.observer: Observer | None = None  # called outside the step, from the step's trace outputs
-        self._step = self.decode_step
+        self.run_layer = call_layer  # how the decode step runs each decoder layer
         self._graphs: dict[Policy, CudaGraphs] | None = None
+        backend = "inductor" if compile is True else compile
         if compile and self.device.type == "cuda":
-            # launches are what a GPU step loses to: capture the step once per bucket, replay it after;
-            # compile="inductor" also fuses it with inductor first
+            # launches are what a GPU step loses to: capture the step once per batch bucket, replay it
+            # after; compile="inductor" also fuses its layers with inductor first
             self._graphs = {}
             if compile is not True:
-                self._step = compile_step(self.decode_step, compile, self.device)
+                self.run_layer = compile_layer(backend, self.device)
         elif compile:
-            self._step = compile_step(self.decode_step, "inductor" if compile is True else compile, self.device)
+            self.run_layer = compile_layer(backend, self.device)
 
     def forget_policies(self, keep: set[Policy]) -> None:
         """Past MAX_POLICY_STATES policies, drop the step states (and CUDA graphs) of those not running,
@@ -73,7 +76,7 @@ class ModelRunner:
     def state_for(self, policy: Policy) -> DecodeState:
         """The persistent decode state of the sequences running under `policy`."""
         if policy not in self.states:
-            self.states[policy] = DecodeState(self.pool.num_layers, self.max_batch, self.device)
+            self.states[policy] = DecodeState(self.pool.num_layers, self.max_batch, self.max_slots, self.device)
         return self.states[policy]
 
     def _append_page(self, seq: Sequence, layer: int) -> int:
@@ -155,15 +158,14 @@ class ModelRunner:
             if policy not in self._graphs:
                 self._graphs[policy] = CudaGraphs()
             graphs = self._graphs[policy]
-            logits = graphs.run(step.bucket, self.state_for(policy).generation,
-                                lambda: self._step(policy, False, *self._args(step))[0])
+            logits = graphs.run(step.batch, lambda: self.decode_step(policy, False, *self._args(step))[0])
         elif self.cluster is not None:
             if trace:
                 raise LemmaError("attention traces are not available under tensor parallelism")
             self.cluster.send(("decode", policy, self._args(step)))
-            logits, _ = self._collective(self._step, policy, False, *self._args(step))
+            logits, _ = self._collective(self.decode_step, policy, False, *self._args(step))
         else:
-            logits, traces = self._step(policy, trace, *self._args(step))
+            logits, traces = self.decode_step(policy, trace, *self._args(step))
             for layer, born, valid, mass, evicted in traces:
                 n = len(seqs)
                 self.observer(layer, born[:n], valid[:n], mass[:n], evicted[:n])
@@ -247,7 +249,7 @@ class ModelRunner:
         `recorders` takes its sequence's rows of the attention inputs."""
         attend = ReplayAttention(self.pool, policy, self.scale, batch, positions)
         if recorders:
-            attend = recording_attend(attend, recorders)
+            attend = RecordingAttend(attend, recorders)
         return self.model(tokens, positions, attend, float_logits=False)  # force_rows upcasts them
 
     def positions(self, policy: Policy, batch: int) -> torch.Tensor:
@@ -263,9 +265,8 @@ class ModelRunner:
         then this step's inputs in the persistent state."""
         state, page, layers = self.state_for(policy), self.pool.page_size, self.pool.num_layers
         uids = [s.uid for s in seqs]
-        if uids != state.rows:  # tables as wide as the most pages a running sequence may hold: not
-            # reallocated (and captured graphs not dropped) as sequences grow
-            state.set_rows(uids, [s.pages for s in seqs], max(max(s.capacity) for s in seqs))
+        if uids != state.rows:
+            state.set_rows(uids, [s.pages for s in seqs])
         modes = np.zeros((layers, len(seqs)), dtype=np.int64)
         new_slots = np.zeros_like(modes)
         for row, seq in enumerate(seqs):
@@ -281,7 +282,7 @@ class ModelRunner:
                     modes[layer, row], evicted = EVICT, True
             seq.stats.pages_evicted += evicted
         held = max(max(len(p) for p in seq.pages) for seq in seqs)
-        slots = slot_bucket(held, policy.budget_pages if policy.evicts else None)
+        slots = max(held, policy.least_slots)
         return state.step_inputs([s.last_token for s in seqs], [s.num_tokens - 1 for s in seqs], modes, new_slots, slots)
 
     def decode_step(self, policy: Policy, trace: bool, tokens: torch.Tensor, positions: torch.Tensor,
@@ -290,17 +291,45 @@ class ModelRunner:
         (layer, born, valid, mass, evicted)) out. No host sync, no data-dependent Python branch."""
         attention = DecodeAttention(self.pool, policy, self.ops, self.scale,
                                     StepInputs(tokens, positions, modes, new_slots, tables), trace)
-        logits = self.model(tokens, positions, attention)
+        logits = self.model(tokens, positions, attention, run_layer=call_layer if trace else self.run_layer)
         return logits, attention.traces
 
+    def warm_up(self, policy: Policy, batches: list[int] | None = None,
+                progress: Callable[[int], None] | None = None) -> None:
+        """Run one step of every batch bucket (default: all up to max_batch) on padded rows, so a compiled
+        step compiles (or loads from the disk cache) now rather than in the middle of a request. Padded
+        rows write only to the scratch page; no running sequence is touched. progress(bucket) after each."""
+        buckets = sorted({batch_bucket(b, self.max_batch) for b in (batches or bucket_sizes(self.max_batch))})
+        scratch = DecodeState(self.pool.num_layers, self.max_batch, self.max_slots, self.device)
+        layers = self.pool.num_layers
+        with torch.inference_mode():
+            for bucket in buckets:
+                modes = np.zeros((layers, bucket), dtype=np.int64)
+                step = scratch.step_inputs([0] * bucket, [0] * bucket, modes, modes, policy.least_slots)
+                if self._graphs is not None:
+                    graphs = self._graphs.setdefault(policy, CudaGraphs())
+                    graphs.run(step.batch, lambda: self.decode_step(policy, False, *self._args(step))[0])
+                else:
+                    self.decode_step(policy, False, *self._args(step))
+                if progress is not None:
+                    progress(bucket)
 
-def recording_attend(attend: Callable, recorders: list[Recorder]) -> Callable:
+
+class RecordingAttend(ByLayer):
     """`attend`, also handing each recording its sequence's rows of every layer's q, k, v."""
-    def attend_and_record(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        for recording, row, position, count in recorders:
+
+    def __init__(self, attend: ByLayer, recorders: list[Recorder]):
+        self.attend, self.recorders = attend, recorders
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        for recording, row, position, count in self.recorders:
             recording.put(layer, position, q[row : row + count], k[row : row + count], v[row : row + count])
-        return attend(layer, q, k, v)
-    return attend_and_record
+        return self.attend(layer, q, k, v)
+
+
+def bucket_sizes(max_batch: int) -> list[int]:
+    """Every batch bucket up to max_batch: 1, 2, 4, ..., max_batch."""
+    return sorted({batch_bucket(n, max_batch) for n in range(1, max_batch + 1)})
 
 
 def prompt_pins(policy: Policy, prompt_len: int, page: int, start: int, end: int) -> torch.Tensor:
@@ -311,31 +340,3 @@ def prompt_pins(policy: Policy, prompt_len: int, page: int, start: int, end: int
     logical = torch.arange(start // page, -(-end // page))
     kept = (logical >= prompt_pages - count + 1) | ((logical == 0) & (count > 0))
     return (logical < prompt_pages) & kept
-
-
-def compile_step(step: Callable, backend: str, device: torch.device) -> Callable:
-    """torch.compile of the decode step: one graph per (policy, bucket), no graph breaks allowed."""
-    if backend not in COMPILE_CHOICES:
-        raise LemmaError(f"compile backend must be one of {', '.join(COMPILE_CHOICES)}, got {backend!r}")
-    import torch._dynamo.config as dynamo_config
-
-    # each batch x slot bucket (and policy) is one static graph; the default limit of 8 is too few
-    # (older torch names the limits cache_size_limit / accumulated_cache_size_limit)
-    for name, old_name, least in (("recompile_limit", "cache_size_limit", 256),
-                                  ("accumulated_recompile_limit", "accumulated_cache_size_limit", 4096)):
-        key = name if hasattr(dynamo_config, name) else old_name
-        setattr(dynamo_config, key, max(getattr(dynamo_config, key), least))
-    # inductor on CPU: a C++ wrapper instead of Python calling each kernel (1.5x on the overhead model),
-    # and frozen weights (constants, linear layers prepacked: 1.3x on SmolLM2 at batch 1). The pool's
-    # tensors are not parameters, so they stay inputs that the step updates in place.
-    if backend != "inductor" or device.type != "cpu":
-        return torch.compile(step, backend=backend, fullgraph=True, dynamic=False)
-    import torch._inductor.config as inductor_config
-
-    compiled = torch.compile(step, backend=backend, fullgraph=True, dynamic=False, options={"cpp_wrapper": True})
-
-    def frozen(*args):  # freezing is read while dynamo traces, so it is patched around the call
-        with inductor_config.patch(freezing=True):
-            return compiled(*args)
-
-    return frozen

@@ -165,8 +165,8 @@ def bench_transformers(engine: Engine, prompt_ids: list[int], steps: int) -> flo
 
 
 def decode_step_ms(engine: Engine, policy: Policy, prompts: list[list[int]], steps: int) -> float:
-    """Mean ms per decode step of the whole batch of `prompts`, leaving out the first step of each
-    (batch, slot) bucket (where a compiled step compiles or a CUDA graph is captured) and steps after
+    """Mean ms per decode step of the whole batch of `prompts`, leaving out the first step of each batch
+    bucket (where a compiled step not warmed up compiles, or a CUDA graph is captured) and steps after
     a sequence finished."""
     engine.policy = policy
     prepare, decode = engine.runner.prepare, engine.runner.decode
@@ -176,8 +176,8 @@ def decode_step_ms(engine: Engine, policy: Policy, prompts: list[list[int]], ste
 
     def spy_prepare(seqs, pol):
         step = prepare(seqs, pol)
-        fresh["new"] = step.bucket not in seen
-        seen.add(step.bucket)
+        fresh["new"] = step.batch not in seen
+        seen.add(step.batch)
         return step
 
     def timed(seqs, pol):

@@ -1,12 +1,15 @@
 """One decoder for Llama, Mistral, Qwen2 (q/k/v bias) and Qwen3 (q/k norm).
 
 The model knows nothing of caches or policies: each layer hands its post-RoPE q, k, v to the
-`attend` callable it is given and gets the attention output back.
+attention `attend.layer(i)` it is given and gets the output back. No layer reads its own index, so
+one compiled layer serves them all.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from functools import partial
 from typing import Protocol
 
 import torch
@@ -18,10 +21,27 @@ from lemma.models.linear import PackedLinear, pack_linears, packs
 from lemma.models.shard import Shard
 
 
+LayerAttend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+"""One layer's attention: q [N, Hq, D], k/v [N, Hkv, D] for the step's N tokens -> output [N, Hq, D]."""
+
+
 class Attend(Protocol):
-    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q [N, Hq, D], k/v [N, Hkv, D] for the step's N tokens -> attention output [N, Hq, D]."""
+    def layer(self, index: int) -> LayerAttend:
+        """The attention of layer `index` (asked once per layer, in order, per forward)."""
         ...
+
+
+class ByLayer:
+    """An `Attend` written as one method `__call__(layer, q, k, v)`."""
+
+    def layer(self, index: int) -> LayerAttend:
+        return partial(self, index)
+
+
+def call_layer(layer: "DecoderLayer", x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               attend: LayerAttend) -> torch.Tensor:
+    """How a forward runs each decoder layer unless told otherwise (a compiled twin of this can be given)."""
+    return layer(x, cos, sin, attend)
 
 
 class RMSNorm(nn.Module):
@@ -66,9 +86,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, layer: int, shard: Shard | None = None):
+    def __init__(self, config: ModelConfig, shard: Shard | None = None):
         super().__init__()
-        self.layer, self.shard = layer, shard
+        self.shard = shard
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
         if shard is not None:  # this rank's query heads and the KV heads they read
             self.num_heads, self.num_kv_heads = shard.size(self.num_heads), shard.size(self.num_kv_heads)
@@ -83,7 +103,7 @@ class Attention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: Attend) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: LayerAttend) -> torch.Tensor:
         n = x.shape[0]
         q = self.q_proj(x).view(n, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(n, self.num_kv_heads, self.head_dim)
@@ -91,7 +111,7 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = attend(self.layer, q, k, v)
+        out = attend(q, k, v)
         out = self.o_proj(out.reshape(n, self.num_heads * self.head_dim))
         return out if self.shard is None else self.shard.all_reduce(out)
 
@@ -112,14 +132,14 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, layer: int, shard: Shard | None = None):
+    def __init__(self, config: ModelConfig, shard: Shard | None = None):
         super().__init__()
-        self.self_attn = Attention(config, layer, shard)
+        self.self_attn = Attention(config, shard)
         self.mlp = MLP(config, shard)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: Attend) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: LayerAttend) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, attend)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -129,7 +149,7 @@ class Backbone(nn.Module):
         super().__init__()
         vocab = config.vocab_size if shard is None else shard.size(config.vocab_size)
         self.embed_tokens = nn.Embedding(vocab, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, i, shard) for i in range(config.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(config, shard) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
@@ -173,15 +193,17 @@ class CausalLM(nn.Module):
         attend: Attend,
         logits_at: torch.Tensor | None = None,
         float_logits: bool = True,
+        run_layer: Callable[..., torch.Tensor] = call_layer,
     ) -> torch.Tensor:
         """input_ids/positions [N] -> logits [M, V] for the rows `logits_at` (default: all), in fp32 (or,
-        float_logits=False, in the model's dtype: a caller scoring many rows upcasts them a few at a time)."""
+        float_logits=False, in the model's dtype: a caller scoring many rows upcasts them a few at a time).
+        Each decoder layer runs as run_layer(layer, x, cos, sin, attend.layer(i))."""
         x = self.embed(input_ids)
         freqs = positions.float()[:, None] * self.inv_freq.float()[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
-        for layer in self.model.layers:
-            x = layer(x, cos, sin, attend)
+        for i, layer in enumerate(self.model.layers):
+            x = run_layer(layer, x, cos, sin, attend.layer(i))
         if logits_at is not None:
             x = x[logits_at]
         x = self.model.norm(x)

@@ -1,0 +1,86 @@
+"""The compiled decode step: one compiled decoder layer, reused by every layer, cached on disk.
+
+What is compiled is `call_layer` (one decoder layer and its `DecodeLayer` attention), not the whole
+step: every layer's weights and its slice of the pool and tables are inputs of the same graph, not
+constants, so a (policy, dense-or-sparse layer, batch bucket) costs one layer's compile instead of L.
+The slot dimension of the page tables is dynamic on CPU (`maybe_mark_dynamic`): one graph serves every
+context length, and attention reads only the pages held. The embedding, the RoPE tables and the output
+head stay eager (one op or one matmul each: nothing to fuse). On CUDA the tables are full width instead
+and the whole step is captured as one CUDA graph per batch bucket (engine/graphs.py).
+
+Inductor keeps what it compiled (FX graph and AOTAutograd caches) under $LEMMA_HOME/compile/torch-<version>,
+so a second process only pays dynamo's trace of one layer per graph.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from lemma.errors import LemmaError
+from lemma.models.llama import call_layer
+
+COMPILE_CHOICES = ("inductor", "eager", "aot_eager")
+
+
+def cache_folder() -> Path:
+    """Where compiled kernels are kept: $LEMMA_HOME/compile/torch-<version> (see models/store.py)."""
+    from lemma.models.store import store_dir
+
+    return store_dir() / "compile" / f"torch-{torch.__version__}"
+
+
+def use_disk_cache() -> Path:
+    """Point inductor's (and Triton's) caches at lemma's folder unless the user chose others. Inductor
+    writes its default into the environment once asked, so a default value counts as not chosen."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    folder = cache_folder()
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR") in (None, os.path.abspath(default_cache_dir())):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder / "inductor")
+    os.environ.setdefault("TRITON_CACHE_DIR", str(folder / "triton"))
+    return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+
+
+def compile_layer(backend: str, device: torch.device) -> Callable[..., torch.Tensor]:
+    """A twin of `call_layer` compiled with `backend`, fullgraph (no graph breaks allowed)."""
+    if backend not in COMPILE_CHOICES:
+        raise LemmaError(f"compile backend must be one of {', '.join(COMPILE_CHOICES)}, got {backend!r}")
+    import torch._dynamo.config as dynamo_config
+
+    use_disk_cache()
+    # graphs are per (policy, layer kind, batch bucket): far more than the default limit of 8 may be
+    # alive in a server that meets many per-request policies
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 256)
+    dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit, 4096)
+    options = {"cpp_wrapper": True} if backend == "inductor" and device.type == "cpu" else None
+    compiled = torch.compile(call_layer, backend=backend, fullgraph=True, options=options)
+    dynamic_slots = device.type == "cpu"
+
+    def run_layer(layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend) -> torch.Tensor:
+        if dynamic_slots:
+            torch._dynamo.maybe_mark_dynamic(attend.tables, 1)
+        return compiled(layer, x, cos, sin, attend)
+
+    return run_layer
+
+
+class CompileCounter:
+    """Counts the graphs dynamo compiles while it is open (for tests and for the warm-up's report)."""
+
+    def __enter__(self) -> "CompileCounter":
+        from torch._dynamo.utils import counters
+
+        self._counters = counters
+        self._start = counters["stats"]["unique_graphs"]
+        return self
+
+    @property
+    def graphs(self) -> int:
+        return self._counters["stats"]["unique_graphs"] - self._start
+
+    def __exit__(self, *exc) -> None:
+        return None
