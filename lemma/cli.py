@@ -27,10 +27,10 @@ PinOpt = typer.Option(True, "--pin-prompt/--no-pin-prompt", help="raas: keep eve
 DenseLayersOpt = typer.Option(0, "--dense-layers", help="Keep the first N layers dense under any policy.")
 TpOpt = typer.Option(1, "--tp", help="Tensor parallelism: shard the model and KV pool by heads over N processes "
                                        "(gloo on CPU, NCCL on CUDA, one GPU each).")
-CompileOpt = typer.Option(False, "--compile/--no-compile",
+CompileOpt = typer.Option(None, "--compile/--no-compile",
                           help="Compile the decode step (inductor on CPU; one CUDA graph per batch bucket on CUDA) at "
                                "start, for every batch bucket; kept on disk under $LEMMA_HOME/compile, so the next "
-                               "run loads it in seconds.")
+                               "run loads it in seconds. Default: on (LEMMA_COMPILE=0 makes --no-compile the default).")
 
 
 def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -83,11 +83,22 @@ def _policy(name: str, budget: int, pin_prompt: bool = True, dense_layers: int =
     return make_policy(name, budget, dense_layers=dense_layers, **options)
 
 
+def compile_default(compile: Optional[bool]) -> bool:
+    """--compile/--no-compile as given, else on unless $LEMMA_COMPILE says 0/false/no/off: the compiled
+    step is 1.5-1.9x the eager one and its cold start (about 15 s for SmolLM2, once per machine) is
+    repaid within a few hundred tokens (BENCHMARKS.md, "Compile once")."""
+    if compile is not None:
+        return compile
+    return os.environ.get("LEMMA_COMPILE", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
 def _engine(model: Optional[str], device: Optional[str], dtype: Optional[str], quiet: bool = False, policy=None,
-            compile: bool = False, **options: Any):
+            compile: Optional[bool] = False, **options: Any):
     from lemma import Engine
     from lemma.models.store import resolve_model
 
+    if compile is None:  # the default; not under tensor parallelism yet
+        compile = compile_default(None) and options.get("tensor_parallel", 1) == 1
     engine = Engine(resolve_model(model, quiet=quiet), policy=policy, device=device, dtype=dtype, compile=compile,
                     warm_up=False, **options)
     if engine.compile:
@@ -178,7 +189,7 @@ def run(
     ignore_eos: bool = typer.Option(False, help="Generate max-tokens tokens even past the end-of-sequence token."),
     device: Optional[str] = DeviceOpt,
     dtype: Optional[str] = DtypeOpt,
-    compile: bool = CompileOpt,
+    compile: Optional[bool] = CompileOpt,
     tp: int = TpOpt,
 ) -> None:
     """Stream the answer to one prompt, then a stats line.
@@ -227,7 +238,7 @@ def chat(
     dense_layers: int = DenseLayersOpt,
     device: Optional[str] = DeviceOpt,
     dtype: Optional[str] = DtypeOpt,
-    compile: bool = CompileOpt,
+    compile: Optional[bool] = CompileOpt,
     tp: int = TpOpt,
 ) -> None:
     """Multi-turn chat with streaming replies.

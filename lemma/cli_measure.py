@@ -8,7 +8,7 @@ from typing import Any, Optional
 
 import typer
 
-from lemma.cli import CompileOpt, DeviceOpt, DtypeOpt, ModelOpt, _engine, friendly_errors
+from lemma.cli import CompileOpt, DeviceOpt, DtypeOpt, ModelOpt, _engine, compile_default, friendly_errors
 from lemma.errors import LemmaError
 from lemma.evaluation import outputs
 
@@ -67,7 +67,7 @@ def bench(
     out: Path = typer.Option(Path("bench-results.json"), help="JSON results; a PNG plot is written next to it."),
     device: Optional[str] = DeviceOpt,
     dtype: Optional[str] = DtypeOpt,
-    compile: bool = CompileOpt,
+    compile: Optional[bool] = CompileOpt,
 ) -> None:
     """Decode ms/token, resident KV and achieved bandwidth per policy at each context length.
 
@@ -91,7 +91,8 @@ def bench(
 
     model_dir = resolve_model(model)
     kv_tokens = speed.check_fits(model_dir, max(contexts), steps, device, dtype)
-    engine = Engine(model_dir, device=device, dtype=dtype, kv_cache_tokens=kv_tokens, max_batch=1, compile=compile)
+    engine = Engine(model_dir, device=device, dtype=dtype, kv_cache_tokens=kv_tokens, max_batch=1,
+                    compile=compile_default(compile))
     peak = speed.copy_bandwidth(engine.device)
     rows = []
     bar, advance = _progress(len(contexts) * (len(bench_policies) + vs_transformers), "benchmarking")
@@ -167,7 +168,7 @@ def evaluate(
     out: Path = typer.Option(Path("eval-results.jsonl"), help="Results file; an interrupted run resumes from it."),
     device: Optional[str] = DeviceOpt,
     dtype: Optional[str] = DtypeOpt,
-    compile: bool = CompileOpt,
+    compile: Optional[bool] = CompileOpt,
 ) -> None:
     """Accuracy (or, with --fidelity, NLL increase and top-1 agreement against Dense) per policy and budget;
     with --traces, fidelity over long reasoning traces written by other models, by trace position.

@@ -34,7 +34,7 @@ def serve(
                                   help="auto, think or none: put <think> text in reasoning_content (auto: when the tokenizer has <think>)."),
     device: Optional[str] = DeviceOpt,
     dtype: Optional[str] = DtypeOpt,
-    compile: bool = CompileOpt,
+    compile: Optional[bool] = CompileOpt,
     tp: int = TpOpt,
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (chat/completions, completions, models).

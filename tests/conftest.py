@@ -5,6 +5,7 @@ import torch
 if not torch.cuda.is_available():  # Triton kernels run in the interpreter; must precede any triton import
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("LEMMA_COMPILE", "0")  # the CLI compiles by default; the suite asks for it where it tests it
 
 import json  # noqa: E402
 from pathlib import Path  # noqa: E402

@@ -54,6 +54,18 @@ def test_run_compiled_equals_eager(tiny_dir):
     assert json.loads(compiled.output)["token_ids"] == json.loads(eager.output)["token_ids"]
 
 
+def test_run_compiles_by_default_and_says_how_long_it_took(tiny_dir):
+    """Without a flag the CLI compiles (the suite runs with LEMMA_COMPILE=0, conftest.py), warms up at
+    start and reports it on stderr; LEMMA_COMPILE=0 or --no-compile runs eager."""
+    args = [str(a) for a in ("run", "Tell me a story", "--model", tiny_dir, "--max-tokens", 4, "--temperature", 0)]
+    compiled = runner.invoke(app, args, env={"LEMMA_COMPILE": None})
+    assert compiled.exit_code == 0, compiled.output
+    assert "decode step ready in" in compiled.stderr and "1 batch bucket," in compiled.stderr
+    for eager in (runner.invoke(app, args, env={"LEMMA_COMPILE": "0"}), runner.invoke(app, args + ["--no-compile"], env={"LEMMA_COMPILE": None})):
+        assert eager.exit_code == 0 and "decode step ready" not in eager.stderr
+        assert eager.stdout.split("\n")[0] == compiled.stdout.split("\n")[0]  # the same greedy reply
+
+
 @pytest.mark.parametrize("command", ["run", "chat", "bench", "eval"])
 def test_compile_flag_is_offered(command):
     assert "--compile" in invoke(command, "--help").output

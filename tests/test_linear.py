@@ -48,3 +48,25 @@ def test_bf16_engine_packs_every_linear_and_keeps_its_logits(tiny_dir):
     assert any(isinstance(m, nn.Linear) for m in unpacked.model.modules())  # fp32 stays plain
     assert rel_err(engine.logits(ids), unpacked.logits(ids)) < 5e-2
     assert pack_linears(model) == 0  # packing twice finds nothing left to pack
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 3])
+def test_compiled_single_row_product_is_a_reduction_with_linears_numbers(dtype, rows):
+    """Under torch.compile a one-row product is a multiply and a sum (inductor streams the weight
+    itself, models/linear.py); more rows stay a matmul. Either way the numbers are nn.Linear's."""
+    from torch._dynamo.testing import EagerAndRecordGraphs
+
+    from lemma.models.linear import Linear
+
+    torch.manual_seed(2)
+    layer = Linear(64, 40, bias=True).to(dtype)
+    x = torch.randn(rows, 64, dtype=dtype)
+    recorder = EagerAndRecordGraphs()
+    torch._dynamo.reset()
+    out = torch.compile(layer, backend=recorder, fullgraph=True)(x)
+    ops = {str(node.target) for graph in recorder.graphs for node in graph.graph.nodes}
+    assert any("linear" in op for op in ops) == (rows > 1), ops
+    exact = torch.nn.functional.linear(x.float(), layer.weight.float(), layer.bias.float())
+    assert out.dtype == dtype and rel_err(out, exact) < (1e-6 if dtype == torch.float32 else 1e-2)
+    assert rel_err(out, exact) <= 2 * rel_err(layer(x), exact) + 1e-6

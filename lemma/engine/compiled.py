@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from lemma.errors import LemmaError
-from lemma.models.llama import call_layer
+from lemma.models.llama import call_head, call_layer
 
 COMPILE_CHOICES = ("inductor", "eager", "aot_eager")
 
@@ -45,6 +45,16 @@ def use_disk_cache() -> Path:
     return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
 
 
+def cpu_options(backend: str, device: torch.device) -> dict | None:
+    """Inductor on CPU: a C++ wrapper (no Python between kernels), and every value read more than once
+    (a normed hidden state feeding a row-by-weight reduction, models/linear.py) computed once into a
+    buffer instead of again for every output row (8.9 vs 11.6 ms for SmolLM2's 30 layers' projections,
+    bf16, 2 threads)."""
+    if backend != "inductor" or device.type != "cpu":
+        return None
+    return {"cpp_wrapper": True, "realize_reads_threshold": 1}
+
+
 def compile_layer(backend: str, device: torch.device) -> Callable[..., torch.Tensor]:
     """A twin of `call_layer` compiled with `backend`, fullgraph (no graph breaks allowed)."""
     if backend not in COMPILE_CHOICES:
@@ -56,7 +66,7 @@ def compile_layer(backend: str, device: torch.device) -> Callable[..., torch.Ten
     # alive in a server that meets many per-request policies
     dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 256)
     dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit, 4096)
-    options = {"cpp_wrapper": True} if backend == "inductor" and device.type == "cpu" else None
+    options = cpu_options(backend, device)
     compiled = torch.compile(call_layer, backend=backend, fullgraph=True, options=options)
     dynamic_slots = device.type == "cpu"
 
@@ -66,6 +76,11 @@ def compile_layer(backend: str, device: torch.device) -> Callable[..., torch.Ten
         return compiled(layer, x, cos, sin, attend)
 
     return run_layer
+
+
+def compile_head(backend: str, device: torch.device) -> Callable[..., torch.Tensor]:
+    """A twin of `call_head` (final norm, output projection) compiled with `backend`."""
+    return torch.compile(call_head, backend=backend, fullgraph=True, options=cpu_options(backend, device))
 
 
 class CompileCounter:

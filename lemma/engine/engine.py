@@ -128,7 +128,8 @@ class Engine(BlockingCalls):
         self.model, self.tokenizer, self.model_dir = model, tokenizer, model_dir
         self.device, self.dtype = model.model.embed_tokens.weight.device, model.model.embed_tokens.weight.dtype
         self.config = model.config
-        model.pack_weights()
+        if not (compile and self.device.type == "cpu"):  # compiled CPU decode streams the plain weights itself
+            model.pack_weights()
         self.eos_ids = sorted(set(tokenizer.eos_ids) | set(self.config.eos_token_id))
         self.max_batch = max_batch
         c = self.config

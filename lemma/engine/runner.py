@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from lemma.engine.attention import DecodeAttention, PrefillAttention, PrefillSegment
-from lemma.engine.compiled import compile_layer
+from lemma.engine.compiled import compile_head, compile_layer
 from lemma.engine.decode_state import CONTINUE, EVICT, NEW_SLOT, DecodeState, StepInputs, batch_bucket
 from lemma.engine.graphs import CudaGraphs
 from lemma.engine.policies import Policy
@@ -26,7 +26,7 @@ from lemma.engine.replay import ReplayAttention, ReplayBatch
 from lemma.errors import LemmaError
 from lemma.engine.sequence import Sequence
 from lemma.kernels import kernel_ops
-from lemma.models.llama import ByLayer, CausalLM, call_layer
+from lemma.models.llama import ByLayer, CausalLM, call_head, call_layer
 
 if TYPE_CHECKING:
     from lemma.engine.tensor_parallel import Cluster
@@ -51,7 +51,7 @@ class ModelRunner:
         self.states: dict[Policy, DecodeState] = {}  # one persistent step state per policy in use
         self.cluster: Cluster | None = None  # tensor parallelism: the other ranks, sent each forward's inputs
         self.observer: Observer | None = None  # called outside the step, from the step's trace outputs
-        self.run_layer = call_layer  # how the decode step runs each decoder layer
+        self.run_layer, self.run_head = call_layer, call_head  # how the decode step runs its layers and head
         self._graphs: dict[Policy, CudaGraphs] | None = None
         backend = "inductor" if compile is True else compile
         if compile and self.device.type == "cuda":
@@ -59,9 +59,9 @@ class ModelRunner:
             # after; compile="inductor" also fuses its layers with inductor first
             self._graphs = {}
             if compile is not True:
-                self.run_layer = compile_layer(backend, self.device)
+                self.run_layer, self.run_head = compile_layer(backend, self.device), compile_head(backend, self.device)
         elif compile:
-            self.run_layer = compile_layer(backend, self.device)
+            self.run_layer, self.run_head = compile_layer(backend, self.device), compile_head(backend, self.device)
 
     def forget_policies(self, keep: set[Policy]) -> None:
         """Past MAX_POLICY_STATES policies, drop the step states (and CUDA graphs) of those not running,
@@ -291,7 +291,8 @@ class ModelRunner:
         (layer, born, valid, mass, evicted)) out. No host sync, no data-dependent Python branch."""
         attention = DecodeAttention(self.pool, policy, self.ops, self.scale,
                                     StepInputs(tokens, positions, modes, new_slots, tables), trace)
-        logits = self.model(tokens, positions, attention, run_layer=call_layer if trace else self.run_layer)
+        logits = self.model(tokens, positions, attention, run_layer=call_layer if trace else self.run_layer,
+                            run_head=call_head if trace else self.run_head)
         return logits, attention.traces
 
     def warm_up(self, policy: Policy, batches: list[int] | None = None,

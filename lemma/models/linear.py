@@ -1,4 +1,9 @@
-"""Linear layers in the layout the CPU's matmul library wants.
+"""Linear layers in the form the CPU's matmul paths run fastest.
+
+Compiled, a product of one row with a weight (batch-1 decode) is written as a multiply and a sum,
+which inductor fuses into one vectorized, threaded reduction that streams the weight at 2.3x the
+bandwidth of MKL's sgemv here (26.8 vs 11.4 GB/s fp32, 22.9 vs 11.2 bf16: SmolLM2's 30 layers, 2
+threads, AMD EPYC, 2026-12-06); eager and with more rows it stays F.linear.
 
 A bf16 nn.Linear on CPU hands its weight to oneDNN in the plain layout on every call, and oneDNN
 reorders it each time: at decode sizes that costs about half the matmul. `pack_linears` reorders every
@@ -9,7 +14,23 @@ inductor cannot lower, so the matmul is a custom op: eager, compiled and replaye
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+
+def project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x W^T + b; under torch.compile, for a single row, as a reduction inductor generates itself."""
+    if torch.compiler.is_compiling() and x.dim() == 2 and x.device.type == "cpu" and x.shape[0] == 1:
+        out = (x[:, None, :].float() * weight[None].float()).sum(-1)
+        return (out if bias is None else out + bias.float()).to(x.dtype)
+    return F.linear(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    """nn.Linear whose product goes through `project`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return project(x, self.weight, self.bias)
 
 
 @torch.library.custom_op("lemma::packed_linear", mutates_args=())

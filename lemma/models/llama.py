@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lemma.models.config import ModelConfig
-from lemma.models.linear import PackedLinear, pack_linears, packs
+from lemma.models.linear import Linear, PackedLinear, pack_linears, packs, project
 from lemma.models.shard import Shard
 
 
@@ -42,6 +42,11 @@ def call_layer(layer: "DecoderLayer", x: torch.Tensor, cos: torch.Tensor, sin: t
                attend: LayerAttend) -> torch.Tensor:
     """How a forward runs each decoder layer unless told otherwise (a compiled twin of this can be given)."""
     return layer(x, cos, sin, attend)
+
+
+def call_head(model: "CausalLM", x: torch.Tensor, float_logits: bool) -> torch.Tensor:
+    """How a forward runs the final norm and output projection unless told otherwise."""
+    return model.head(x, float_logits)
 
 
 class RMSNorm(nn.Module):
@@ -93,10 +98,10 @@ class Attention(nn.Module):
         if shard is not None:  # this rank's query heads and the KV heads they read
             self.num_heads, self.num_kv_heads = shard.size(self.num_heads), shard.size(self.num_kv_heads)
         hidden = config.hidden_size
-        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=config.qkv_bias)
-        self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=config.qkv_bias)
-        self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=config.qkv_bias)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=config.o_bias)
+        self.q_proj = Linear(hidden, self.num_heads * self.head_dim, bias=config.qkv_bias)
+        self.k_proj = Linear(hidden, self.num_kv_heads * self.head_dim, bias=config.qkv_bias)
+        self.v_proj = Linear(hidden, self.num_kv_heads * self.head_dim, bias=config.qkv_bias)
+        self.o_proj = Linear(self.num_heads * self.head_dim, hidden, bias=config.o_bias)
         if config.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
@@ -122,9 +127,9 @@ class MLP(nn.Module):
         self.shard = shard
         hidden, inter, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
         inter = inter if shard is None else shard.size(inter)
-        self.gate_proj = nn.Linear(hidden, inter, bias=bias)
-        self.up_proj = nn.Linear(hidden, inter, bias=bias)
-        self.down_proj = nn.Linear(inter, hidden, bias=bias)
+        self.gate_proj = Linear(hidden, inter, bias=bias)
+        self.up_proj = Linear(hidden, inter, bias=bias)
+        self.down_proj = Linear(inter, hidden, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -162,7 +167,7 @@ class CausalLM(nn.Module):
         self.config, self.shard = config, shard
         self.model = Backbone(config, shard)
         vocab = config.vocab_size if shard is None else shard.size(config.vocab_size)
-        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, vocab, bias=False)
+        self.lm_head = None if config.tie_word_embeddings else Linear(config.hidden_size, vocab, bias=False)
         self.tied_head: nn.Module | None = None  # a packed copy of the tied embedding (see pack_weights)
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
 
@@ -194,10 +199,12 @@ class CausalLM(nn.Module):
         logits_at: torch.Tensor | None = None,
         float_logits: bool = True,
         run_layer: Callable[..., torch.Tensor] = call_layer,
+        run_head: Callable[..., torch.Tensor] = call_head,
     ) -> torch.Tensor:
         """input_ids/positions [N] -> logits [M, V] for the rows `logits_at` (default: all), in fp32 (or,
         float_logits=False, in the model's dtype: a caller scoring many rows upcasts them a few at a time).
-        Each decoder layer runs as run_layer(layer, x, cos, sin, attend.layer(i))."""
+        Each decoder layer runs as run_layer(layer, x, cos, sin, attend.layer(i)), the head as
+        run_head(model, x, float_logits) (a compiled step passes compiled twins of both)."""
         x = self.embed(input_ids)
         freqs = positions.float()[:, None] * self.inv_freq.float()[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
@@ -206,8 +213,12 @@ class CausalLM(nn.Module):
             x = run_layer(layer, x, cos, sin, attend.layer(i))
         if logits_at is not None:
             x = x[logits_at]
+        logits = run_head(self, x, float_logits)
+        return logits if self.shard is None else self.shard.gather(logits, self.config.vocab_size)
+
+    def head(self, x: torch.Tensor, float_logits: bool = True) -> torch.Tensor:
+        """The final norm and the output projection: hidden states [M, D] -> logits [M, V]."""
         x = self.model.norm(x)
         head = self.lm_head if self.lm_head is not None else self.tied_head
-        logits = head(x) if head is not None else F.linear(x, self.model.embed_tokens.weight)
-        logits = logits.float() if float_logits else logits
-        return logits if self.shard is None else self.shard.gather(logits, self.config.vocab_size)
+        logits = head(x) if head is not None else project(x, self.model.embed_tokens.weight, None)
+        return logits.float() if float_logits else logits
