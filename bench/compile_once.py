@@ -56,13 +56,16 @@ def llama_cpp_ms_per_token(llm, prompt: list[int], steps: int) -> float:
     """llama.cpp's greedy decode of `steps` tokens after `prompt`: ms per token (its eval, one token each)."""
     import numpy as np
 
+    def next_token() -> int:  # the last evaluated position's logits (kept by llama.cpp, not by the wrapper)
+        return int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))))
+
     llm.reset()
     llm.eval(prompt)
-    token, times = int(np.argmax(llm.scores[llm.n_tokens - 1])), []
+    token, times = next_token(), []
     for _ in range(steps):
         start = time.perf_counter()
         llm.eval([token])
-        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        token = next_token()
         times.append(time.perf_counter() - start)
     return 1000 * sum(times[1:]) / (len(times) - 1)
 

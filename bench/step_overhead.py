@@ -4,8 +4,7 @@ launches. Eager vs compiled for every policy, side by side in one run; `--modes 
 calls one eager step dispatches instead (seconds, no timing: what makes one policy's eager step slower
 than another's when the step is host-bound, as eager decode is on a GPU).
 
-The prompt (390 tokens, 25 pages) and the steps (110) keep every policy inside one slot bucket, so each
-compiles once; a warm-up generation pays the compile, the second one is timed.
+The engine warms up (compiles) at start; a first generation warms caches up, the second one is timed.
 
     OMP_NUM_THREADS=1 python bench/step_overhead.py --out bench/results/step_overhead.json
     OMP_NUM_THREADS=1 python bench/step_overhead.py --modes ops

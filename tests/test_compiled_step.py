@@ -1,5 +1,5 @@
-"""The decode step as a static graph: fixed shapes per bucket, compiled with fullgraph=True, no graph
-breaks, no recompiles inside a bucket, and the same greedy tokens as the eager step."""
+"""The decode step as a static graph compiled once: every graph at warm-up, fullgraph=True (no graph
+breaks), nothing compiled after it however the session goes, and the same greedy tokens as eager."""
 
 from __future__ import annotations
 

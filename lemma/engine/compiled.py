@@ -2,11 +2,13 @@
 
 What is compiled is `call_layer` (one decoder layer and its `DecodeLayer` attention), not the whole
 step: every layer's weights and its slice of the pool and tables are inputs of the same graph, not
-constants, so a (policy, dense-or-sparse layer, batch bucket) costs one layer's compile instead of L.
-The slot dimension of the page tables is dynamic on CPU (`maybe_mark_dynamic`): one graph serves every
-context length, and attention reads only the pages held. The embedding, the RoPE tables and the output
-head stay eager (one op or one matmul each: nothing to fuse). On CUDA the tables are full width instead
-and the whole step is captured as one CUDA graph per batch bucket (engine/graphs.py).
+constants, so a (policy, dense-or-sparse layer) costs one layer's compile instead of L. Batch 1 gets
+its own graph; dynamo makes the batch dimension dynamic when the second bucket arrives, so one more
+graph serves every larger bucket. The slot dimension of the page tables is dynamic on CPU
+(`maybe_mark_dynamic`): one graph serves every context length, and attention reads only the pages
+held. The final norm and output head are a second, small compiled graph (`call_head`); the embedding
+and the RoPE tables stay eager. On CUDA the tables are full width instead and the whole step is
+captured as one CUDA graph per batch bucket (engine/graphs.py).
 
 Inductor keeps what it compiled (FX graph and AOTAutograd caches) under $LEMMA_HOME/compile/torch-<version>,
 so a second process only pays dynamo's trace of one layer per graph.
@@ -62,10 +64,12 @@ def compile_layer(backend: str, device: torch.device) -> Callable[..., torch.Ten
     import torch._dynamo.config as dynamo_config
 
     use_disk_cache()
-    # graphs are per (policy, layer kind, batch bucket): far more than the default limit of 8 may be
-    # alive in a server that meets many per-request policies
-    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 256)
-    dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit, 4096)
+    # graphs are per (policy, layer kind, batch 1 or more): far more than the default limit of 8 may be
+    # alive in a server that meets many per-request policies (older torch calls the limit cache_size_limit)
+    limit = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
+    setattr(dynamo_config, limit, max(getattr(dynamo_config, limit), 256))
+    if hasattr(dynamo_config, "accumulated_recompile_limit"):
+        dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit, 4096)
     options = cpu_options(backend, device)
     compiled = torch.compile(call_layer, backend=backend, fullgraph=True, options=options)
     dynamic_slots = device.type == "cpu"
@@ -84,7 +88,7 @@ def compile_head(backend: str, device: torch.device) -> Callable[..., torch.Tens
 
 
 class CompileCounter:
-    """Counts the graphs dynamo compiles while it is open (for tests and for the warm-up's report)."""
+    """Counts the graphs dynamo compiles while it is open (what the tests and benchmarks count)."""
 
     def __enter__(self) -> "CompileCounter":
         from torch._dynamo.utils import counters

@@ -44,15 +44,16 @@ class Engine(BlockingCalls):
     """A decode engine over one model.
 
     Engine(model_dir, policy=Dense(), device=None, dtype=None, kv_cache_tokens=None, max_batch=32,
-    prefill_chunk=512, attention=None, compile=False, tensor_parallel=1, warm_up=True). `engine.policy` (the policy of requests that name
-    none) may be changed between calls. `prefill_chunk` is the token budget of one step: the decode
+    prefill_chunk=512, attention=None, compile=False, tensor_parallel=1, warm_up=True). `engine.policy`
+    (the policy of requests that name none) may be changed between calls. `prefill_chunk` is the token budget of one step: the decode
     batch plus chunks of waiting prompts (so a long prompt never stalls the running ones).
     `attention` is "triton" or "torch" (default: $LEMMA_ATTENTION, else triton on CUDA, torch elsewhere).
-    `compile=True` compiles the decode step's layers with inductor on CPU (one graph per batch bucket and
-    kind of layer, kept on disk under $LEMMA_HOME/compile) and captures the step as CUDA graphs (one per
-    batch bucket) on CUDA; a backend name ("eager", "aot_eager", "inductor") picks the torch.compile
+    `compile=True` compiles the decode step's layers with inductor on CPU (per policy and kind of layer,
+    one graph for batch 1 and one for larger batches, kept on disk under $LEMMA_HOME/compile) and
+    captures the step as CUDA graphs (one per batch bucket) on CUDA; a backend name ("eager", "aot_eager", "inductor") picks the torch.compile
     backend. The eager step stays the reference. A compiling engine warms up every batch bucket of its
-    policy at start (`warm_up=False` leaves that to `warm_up()` or to the first step of each bucket).
+    policy at start (`warm_up=False` leaves that to `warm_up()` or to the first step of each bucket); a
+    request under another policy compiles on its first step unless that policy was warmed up too.
 
     `tensor_parallel=N` shards the model and the KV pool by heads over N processes (this one is rank 0;
     see engine/tensor_parallel.py); `close()` stops them.
@@ -158,10 +159,25 @@ class Engine(BlockingCalls):
         Returns the seconds it took; nothing to do (0.0) when the engine does not compile."""
         if not self.compile:
             return 0.0
+        policies = [self.policy] if policies is None else list(policies)
+        for policy in policies:
+            if not isinstance(policy, Policy):
+                raise LemmaError(f"warm_up policies must be lemma policies, got {policy!r}")
+        for batch in batches or []:
+            if isinstance(batch, bool) or not isinstance(batch, int) or not 1 <= batch <= self.max_batch:
+                raise LemmaError(f"warm_up batches must be integers in 1..max_batch={self.max_batch}, got {batch!r}")
         start = time.perf_counter()
         with self._step_lock:
-            for policy in policies or [self.policy]:
-                self.runner.warm_up(policy, batches, None if progress is None else lambda b, p=policy: progress(p, b))
+            for policy in policies:
+                report = None if progress is None else (lambda bucket, p=policy: progress(p, bucket))
+                try:
+                    self.runner.warm_up(policy, batches, report)
+                except LemmaError:
+                    raise
+                except Exception as exc:  # inductor or the C++ compiler: say what to do, not a traceback
+                    first = (str(exc).strip().splitlines() or [""])[0][:300]
+                    raise LemmaError(f"compiling the decode step failed ({type(exc).__name__}: {first}); "
+                                     "run eager with compile=False (CLI: --no-compile or LEMMA_COMPILE=0)") from exc
         return time.perf_counter() - start
 
     @property

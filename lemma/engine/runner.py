@@ -299,16 +299,23 @@ class ModelRunner:
                 progress: Callable[[int], None] | None = None) -> None:
         """Run one step of every batch bucket (default: all up to max_batch) on padded rows, so a compiled
         step compiles (or loads from the disk cache) now rather than in the middle of a request. Padded
-        rows write only to the scratch page; no running sequence is touched. progress(bucket) after each."""
+        rows write only to the scratch page; no running sequence is touched. On CUDA each bucket's graph
+        is captured here on the policy's own state (the buffers its replays read), so only while no
+        sequence runs under the policy. progress(bucket) after each."""
         buckets = sorted({batch_bucket(b, self.max_batch) for b in (batches or bucket_sizes(self.max_batch))})
-        scratch = DecodeState(self.pool.num_layers, self.max_batch, self.max_slots, self.device)
+        if self._graphs is not None:
+            state = self.state_for(policy)
+            if state.rows:  # its sequences' pages are in the tables: they capture on their first step
+                return
+            graphs = self._graphs.setdefault(policy, CudaGraphs())
+        else:  # a compiled graph binds shapes, not buffers: a scratch state leaves the real one alone
+            state = DecodeState(self.pool.num_layers, self.max_batch, self.max_slots, self.device)
         layers = self.pool.num_layers
         with torch.inference_mode():
             for bucket in buckets:
                 modes = np.zeros((layers, bucket), dtype=np.int64)
-                step = scratch.step_inputs([0] * bucket, [0] * bucket, modes, modes, policy.least_slots)
+                step = state.step_inputs([0] * bucket, [0] * bucket, modes, modes, policy.least_slots)
                 if self._graphs is not None:
-                    graphs = self._graphs.setdefault(policy, CudaGraphs())
                     graphs.run(step.batch, lambda: self.decode_step(policy, False, *self._args(step))[0])
                 else:
                     self.decode_step(policy, False, *self._args(step))
