@@ -85,8 +85,8 @@ def _policy(name: str, budget: int, pin_prompt: bool = True, dense_layers: int =
 
 def compile_default(compile: Optional[bool]) -> bool:
     """--compile/--no-compile as given, else on unless $LEMMA_COMPILE says 0/false/no/off: the compiled
-    step is 1.5-1.9x the eager one and its cold start (about 15 s for SmolLM2, once per machine) is
-    repaid within a few hundred tokens (BENCHMARKS.md, "Compile once")."""
+    step is 1.2-2.9x as fast as the eager one on the demo models and its cold start (15-21 s, once per
+    machine; 3-5 s warm) is repaid within a few hundred tokens (BENCHMARKS.md, "Compile once")."""
     if compile is not None:
         return compile
     return os.environ.get("LEMMA_COMPILE", "1").strip().lower() not in ("0", "false", "no", "off")
