@@ -182,7 +182,7 @@ def main() -> None:
                       f"({row['sdpa_kv_gb_per_s']:.0f} GB/s); triton by pages per block: "
                       + ", ".join(f"{k}: {v:.1f} us" for k, v in row["triton_device_us_by_pages_per_block"].items()))
         engine = Engine.from_model(model, toy_tokenizer(), kv_cache_tokens=long_context + 2 * decode_steps + 64,
-                                   attention="triton")
+                                   attention="triton", compile=False)
         prompt = [1] * 64
         for policy in (Dense(),):
             row = speed.bench_policy(engine, policy, prompt, decode_steps)

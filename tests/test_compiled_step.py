@@ -170,7 +170,7 @@ def test_cuda_graphs_replay_each_bucket_and_equal_eager(tiny_dir, policy):
     """On CUDA, compile=True captures one graph per batch bucket at start and replays it as contexts
     grow: same greedy tokens as eager."""
     kwargs = dict(policy=policy, kv_cache_tokens=4096, max_batch=2, device="cuda", dtype="float32")
-    expected = Engine(tiny_dir, **kwargs).generate(PROMPTS, PARAMS)
+    expected = Engine(tiny_dir, compile=False, **kwargs).generate(PROMPTS, PARAMS)
     engine = Engine(tiny_dir, compile=True, **kwargs)
     (graphs,) = engine.runner._graphs.values()  # one CudaGraphs per policy the engine ran
     assert sorted(graphs.graphs) == [1, 2]  # captured at warm-up, one per batch bucket
@@ -220,3 +220,14 @@ def test_a_second_process_loads_the_compiled_step_from_disk(tiny_dir, tmp_path):
     assert cold["misses"] >= 4 and cold["hits"] == 0  # a layer and the head, at batch 1 and batch 2 (dynamic)
     assert warm["misses"] == 0 and warm["hits"] == cold["misses"]
     assert any((tmp_path / "compile").rglob("*.py")) or any((tmp_path / "compile").rglob("*.cpp"))
+
+
+def test_engine_compiles_by_default_on_cuda_only(tiny_dir):
+    """compile=None (the default): CUDA graphs on a GPU, eager on CPU and under tensor parallelism."""
+    from lemma.engine.options import resolve_compile
+
+    assert Engine(tiny_dir, kv_cache_tokens=256).compile is False
+    assert resolve_compile(None, torch.device("cuda"), 1) is True
+    assert resolve_compile(None, torch.device("cuda"), 2) is False
+    assert resolve_compile(None, torch.device("cpu"), 1) is False
+    assert resolve_compile("eager", torch.device("cpu"), 1) == "eager"

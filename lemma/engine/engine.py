@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from lemma.engine.blocking import BlockingCalls
-from lemma.engine.options import check_limits, pool_pages, resolve_device, resolve_dtype
+from lemma.engine.options import check_limits, pool_pages, resolve_compile, resolve_device, resolve_dtype
 from lemma.engine.policies import Dense, Policy
 from lemma.engine.pool import PAGE_SIZE, KVPool
 from lemma.engine.prompts import Prompt, prompt_ids
@@ -44,15 +44,16 @@ class Engine(BlockingCalls):
     """A decode engine over one model.
 
     Engine(model_dir, policy=Dense(), device=None, dtype=None, kv_cache_tokens=None, max_batch=32,
-    prefill_chunk=512, attention=None, compile=False, tensor_parallel=1, warm_up=True). `engine.policy`
+    prefill_chunk=512, attention=None, compile=None, tensor_parallel=1, warm_up=True). `engine.policy`
     (the policy of requests that name none) may be changed between calls. `prefill_chunk` is the token budget of one step: the decode
     batch plus chunks of waiting prompts (so a long prompt never stalls the running ones).
     `attention` is "triton" or "torch" (default: $LEMMA_ATTENTION, else triton on CUDA, torch elsewhere).
     `compile=True` compiles the decode step's layers with inductor on CPU (per policy and kind of layer,
     one graph for batch 1 and one for larger batches, kept on disk under $LEMMA_HOME/compile) and
-    captures the step as CUDA graphs (one per batch bucket) on CUDA; a backend name ("eager", "aot_eager", "inductor") picks the torch.compile
-    backend. The eager step stays the reference. A compiling engine warms up every batch bucket of its
-    policy at start (`warm_up=False` leaves that to `warm_up()` or to the first step of each bucket); a
+    captures the step as CUDA graphs (one per batch bucket) on CUDA; a backend name ("eager", "aot_eager",
+    "inductor") picks the torch.compile backend. The default (None) captures CUDA graphs on a GPU and
+    stays eager on CPU, where the 15-25 s cold warm-up is the program's to choose (the CLI does). The
+    eager step stays the reference. A compiling engine warms up every batch bucket of its policy at start (`warm_up=False` leaves that to `warm_up()` or to the first step of each bucket); a
     request under another policy compiles on its first step unless that policy was warmed up too.
 
     `tensor_parallel=N` shards the model and the KV pool by heads over N processes (this one is rank 0;
@@ -66,8 +67,9 @@ class Engine(BlockingCalls):
     def __init__(self, model_dir: str | Path, policy: Policy | None = None, device: str | torch.device | None = None,
                  dtype: str | torch.dtype | None = None, kv_cache_tokens: int | None = None,
                  max_batch: int = 32, prefill_chunk: int = 512, attention: str | None = None,
-                 compile: bool | str = False, tensor_parallel: int = 1, warm_up: bool = True):
+                 compile: bool | str | None = None, tensor_parallel: int = 1, warm_up: bool = True):
         device = resolve_device(device)
+        compile = resolve_compile(compile, device, tensor_parallel)
         dtype = resolve_dtype(dtype, device)
         check_limits(max_batch, prefill_chunk, compile)
         if not isinstance(model_dir, (str, Path)):
@@ -111,10 +113,11 @@ class Engine(BlockingCalls):
     @classmethod
     def from_model(cls, model: CausalLM, tokenizer: Tokenizer, policy: Policy | None = None,
                    kv_cache_tokens: int | None = None, max_batch: int = 32, prefill_chunk: int = 512,
-                   attention: str | None = None, compile: bool | str = False, warm_up: bool = True) -> "Engine":
+                   attention: str | None = None, compile: bool | str | None = None, warm_up: bool = True) -> "Engine":
         """An engine over a model already built in memory (benchmarks on random weights); its device and
         dtype are the model's. On CPU in bf16 the model's linears are packed in place (models/linear.py)."""
         engine = cls.__new__(cls)
+        compile = resolve_compile(compile, model.model.embed_tokens.weight.device, 1)
         engine._setup(model, tokenizer, Path(f"<{model.config.model_type} in memory>"), policy, kv_cache_tokens,
                       max_batch, prefill_chunk, attention, compile)
         if compile and warm_up:

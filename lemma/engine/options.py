@@ -44,6 +44,14 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     return DTYPES[dtype]
 
 
+def resolve_compile(compile: object, device: torch.device, tensor_parallel: object) -> object:
+    """compile as given; None (the default) is True on CUDA (CUDA graphs always pay there) without
+    tensor parallelism, False elsewhere."""
+    if compile is None:
+        return device.type == "cuda" and tensor_parallel == 1
+    return compile
+
+
 def check_limits(max_batch: object, prefill_chunk: object, compile: object) -> None:
     check_number("max_batch", max_batch, "an integer >= 1", low=1, integer=True)
     check_number("prefill_chunk", prefill_chunk, f"an integer >= {PAGE_SIZE}", low=PAGE_SIZE, integer=True)
