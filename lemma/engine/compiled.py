@@ -57,8 +57,8 @@ def cpu_options(backend: str, device: torch.device) -> dict | None:
     return {"cpp_wrapper": True, "realize_reads_threshold": 1}
 
 
-def compile_layer(backend: str, device: torch.device) -> Callable[..., torch.Tensor]:
-    """A twin of `call_layer` compiled with `backend`, fullgraph (no graph breaks allowed)."""
+def compile_decode(backend: str, device: torch.device) -> tuple[Callable[..., torch.Tensor], Callable[..., torch.Tensor]]:
+    """Twins of `call_layer` and `call_head` compiled with `backend`, fullgraph (no graph breaks allowed)."""
     if backend not in COMPILE_CHOICES:
         raise LemmaError(f"compile backend must be one of {', '.join(COMPILE_CHOICES)}, got {backend!r}")
     import torch._dynamo.config as dynamo_config
@@ -72,6 +72,7 @@ def compile_layer(backend: str, device: torch.device) -> Callable[..., torch.Ten
         dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit, 4096)
     options = cpu_options(backend, device)
     compiled = torch.compile(call_layer, backend=backend, fullgraph=True, options=options)
+    head = torch.compile(call_head, backend=backend, fullgraph=True, options=options)
     dynamic_slots = device.type == "cpu"
 
     def run_layer(layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend) -> torch.Tensor:
@@ -79,16 +80,11 @@ def compile_layer(backend: str, device: torch.device) -> Callable[..., torch.Ten
             torch._dynamo.maybe_mark_dynamic(attend.tables, 1)
         return compiled(layer, x, cos, sin, attend)
 
-    return run_layer
-
-
-def compile_head(backend: str, device: torch.device) -> Callable[..., torch.Tensor]:
-    """A twin of `call_head` (final norm, output projection) compiled with `backend`."""
-    return torch.compile(call_head, backend=backend, fullgraph=True, options=cpu_options(backend, device))
+    return run_layer, head
 
 
 class CompileCounter:
-    """Counts the graphs dynamo compiles while it is open (what the tests and benchmarks count)."""
+    """Counts the graphs dynamo compiles while it is open (what the tests count)."""
 
     def __enter__(self) -> "CompileCounter":
         from torch._dynamo.utils import counters

@@ -45,16 +45,19 @@ class Engine(BlockingCalls):
 
     Engine(model_dir, policy=Dense(), device=None, dtype=None, kv_cache_tokens=None, max_batch=32,
     prefill_chunk=512, attention=None, compile=None, tensor_parallel=1, warm_up=True). `engine.policy`
-    (the policy of requests that name none) may be changed between calls. `prefill_chunk` is the token budget of one step: the decode
-    batch plus chunks of waiting prompts (so a long prompt never stalls the running ones).
-    `attention` is "triton" or "torch" (default: $LEMMA_ATTENTION, else triton on CUDA, torch elsewhere).
+    (the policy of requests that name none) may be changed between calls. `prefill_chunk` is the token
+    budget of one step: the decode batch plus chunks of waiting prompts (so a long prompt never stalls
+    the running ones). `attention` is "triton" or "torch" (default: $LEMMA_ATTENTION, else triton on
+    CUDA, torch elsewhere).
+
     `compile=True` compiles the decode step's layers with inductor on CPU (per policy and kind of layer,
     one graph for batch 1 and one for larger batches, kept on disk under $LEMMA_HOME/compile) and
     captures the step as CUDA graphs (one per batch bucket) on CUDA; a backend name ("eager", "aot_eager",
     "inductor") picks the torch.compile backend. The default (None) captures CUDA graphs on a GPU and
     stays eager on CPU, where the 15-25 s cold warm-up is the program's to choose (the CLI does). The
-    eager step stays the reference. A compiling engine warms up every batch bucket of its policy at start (`warm_up=False` leaves that to `warm_up()` or to the first step of each bucket); a
-    request under another policy compiles on its first step unless that policy was warmed up too.
+    eager step stays the reference. A compiling engine warms up every batch bucket of its policy at
+    start (`warm_up=False` leaves that to `warm_up()` or to the first step of each bucket); a request
+    under another policy compiles on its first step unless that policy was warmed up too.
 
     `tensor_parallel=N` shards the model and the KV pool by heads over N processes (this one is rank 0;
     see engine/tensor_parallel.py); `close()` stops them.

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from lemma.engine.attention import DecodeAttention, PrefillAttention, PrefillSegment
-from lemma.engine.compiled import compile_head, compile_layer
+from lemma.engine.compiled import compile_decode
 from lemma.engine.decode_state import CONTINUE, EVICT, NEW_SLOT, DecodeState, StepInputs, batch_bucket
 from lemma.engine.graphs import CudaGraphs
 from lemma.engine.policies import Policy
@@ -58,10 +58,8 @@ class ModelRunner:
             # launches are what a GPU step loses to: capture the step once per batch bucket, replay it
             # after; compile="inductor" also fuses its layers with inductor first
             self._graphs = {}
-            if compile is not True:
-                self.run_layer, self.run_head = compile_layer(backend, self.device), compile_head(backend, self.device)
-        elif compile:
-            self.run_layer, self.run_head = compile_layer(backend, self.device), compile_head(backend, self.device)
+        if compile and not (compile is True and self.device.type == "cuda"):
+            self.run_layer, self.run_head = compile_decode(backend, self.device)
 
     def forget_policies(self, keep: set[Policy]) -> None:
         """Past MAX_POLICY_STATES policies, drop the step states (and CUDA graphs) of those not running,
