@@ -50,8 +50,8 @@ def use_disk_cache() -> Path:
 def cpu_options(backend: str, device: torch.device) -> dict | None:
     """Inductor on CPU: a C++ wrapper (no Python between kernels), and every value read more than once
     (a normed hidden state feeding a row-by-weight reduction, models/linear.py) computed once into a
-    buffer instead of again for every output row (8.9 vs 11.6 ms for SmolLM2's 30 layers' projections,
-    bf16, 2 threads)."""
+    buffer instead of again for every output row (in the compiled SmolLM2 bf16 layer its MLP kernel went
+    from 428 to 295 us, BENCHMARKS.md "Compile once")."""
     if backend != "inductor" or device.type != "cpu":
         return None
     return {"cpp_wrapper": True, "realize_reads_threshold": 1}

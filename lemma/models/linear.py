@@ -1,9 +1,9 @@
 """Linear layers in the form the CPU's matmul paths run fastest.
 
 Compiled, a product of one row with a weight (batch-1 decode) is written as a multiply and a sum,
-which inductor fuses into one vectorized, threaded reduction that streams the weight at 2.3x the
-bandwidth of MKL's sgemv here (26.8 vs 11.4 GB/s fp32, 22.9 vs 11.2 bf16: SmolLM2's 30 layers, 2
-threads, AMD EPYC, 2026-12-06); eager and with more rows it stays F.linear.
+which inductor fuses into one vectorized, threaded reduction that streams the weight at 2.6-2.8x the
+bandwidth of MKL's sgemv and oneDNN here (30.1 vs 11.6 GB/s fp32, 28.0 vs 10.0 bf16: SmolLM2's 30
+layers, 2 threads, AMD EPYC, 2026-12-06, bench/row_products.py); eager and with more rows it stays F.linear.
 
 A bf16 nn.Linear on CPU hands its weight to oneDNN in the plain layout on every call, and oneDNN
 reorders it each time: at decode sizes that costs about half the matmul. `pack_linears` reorders every
