@@ -34,6 +34,7 @@ from lemma.kernels import resolve_attention
 from lemma.models.config import ModelConfig
 from lemma.models.llama import CausalLM
 from lemma.models.loader import load_model
+from lemma.models.quantized import check_quantize
 from lemma.models.shard import Shard
 from lemma.models.tokenizer import StreamingDetokenizer, Tokenizer
 
@@ -44,11 +45,13 @@ class Engine(BlockingCalls):
     """A decode engine over one model.
 
     Engine(model_dir, policy=Dense(), device=None, dtype=None, kv_cache_tokens=None, max_batch=32,
-    prefill_chunk=512, attention=None, compile=None, tensor_parallel=1, warm_up=True). `engine.policy`
+    prefill_chunk=512, attention=None, compile=None, tensor_parallel=1, warm_up=True, quantize=None).
+    `engine.policy`
     (the policy of requests that name none) may be changed between calls. `prefill_chunk` is the token
     budget of one step: the decode batch plus chunks of waiting prompts (so a long prompt never stalls
     the running ones). `attention` is "triton" or "torch" (default: $LEMMA_ATTENTION, else triton on
-    CUDA, torch elsewhere).
+    CUDA, torch elsewhere). `quantize="int8"|"int4"` runs the projections on weight-only quantized
+    weights (groups of 32; the output head in int8; models/quantized.py).
 
     `compile=True` compiles the decode step's layers with inductor on CPU (per policy and kind of layer,
     one graph for batch 1 and one for larger batches, kept on disk under $LEMMA_HOME/compile) and
@@ -70,8 +73,12 @@ class Engine(BlockingCalls):
     def __init__(self, model_dir: str | Path, policy: Policy | None = None, device: str | torch.device | None = None,
                  dtype: str | torch.dtype | None = None, kv_cache_tokens: int | None = None,
                  max_batch: int = 32, prefill_chunk: int = 512, attention: str | None = None,
-                 compile: bool | str | None = None, tensor_parallel: int = 1, warm_up: bool = True):
+                 compile: bool | str | None = None, tensor_parallel: int = 1, warm_up: bool = True,
+                 quantize: str | None = None):
         device = resolve_device(device)
+        quantize = check_quantize(quantize)
+        if quantize is not None and tensor_parallel > 1:
+            raise LemmaError(f"quantize={quantize!r} does not combine with tensor_parallel={tensor_parallel} yet")
         compile = resolve_compile(compile, device, tensor_parallel)
         dtype = resolve_dtype(dtype, device)
         check_limits(max_batch, prefill_chunk, compile)
@@ -89,7 +96,7 @@ class Engine(BlockingCalls):
                 attention=resolve_attention(attention, device), threads=torch.get_num_threads()))
             device = rank_device(device, 0)
         try:
-            model = load_model(Path(model_dir), device, dtype, shard)
+            model = load_model(Path(model_dir), device, dtype, shard, quantize)
             self._setup(model, Tokenizer(model_dir), Path(model_dir), policy, kv_cache_tokens, max_batch,
                         prefill_chunk, attention, compile)
             if compile and warm_up:

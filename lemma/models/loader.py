@@ -11,6 +11,7 @@ from safetensors import SafetensorError, safe_open
 from lemma.errors import LemmaError
 from lemma.models.config import ModelConfig
 from lemma.models.llama import CausalLM, rope_inv_freq
+from lemma.models.quantized import QUANT_SUFFIXES, QuantLinear, check_quantize, quantize_model
 from lemma.models.shard import Shard
 
 # Buffers some exporters write that the model recomputes.
@@ -71,9 +72,36 @@ def _read(f, name: str, config: ModelConfig, shard: Shard | None, full_shape: tu
     return sliced[start:stop] if dim == 0 else sliced[:, start:stop]
 
 
-def load_model(model_dir: str | Path, device: torch.device, dtype: torch.dtype, shard: Shard | None = None) -> CausalLM:
+def _quantized_name(name: str) -> tuple[str, str] | None:
+    """"model.layers.0.mlp.up_proj.qweight" -> ("model.layers.0.mlp.up_proj", "qweight")."""
+    module, _, suffix = name.rpartition(".")
+    return (module, suffix) if suffix in QUANT_SUFFIXES else None
+
+
+def _install_quantized(model: CausalLM, parts: dict[str, dict[str, torch.Tensor]], loaded: dict[str, torch.Tensor],
+                       expected: dict[str, tuple[int, ...]], model_dir: Path, dtype: torch.dtype) -> None:
+    """Put a QuantLinear wherever the checkpoint holds `module.qweight`; its float weight is then not expected."""
+    for module, tensors in parts.items():
+        if f"{module}.weight" not in expected or "qweight" not in tensors or "scales" not in tensors:
+            raise LemmaError(f"{model_dir}: quantized tensors of {module} are incomplete or have no place in the model")
+        bias = loaded.pop(f"{module}.bias", None)
+        layer = QuantLinear(tensors["qweight"], tensors["scales"], tensors.get("offsets"),
+                            None if bias is None else bias.to(dtype), module)
+        shape = expected.pop(f"{module}.weight")
+        expected.pop(f"{module}.bias", None)
+        if (layer.out_features, layer.in_features) != shape:
+            raise LemmaError(f"{model_dir}: quantized {module} is {layer.out_features}x{layer.in_features}, expected "
+                             f"{shape[0]}x{shape[1]}")
+        parent_name, _, child = module.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+
+
+def load_model(model_dir: str | Path, device: torch.device, dtype: torch.dtype, shard: Shard | None = None,
+               quantize: str | None = None) -> CausalLM:
     """Build the decoder on `device` in `dtype` and fill it from the checkpoint, checking every tensor.
-    With a shard, only that tensor-parallel rank's slices are read."""
+    With a shard, only that tensor-parallel rank's slices are read. Layers the checkpoint holds quantized
+    run as stored; with `quantize` ("int8" or "int4") the float ones are quantized too (models/quantized.py)."""
+    quantize = check_quantize(quantize)
     model_dir = Path(model_dir)
     config = ModelConfig.from_dir(model_dir)
     with torch.device("meta"):
@@ -82,6 +110,7 @@ def load_model(model_dir: str | Path, device: torch.device, dtype: torch.dtype, 
     full_shapes = {name: tuple(p.shape) for name, p in full.named_parameters()}
     expected = {name: tuple(p.shape) for name, p in model.named_parameters()}
     loaded: dict[str, torch.Tensor] = {}
+    quantized: dict[str, dict[str, torch.Tensor]] = {}
     for path in safetensors_files(model_dir):
         try:
             with safe_open(str(path), framework="pt", device=str(device)) as f:
@@ -90,6 +119,12 @@ def load_model(model_dir: str | Path, device: torch.device, dtype: torch.dtype, 
                         continue
                     if name == "lm_head.weight" and config.tie_word_embeddings:
                         continue
+                    part = _quantized_name(name)
+                    if part is not None and shard is None:
+                        quantized.setdefault(part[0], {})[part[1]] = f.get_tensor(name)
+                        continue
+                    if part is not None:
+                        raise LemmaError(f"{path}: holds quantized tensors ({name}); tensor parallel needs float weights")
                     if name not in expected:
                         raise LemmaError(f"{path}: unexpected tensor {name} for model_type {config.model_type}")
                     tensor = _read(f, name, config, shard, full_shapes[name])
@@ -102,10 +137,19 @@ def load_model(model_dir: str | Path, device: torch.device, dtype: torch.dtype, 
             raise LemmaError(f"{path}: corrupt or unreadable safetensors file ({exc})") from None
         except OSError as exc:
             raise LemmaError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    if quantized:
+        _install_quantized(model, quantized, loaded, expected, model_dir, dtype)
     missing = sorted(set(expected) - set(loaded))
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise LemmaError(f"{model_dir}: tensor {missing[0]} is missing from the checkpoint{more}")
     model.load_state_dict(loaded, strict=False, assign=True)
     model.inv_freq = rope_inv_freq(config).to(device)  # built on the meta device above
+    model = model.to(device)  # quantized buffers from the file, if any, are on the CPU
+    if quantize is not None:
+        quantize_model(model, quantize)
+    elif quantized:
+        from lemma.kernels.quant import prepare
+
+        prepare(device)
     return model.eval().requires_grad_(False)
