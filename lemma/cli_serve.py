@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from lemma.cli import (BudgetOpt, CompileOpt, DenseLayersOpt, DeviceOpt, DtypeOpt, ModelOpt, PinOpt, PolicyOpt, TpOpt,
+from lemma.cli import (BudgetOpt, CompileOpt, DenseLayersOpt, DeviceOpt, DtypeOpt, ModelOpt, PinOpt, PolicyOpt, QuantizeOpt, TpOpt,
                        _engine, _policy, friendly_errors)
 from lemma.errors import LemmaError
 
@@ -35,6 +35,7 @@ def serve(
     device: Optional[str] = DeviceOpt,
     dtype: Optional[str] = DtypeOpt,
     compile: Optional[bool] = CompileOpt,
+    quantize: Optional[str] = QuantizeOpt,
     tp: int = TpOpt,
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (chat/completions, completions, models).
@@ -54,7 +55,8 @@ def serve(
     from lemma.server.app import build_app
 
     engine = _engine(model, device, dtype, policy=_policy(policy, budget, pin_prompt, dense_layers), compile=compile,
-                     max_batch=max_batch, kv_cache_tokens=kv_cache_tokens, prefill_chunk=prefill_chunk, tensor_parallel=tp)
+                     max_batch=max_batch, kv_cache_tokens=kv_cache_tokens, prefill_chunk=prefill_chunk, tensor_parallel=tp,
+                     quantize=quantize)
     name = served_name or engine.model_dir.name
     app = build_app(AsyncEngine(engine), name, api_key, {"auto": None, "think": True, "none": False}[reasoning],
                     default_max_tokens)

@@ -19,6 +19,7 @@ from lemma.engine.sampler import SamplingParams
 from lemma.errors import LemmaError
 from lemma.models.config import ModelConfig
 from lemma.models.linear import packed_bytes
+from lemma.models.quantized import quantized_bytes
 
 FILLER = ("The proof proceeds by induction on n. For the base case we check small values directly; for the "
           "inductive step we assume the statement for n and derive it for n + 1 using the recurrence above. ")
@@ -74,9 +75,9 @@ def copy_bandwidth(device: torch.device, mib: int = 256, repeats: int = 5) -> fl
 
 def weight_bytes_per_step(engine: Engine) -> int:
     """Bytes of weights one decode step reads: all of them, except that the embedding is a lookup where
-    an output head of its own (untied, or a packed copy of the tied one) is read instead."""
+    an output head of its own (untied, or a packed or quantized copy of the tied one) is read instead."""
     model = engine.model
-    total = sum(p.numel() * p.element_size() for p in model.parameters()) + packed_bytes(model)
+    total = sum(p.numel() * p.element_size() for p in model.parameters()) + packed_bytes(model) + quantized_bytes(model)
     if model.lm_head is not None or model.tied_head is not None:
         emb = model.model.embed_tokens.weight
         total -= emb.numel() * emb.element_size()

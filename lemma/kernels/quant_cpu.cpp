@@ -59,12 +59,14 @@ struct QuantizedRows {
   std::vector<int8_t> q;  // [M, K]
   std::vector<float> scale;  // [M, K / 32]
   std::vector<float> group_sum;  // [M, K / group]: sums of the float values (int4's offsets multiply them)
+  std::vector<float> group_sum_quantized;  // [M, K / group]: sums of the values as quantized
 };
 
 // With `halves`, the 32 values of a block are those an int4 W's 16 bytes hold (values j..j+15 of a group
 // and half+j..half+j+15), so that one load of x meets one load of W.
 QuantizedRows quantize_rows(const float* x, int64_t M, int64_t K, int64_t group, bool halves) {
-  QuantizedRows out{std::vector<int8_t>(M * K), std::vector<float>(M * K / 32), std::vector<float>(M * K / group, 0.f)};
+  QuantizedRows out{std::vector<int8_t>(M * K), std::vector<float>(M * K / 32), std::vector<float>(M * K / group, 0.f),
+                    std::vector<float>(M * K / group, 0.f)};
   const int64_t half = group / 2;
   float values[32];
   for (int64_t b = 0; b < M * K / 32; ++b) {
@@ -74,9 +76,14 @@ QuantizedRows quantize_rows(const float* x, int64_t M, int64_t K, int64_t group,
     float amax = 0.f, total = 0.f;
     for (int i = 0; i < 32; ++i) amax = std::max(amax, std::abs(values[i])), total += values[i];
     const float inverse = amax > 0.f ? 127.f / amax : 0.f;
-    for (int i = 0; i < 32; ++i) out.q[start + i] = static_cast<int8_t>(std::nearbyint(values[i] * inverse));
+    int32_t quantized = 0;
+    for (int i = 0; i < 32; ++i) {
+      out.q[start + i] = static_cast<int8_t>(std::nearbyint(values[i] * inverse));
+      quantized += out.q[start + i];
+    }
     out.scale[b] = amax / 127.f;
     out.group_sum[g] += total;
+    out.group_sum_quantized[g] += static_cast<float>(quantized) * out.scale[b];
   }
   return out;
 }
@@ -127,9 +134,11 @@ void int8_row(const int8_t* xq, const float* xs, int64_t K, const int8_t* w, con
 #endif
 }
 
-// The same for an int4 W (group % 32 == 0), x quantized with `halves`; gsum[r, g] sums x's row r over group g.
+// The same for an int4 W (group % 32 == 0), x quantized with `halves`; gsum / ghat[r, g] sum x's row r over
+// group g as floats / as quantized. W x = d sum (q - 8) x + (m + 8 d) sum x: the rounding of x meets q - 8
+// (|q - 8| <= 8) rather than q (<= 15), which halves its error, and the integer dot still takes q as unsigned.
 template <int R, typename S>
-void int4_row(const int8_t* xq, const float* xs, const float* gsum, int64_t K, const uint8_t* w, const S* s,
+void int4_row(const int8_t* xq, const float* xs, const float* gsum, const float* ghat, int64_t K, const uint8_t* w, const S* s,
               const S* m, int64_t group, float* out, int64_t ldo) {
   const int64_t blocks = K / 32, groups = K / group, per_group = group / 32, half = group / 2;
   float offset[R];
@@ -149,7 +158,7 @@ void int4_row(const int8_t* xq, const float* xs, const float* gsum, int64_t K, c
         acc[r] = _mm256_fmadd_ps(dot_u8_s8(wv, xv), _mm256_set1_ps(ws * xs[r * blocks + b]), acc[r]);
       }
     }
-    for (int r = 0; r < R; ++r) offset[r] += wm * gsum[r * groups + g];
+    for (int r = 0; r < R; ++r) offset[r] += (wm + 8.f * ws) * gsum[r * groups + g] - 8.f * ws * ghat[r * groups + g];
   }
   for (int r = 0; r < R; ++r) out[r * ldo] = hsum(acc[r]) + offset[r];
 #else
@@ -165,7 +174,7 @@ void int4_row(const int8_t* xq, const float* xs, const float* gsum, int64_t K, c
         }
         total += static_cast<float>(dot) * scale_at(s, g) * xs[r * blocks + b];
       }
-      offset[r] += scale_at(m, g) * gsum[r * groups + g];
+      offset[r] += (scale_at(m, g) + 8.f * scale_at(s, g)) * gsum[r * groups + g] - 8.f * scale_at(s, g) * ghat[r * groups + g];
     }
     out[r * ldo] = total + offset[r];
   }
@@ -282,15 +291,16 @@ at::Tensor int4_linear_impl(const at::Tensor& x, const at::Tensor& weight, const
     const int8_t* q = xq.q.data() + r * K;
     const float* qs = xq.scale.data() + r * B;
     const float* sums = xq.group_sum.data() + r * G;
+    const float* hats = xq.group_sum_quantized.data() + r * G;
     float* o = op + r * N + n;
     const uint8_t* wn = w + n * (K / 2);
     const S* sn = s + n * G;
     const S* mn = m + n * G;
     switch (rows) {
-      case 4: int4_row<4>(q, qs, sums, K, wn, sn, mn, group, o, N); break;
-      case 3: int4_row<3>(q, qs, sums, K, wn, sn, mn, group, o, N); break;
-      case 2: int4_row<2>(q, qs, sums, K, wn, sn, mn, group, o, N); break;
-      default: int4_row<1>(q, qs, sums, K, wn, sn, mn, group, o, N);
+      case 4: int4_row<4>(q, qs, sums, hats, K, wn, sn, mn, group, o, N); break;
+      case 3: int4_row<3>(q, qs, sums, hats, K, wn, sn, mn, group, o, N); break;
+      case 2: int4_row<2>(q, qs, sums, hats, K, wn, sn, mn, group, o, N); break;
+      default: int4_row<1>(q, qs, sums, hats, K, wn, sn, mn, group, o, N);
     }
   });
   return finish(out, x, N);

@@ -1,4 +1,5 @@
-"""Import a GGUF file into a Hugging Face layout folder: config.json, model.safetensors (dequantized),
+"""Import a GGUF file into a Hugging Face layout folder: config.json, model.safetensors (dequantized, or with
+`keep_quantized` the projections of the formats models/gguf_quant.py repacks kept quantized),
 tokenizer.json (built with `tokenizers` from the GGUF vocabulary), tokenizer_config.json (chat
 template) and generation_config.json (EOS ids)."""
 
@@ -15,6 +16,7 @@ import torch
 
 from lemma.errors import LemmaError
 from lemma.models.config import CheckedFields, ModelConfig, shown
+from lemma.models.gguf_quant import repack
 from lemma.models.staging import check_new_folder, write_new_folder
 
 SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3")
@@ -110,8 +112,33 @@ def gguf_config(metadata: CheckedFields, tensor_names: set[str]) -> dict[str, An
     return config
 
 
+def _unpermuted(config: dict[str, Any], gguf_name: str, array: Any, source: Path) -> Any:
+    """A llama q/k tensor's rows (float, or quantized rows with their scales) in Hugging Face order."""
+    if config["model_type"] == "llama" and gguf_name.endswith(("attn_q.weight", "attn_q.bias")):
+        return _unpermute(array, config["num_attention_heads"], source, gguf_name)
+    if config["model_type"] == "llama" and gguf_name.endswith(("attn_k.weight", "attn_k.bias")):
+        return _unpermute(array, config["num_key_value_heads"], source, gguf_name)
+    return array
+
+
+def _kept_quantized(t: Any, name: str, config: dict[str, Any], source: Path) -> dict[str, torch.Tensor] | None:
+    """The projection `name` as quantized tensors (name.qweight, ...) if its type is one lemma runs as is."""
+    from gguf import GGMLQuantizationType
+
+    if not name.endswith(("_proj.weight", "lm_head.weight")) or len(t.shape) != 2:
+        return None
+    qtype = GGMLQuantizationType(t.tensor_type).name
+    cols, rows = int(t.shape[0]), int(t.shape[1])
+    parts = repack(qtype, t.data, rows, cols) if cols % 32 == 0 else None
+    if parts is None:
+        return None
+    base = name.removesuffix(".weight")
+    return {f"{base}.{key}": torch.from_numpy(np.ascontiguousarray(_unpermuted(config, t.name, value.numpy(), source)))
+            for key, value in parts.items()}
+
+
 def gguf_tensors(reader: Any, config: dict[str, Any], dtype: torch.dtype, source: Path,
-                 progress: Callable[[int], None] | None = None) -> dict[str, torch.Tensor]:
+                 progress: Callable[[int], None] | None = None, keep_quantized: bool = False) -> dict[str, torch.Tensor]:
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
 
@@ -126,6 +153,12 @@ def gguf_tensors(reader: Any, config: dict[str, Any], dtype: torch.dtype, source
             if m is None or m.group(2) not in LAYER_TENSORS:
                 raise LemmaError(f"{source}: GGUF tensor {t.name} has no Hugging Face counterpart")
             name = f"model.layers.{m.group(1)}.{LAYER_TENSORS[m.group(2)]}.{m.group(3)}"
+        kept = _kept_quantized(t, name, config, source) if keep_quantized else None
+        if kept is not None:
+            out.update(kept)
+            if progress:
+                progress(1)
+            continue
         try:
             array = dequantize(t.data, t.tensor_type)
         except NotImplementedError:
@@ -133,10 +166,7 @@ def gguf_tensors(reader: Any, config: dict[str, Any], dtype: torch.dtype, source
             raise LemmaError(f"{source}: GGUF tensor {t.name}: quantization {qtype} cannot be dequantized "
                              "by the gguf package") from None
         array = np.asarray(array, dtype=np.float32).reshape(tuple(int(d) for d in reversed(t.shape)))
-        if config["model_type"] == "llama" and t.name.endswith(("attn_q.weight", "attn_q.bias")):
-            array = _unpermute(array, config["num_attention_heads"], source, t.name)
-        elif config["model_type"] == "llama" and t.name.endswith(("attn_k.weight", "attn_k.bias")):
-            array = _unpermute(array, config["num_key_value_heads"], source, t.name)
+        array = _unpermuted(config, t.name, array, source)
         out[name] = torch.from_numpy(np.array(array, copy=True)).to(dtype)
         if progress:
             progress(1)
@@ -201,10 +231,11 @@ def gguf_tokenizer(metadata: CheckedFields) -> tuple[Any, dict[str, Any], list[i
 
 
 def convert_gguf(gguf_path: str | Path, out_dir: str | Path, dtype: torch.dtype = torch.float32,
-                 progress: Callable[[int, int], Callable[[int], None]] | None = None) -> Path:
+                 progress: Callable[[int, int], Callable[[int], None]] | None = None, keep_quantized: bool = False) -> Path:
     """Write the HF folder for `gguf_path` at out_dir, which must not exist yet or be an empty folder.
     Everything is read and checked before anything is written, and the folder appears whole or not at all.
-    `progress(total, ...)` may return a callback advanced once per tensor."""
+    `progress(total, ...)` may return a callback advanced once per tensor. With `keep_quantized`, projections
+    in Q8_0/Q5_0/Q4_0/Q4_1/Q4_K stay quantized (models/gguf_quant.py); the rest is dequantized to `dtype`."""
     from gguf import GGUFReader
 
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
@@ -219,7 +250,7 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, dtype: torch.dtype 
     config = gguf_config(metadata, {t.name for t in reader.tensors})
     tokenizer, tok_config, eos_ids = gguf_tokenizer(metadata)
     advance = progress(len(reader.tensors)) if progress else None
-    tensors = gguf_tensors(reader, config, dtype, gguf_path, advance)
+    tensors = gguf_tensors(reader, config, dtype, gguf_path, advance, keep_quantized)
     config["torch_dtype"] = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[dtype]
     if eos_ids:
         config["eos_token_id"] = eos_ids if len(eos_ids) > 1 else eos_ids[0]

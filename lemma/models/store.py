@@ -123,27 +123,29 @@ class _Corrupt(LemmaError):
     pass
 
 
-def pull(name: str, force: bool = False, quiet: bool = False, keep_gguf: bool = False) -> Path:
+def pull(name: str, force: bool = False, quiet: bool = False, keep_gguf: bool = False, keep_quantized: bool = False) -> Path:
     """Fetch a catalog model into the store. Idempotent; a failure or a crash at any point leaves the
     model that was there (if any) in place and nothing that looks complete.
-    keep_gguf keeps the checked GGUF as source.gguf in the folder (tests use it as the tokenizer oracle)."""
+    keep_gguf keeps the checked GGUF as source.gguf in the folder (tests use it as the tokenizer oracle);
+    keep_quantized keeps the GGUF's quantized projections as they are (a pull without it, of a model pulled
+    with it, imports the model again in float, and the other way round)."""
     known = catalog()
     if name not in known:
         raise LemmaError(f"unknown model {name!r}; known: {', '.join(known)}")
     entry, store = known[name], store_dir()
     target = store / name
-    if _has(name, target, force, keep_gguf) and not partial_folders(store, name):
+    if _has(name, target, force, keep_gguf, keep_quantized) and not partial_folders(store, name):
         _say(f"{name} is already in {target}", quiet)
         return target  # without writing: a read-only store with the model in it is fine
     ensure_writable_dir(store, UNWRITABLE_HINT)
     try:
         with _store_lock(store, quiet):
             _clean_up_killed_pulls(store, name)
-            if _has(name, target, force, keep_gguf):  # left by a killed pull, or pulled while we waited
+            if _has(name, target, force, keep_gguf, keep_quantized):  # left by a killed pull, or pulled while we waited
                 _say(f"{name} is already in {target}", quiet)
                 return target
             with staging_dir(store, name) as staging:
-                folder = _import(name, entry, staging, quiet, keep_gguf)
+                folder = _import(name, entry, staging, quiet, keep_gguf, keep_quantized)
                 _move_into_place(folder, target, staging)
     except OSError as exc:
         raise LemmaError(f"{store}: cannot pull {name} into the model store ({describe(exc)})") from None
@@ -151,12 +153,21 @@ def pull(name: str, force: bool = False, quiet: bool = False, keep_gguf: bool = 
     return target
 
 
-def _has(name: str, target: Path, force: bool, keep_gguf: bool) -> bool:
+def _has(name: str, target: Path, force: bool, keep_gguf: bool, keep_quantized: bool = False) -> bool:
     """Whether the pull has nothing to do."""
-    return is_pulled(name) and not force and (not keep_gguf or (target / SOURCE_GGUF).is_file())
+    return (is_pulled(name) and not force and (not keep_gguf or (target / SOURCE_GGUF).is_file())
+            and _pulled_quantized(target) == keep_quantized)
 
 
-def _import(name: str, entry: dict[str, Any], staging: Path, quiet: bool, keep_gguf: bool) -> Path:
+def _pulled_quantized(target: Path) -> bool:
+    try:
+        return bool(json.loads((target / MARKER).read_text()).get("quantized", False))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _import(name: str, entry: dict[str, Any], staging: Path, quiet: bool, keep_gguf: bool,
+            keep_quantized: bool = False) -> Path:
     """Download, check and convert the model into staging/name; the marker file goes in last."""
     for attempt in (1, 2):
         try:
@@ -168,12 +179,14 @@ def _import(name: str, entry: dict[str, Any], staging: Path, quiet: bool, keep_g
             _say(f"download of {name} looks corrupt ({exc}); retrying once", quiet)
             shutil.rmtree(staging / "wheels", ignore_errors=True)
     folder = staging / name
-    convert_gguf(gguf_path, folder, dtype=getattr(torch, entry.get("dtype", "float32")), progress=_progress(quiet, name))
+    convert_gguf(gguf_path, folder, dtype=getattr(torch, entry.get("dtype", "float32")), progress=_progress(quiet, name),
+                 keep_quantized=keep_quantized)
     if keep_gguf:
         os.replace(gguf_path, folder / SOURCE_GGUF)
     else:
         gguf_path.unlink()
-    (folder / MARKER).write_text(json.dumps({"name": name, "sha256": entry["sha256"], "parts": entry["parts"]}, indent=2))
+    marker = {"name": name, "sha256": entry["sha256"], "parts": entry["parts"], "quantized": keep_quantized}
+    (folder / MARKER).write_text(json.dumps(marker, indent=2))
     return folder
 
 
