@@ -18,7 +18,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
 
-from lemma.kernels import attention, scores, store
+from lemma.kernels import attention, quant_triton, scores, store
 
 PAGE = 16
 ATTENTION_ALIGNED = ("stride_qb", "stride_qh", "stride_kp", "stride_kh", "stride_kt", "stride_vp", "stride_vh",
@@ -87,6 +87,14 @@ def main(report: bool = False) -> None:
     compile_sm90(attention._mass_kernel, pointers, dict(GROUP=7, BLOCK_G=16, BLOCK_S=attention.MASS_BLOCK_S),
                  report=report)
     count += 1
+    for dtype in ("bf16", "fp16"):
+        for scales in ("fp16", "fp32"):
+            base = {"x_ptr": f"*{dtype}", "s_ptr": f"*{scales}", "out_ptr": f"*{dtype}"}
+            compile_sm90(quant_triton._int8_gemv_kernel, {**base, "w_ptr": "*i8"},
+                         dict(GROUP=32, BLOCK_N=quant_triton.BLOCK_N, BLOCK_K=quant_triton.BLOCK_K), report=report)
+            compile_sm90(quant_triton._int4_gemv_kernel, {**base, "w_ptr": "*u8", "o_ptr": f"*{scales}"},
+                         dict(GROUP=32, BLOCK_N=quant_triton.BLOCK_N, BLOCK_B=quant_triton.BLOCK_K // 2), report=report)
+            count += 2
     print(f"compiled {count} kernels for sm_90")
 
 
