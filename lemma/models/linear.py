@@ -13,6 +13,8 @@ inductor cannot lower, so the matmul is a custom op: eager, compiled and replaye
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -60,9 +62,20 @@ class PackedLinear(nn.Module):
 
 
 def packs(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether linears are packed for this device and dtype: bf16 on CPU, where oneDNN is built in.
+    """Whether linears are packed for this device and dtype: bf16 on CPU, where oneDNN is built in and the
+    CPU has its bf16 reorder (AVX512BW/VL/DQ or AVX-NE-CONVERT; an AVX2-only CPU refuses it).
     fp32 is left plain: at batch 1 MKL's sgemv on the plain layout measured as fast or faster."""
-    return device.type == "cpu" and dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
+    return (device.type == "cpu" and dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
+            and _bf16_reorder_works())
+
+
+@functools.cache
+def _bf16_reorder_works() -> bool:
+    try:
+        torch.ops.mkldnn._reorder_linear_weight(torch.zeros(16, 16, dtype=torch.bfloat16), None)
+        return True
+    except RuntimeError:
+        return False
 
 
 @torch.no_grad()
