@@ -3,6 +3,8 @@ float model, on the shared reasoning traces, for each mode, both demo models (CP
 
 Modes: float32 (the reference), bfloat16, int8 and int4 (quantized at load from the float import), and
 "gguf" (the import with --keep-quantized: the GGUF's own Q4_1 / Q5_0+Q4_K+Q8_0 layers run as stored).
+A replay's chunks are prefill rows, which multiply dequantized weights exactly; the "-decode" modes replay
+16 tokens per step, so every product runs the decode kernels (int8 activations per block of 32).
 The demo models' float weights are themselves dequantized GGUFs (SmolLM2 Q4_1, Qwen Q5_0/Q4_K/Q6_K/Q8_0),
 so int4 here requantizes 4-5-bit weights.
 
@@ -27,6 +29,7 @@ def main() -> None:
     parser.add_argument("--models", default="smollm2-135m-instruct,qwen2.5-coder-0.5b-instruct")
     parser.add_argument("--traces", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=512)
+    parser.add_argument("--modes", default="float32,bfloat16,int8,int8-decode,int4,int4-decode,gguf,gguf-decode")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     from lemma import Engine
@@ -43,9 +46,10 @@ def main() -> None:
                      "int8": (folder, "float32", "int8"), "int4": (folder, "float32", "int4"),
                      "gguf": (kept, "float32", None)}
             reference = None
-            for mode, (model_dir, dtype, quantize) in modes.items():
+            for mode in ["float32"] + [m for m in args.modes.split(",") if m != "float32"]:
+                model_dir, dtype, quantize = modes[mode.removesuffix("-decode")]
                 engine = Engine(model_dir, dtype=dtype, quantize=quantize, kv_cache_tokens=16 * (args.tokens + 1024),
-                                max_batch=args.traces)
+                                max_batch=args.traces, prefill_chunk=16 if mode.endswith("-decode") else 512)
                 traces = evenly_spaced(load_traces(TRACES), args.traces)
                 pairs = [trace_tokens(engine, t, args.tokens) for t in traces]
                 forced = engine.teacher_force([p for p, _ in pairs], [t for _, t in pairs])

@@ -123,6 +123,9 @@ def build_cpu_kernel() -> Path:
             lines = [line for line in (result.stderr or result.stdout).splitlines() if line.strip()]
             raise RuntimeError(f"{_compiler()} failed on {_SOURCE.name}: {lines[0] if lines else result.returncode}")
         os.replace(built, target)  # whole or not at all: a second process may be building the same file
+    for old in target.parent.glob("quant_cpu-*.so"):  # builds of earlier sources or torch versions
+        if old != target:
+            old.unlink(missing_ok=True)
     return target
 
 

@@ -125,7 +125,7 @@ def _kept_quantized(t: Any, name: str, config: dict[str, Any], source: Path) -> 
     """The projection `name` as quantized tensors (name.qweight, ...) if its type is one lemma runs as is."""
     from gguf import GGMLQuantizationType
 
-    if not name.endswith(("_proj.weight", "lm_head.weight")) or len(t.shape) != 2:
+    if not name.endswith(("_proj.weight", "lm_head.weight", "embed_tokens.weight")) or len(t.shape) != 2:
         return None
     qtype = GGMLQuantizationType(t.tensor_type).name
     cols, rows = int(t.shape[0]), int(t.shape[1])
@@ -154,7 +154,11 @@ def gguf_tensors(reader: Any, config: dict[str, Any], dtype: torch.dtype, source
                 raise LemmaError(f"{source}: GGUF tensor {t.name} has no Hugging Face counterpart")
             name = f"model.layers.{m.group(1)}.{LAYER_TENSORS[m.group(2)]}.{m.group(3)}"
         kept = _kept_quantized(t, name, config, source) if keep_quantized else None
-        if kept is not None:
+        if kept is not None and name == "model.embed_tokens.weight":
+            # the embedding stays float (a lookup); a tied head runs on its blocks as stored
+            if config["tie_word_embeddings"]:
+                out.update({key.replace("model.embed_tokens", "lm_head"): value for key, value in kept.items()})
+        elif kept is not None:
             out.update(kept)
             if progress:
                 progress(1)

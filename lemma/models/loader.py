@@ -80,8 +80,17 @@ def _quantized_name(name: str) -> tuple[str, str] | None:
 
 def _install_quantized(model: CausalLM, parts: dict[str, dict[str, torch.Tensor]], loaded: dict[str, torch.Tensor],
                        expected: dict[str, tuple[int, ...]], model_dir: Path, dtype: torch.dtype) -> None:
-    """Put a QuantLinear wherever the checkpoint holds `module.qweight`; its float weight is then not expected."""
+    """Put a QuantLinear wherever the checkpoint holds `module.qweight`; its float weight is then not expected.
+    A tied model's `lm_head.*` becomes its output head beside the float embedding."""
     for module, tensors in parts.items():
+        if module == "lm_head" and model.config.tie_word_embeddings and "qweight" in tensors and "scales" in tensors:
+            head = QuantLinear(tensors["qweight"], tensors["scales"], tensors.get("offsets"), None, module)
+            vocab, hidden = expected["model.embed_tokens.weight"]
+            if (head.out_features, head.in_features) != (vocab, hidden):
+                raise LemmaError(f"{model_dir}: quantized lm_head is {head.out_features}x{head.in_features}, "
+                                 f"expected {vocab}x{hidden}")
+            model.tied_head = head
+            continue
         if f"{module}.weight" not in expected or "qweight" not in tensors or "scales" not in tensors:
             raise LemmaError(f"{model_dir}: quantized tensors of {module} are incomplete or have no place in the model")
         bias = loaded.pop(f"{module}.bias", None)
@@ -118,7 +127,7 @@ def load_model(model_dir: str | Path, device: torch.device, dtype: torch.dtype, 
                     if name.endswith(IGNORED_SUFFIXES):
                         continue
                     if name == "lm_head.weight" and config.tie_word_embeddings:
-                        continue
+                        continue  # (a tied model's quantized lm_head.* is its head: _install_quantized)
                     part = _quantized_name(name)
                     if part is not None and shard is None:
                         quantized.setdefault(part[0], {})[part[1]] = f.get_tensor(name)
