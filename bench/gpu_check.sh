@@ -17,3 +17,6 @@ if [ "$(python -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; th
 else
   echo "tensor parallelism: skipped (fewer than 2 GPUs)" | tee -a "${OUT:-bench/results}/gpu_tests.txt"
 fi
+# weight-only int8/int4: the Triton GEMV against bf16 F.linear, graphed, weight GB/s vs a device copy
+python bench/gpu_quant.py --out "${OUT:-bench/results}/gpu_quant.json" 2>&1 | tee "${OUT:-bench/results}/gpu_quant.txt" || true
+python -m pytest -q tests/test_quantized.py -k "triton" 2>&1 | tail -3 | tee -a "${OUT:-bench/results}/gpu_tests.txt" || true

@@ -210,9 +210,11 @@ def test_triton_gemv_matches_the_reference_under_the_interpreter(kind, dtype, ro
     for sm_90); 72 rows of W and 320 inputs leave partial tiles in both directions."""
     from lemma.kernels import quant_triton
 
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # on a GPU: the compiled kernels themselves
     parts, _ = case(kind, 72, 320, 32, torch.float16)
     x = torch.randn(rows, 320, generator=torch.Generator().manual_seed(2)).to(dtype)
     fn = quant_triton.int8_linear if kind == "int8" else quant_triton.int4_linear
-    out, ref = fn(x, *parts, 32), reference(kind, x, parts, 32)
+    out = fn(x.to(device), *(p.to(device) for p in parts), 32).cpu()
+    ref = reference(kind, x, parts, 32)
     assert out.dtype == dtype and out.shape == ref.shape
     assert rel(out, ref) < (1e-5 if dtype == torch.float32 else 1e-2)
