@@ -11,7 +11,7 @@ from safetensors import SafetensorError, safe_open
 from lemma.errors import LemmaError
 from lemma.models.config import ModelConfig
 from lemma.models.llama import CausalLM, rope_inv_freq
-from lemma.models.quantized import QUANT_SUFFIXES, QuantLinear, check_quantize, quantize_model
+from lemma.models.quantized import QUANT_SUFFIXES, QuantLinear, check_quantize, fuse_projections, quantize_model
 from lemma.models.shard import Shard
 
 # Buffers some exporters write that the model recomputes.
@@ -161,4 +161,5 @@ def load_model(model_dir: str | Path, device: torch.device, dtype: torch.dtype, 
         from lemma.kernels.quant import prepare
 
         prepare(device)
+    fuse_projections(model)
     return model.eval().requires_grad_(False)

@@ -107,6 +107,34 @@ class QuantLinear(nn.Module):
         return f"{self.in_features} -> {self.out_features}, {self.kind}, group {self.group}"
 
 
+def concatenated(layers: list["QuantLinear"]) -> "QuantLinear | None":
+    """One QuantLinear computing `layers` side by side (their rows stacked), or None when their kinds,
+    groups, scale dtypes or biases differ."""
+    first = layers[0]
+    if any((m.kind, m.group, m.scales.dtype, m.in_features, m.bias is None) !=
+           (first.kind, first.group, first.scales.dtype, first.in_features, first.bias is None) for m in layers):
+        return None
+    cat = lambda name: None if getattr(first, name) is None else torch.cat([getattr(m, name) for m in layers])  # noqa: E731
+    return QuantLinear(cat("qweight"), cat("scales"), cat("offsets"), cat("bias"))
+
+
+def fuse_projections(model: nn.Module) -> int:
+    """Where a layer's q/k/v (and gate/up) are QuantLinears of one layout, run each group as one product:
+    3 and 2 kernel calls become 1 and 1, and the small k/v rows share their call's threads. -> fused groups."""
+    count = 0
+    for layer in model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        parts = [attn.q_proj, attn.k_proj, attn.v_proj]
+        if all(isinstance(m, QuantLinear) for m in parts) and (fused := concatenated(parts)) is not None:
+            attn.qkv_proj, count = fused, count + 1
+            del attn.q_proj, attn.k_proj, attn.v_proj
+        parts = [mlp.gate_proj, mlp.up_proj]
+        if all(isinstance(m, QuantLinear) for m in parts) and (fused := concatenated(parts)) is not None:
+            mlp.gate_up_proj, count = fused, count + 1
+            del mlp.gate_proj, mlp.up_proj
+    return count
+
+
 def _projections(model: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:
     return [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
             if isinstance(child, nn.Linear)]
