@@ -17,35 +17,10 @@ import argparse
 import time
 
 import torch
-import torch.nn.functional as F
 
-SHAPES = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]  # q k v o gate up down
-LAYERS = 30
+from row_products import LAYERS, SHAPES, best_seconds, layer
+
 OPTIONS = {"cpp_wrapper": True, "realize_reads_threshold": 1}
-
-
-def norm(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    xf = x.float()
-    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5) * g.float()).to(x.dtype)
-
-
-def layer(product, x, n1, n2, q, k, v, o, g, u, d):
-    h = norm(x, n1)
-    x = x + product(h, q) + product(h, o) + product(h, k).sum() + product(h, v).sum()
-    h = norm(x, n2)
-    return x + product(F.silu(product(h, g)) * product(h, u), d)
-
-
-def best_seconds(fn, layers, x, rounds: int = 7) -> float:
-    for weights in layers:
-        fn(x, *weights)
-    best = float("inf")
-    for _ in range(rounds):
-        start = time.perf_counter()
-        for weights in layers:
-            fn(x, *weights)
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def row_float(x, w):

@@ -181,6 +181,17 @@ void int4_row(const int8_t* xq, const float* xs, const float* gsum, const float*
 #endif
 }
 
+// f.template operator()<R>() for R = rows (1..4): the row kernels are unrolled over R rows of x.
+template <typename F>
+void with_rows(int64_t rows, const F& f) {
+  switch (rows) {
+    case 4: f.template operator()<4>(); break;
+    case 3: f.template operator()<3>(); break;
+    case 2: f.template operator()<2>(); break;
+    default: f.template operator()<1>();
+  }
+}
+
 template <typename Row>
 void for_rows(int64_t M, int64_t N, const Row& row) {
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
@@ -241,69 +252,49 @@ at::Tensor tiled(const at::Tensor& xf, int64_t N, int64_t K, const Dequant& dequ
   return out;
 }
 
-template <typename S>
-at::Tensor int8_linear_impl(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scales, int64_t group) {
-  const int64_t N = weight.size(0), K = weight.size(1);
+// The two paths of every quantized product: dequantized tiles for many rows of x, the row kernels for few.
+template <typename Dequant, typename Row>
+at::Tensor product(const at::Tensor& x, int64_t N, int64_t K, int64_t group, bool halves, const Dequant& dequant,
+                   const Row& row) {
   auto xf = x.reshape({-1, K}).to(at::kFloat).contiguous();
   const int64_t M = xf.size(0);
-  const int8_t* w = weight.data_ptr<int8_t>();
-  const S* s = reinterpret_cast<const S*>(scales.data_ptr());
-  const int64_t G = K / group;
-  if (M > kDirectRows)
-    return finish(tiled(xf, N, K, [&](int64_t n0, int64_t n1, float* dst) { dequant_int8(w, s, n0, n1, K, group, dst); }), x, N);
-  const QuantizedRows xq = quantize_rows(xf.data_ptr<float>(), M, K, group, false);
+  if (M > kDirectRows) return finish(tiled(xf, N, K, dequant), x, N);
+  const QuantizedRows xq = quantize_rows(xf.data_ptr<float>(), M, K, group, halves);
   auto out = at::empty({M, N}, xf.options());
   float* op = out.data_ptr<float>();
-  const int64_t B = K / 32;
-  for_rows(M, N, [&](int64_t n, int64_t r, int64_t rows) {
-    const int8_t* q = xq.q.data() + r * K;
-    const float* qs = xq.scale.data() + r * B;
-    float* o = op + r * N + n;
-    const int8_t* wn = w + n * K;
-    const S* sn = s + n * G;
-    switch (rows) {
-      case 4: int8_row<4>(q, qs, K, wn, sn, group, o, N); break;
-      case 3: int8_row<3>(q, qs, K, wn, sn, group, o, N); break;
-      case 2: int8_row<2>(q, qs, K, wn, sn, group, o, N); break;
-      default: int8_row<1>(q, qs, K, wn, sn, group, o, N);
-    }
-  });
+  for_rows(M, N, [&](int64_t n, int64_t r, int64_t rows) { row(xq, n, r, rows, op + r * N + n); });
   return finish(out, x, N);
+}
+
+template <typename S>
+at::Tensor int8_linear_impl(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scales, int64_t group) {
+  const int64_t N = weight.size(0), K = weight.size(1), G = K / group, B = K / 32;
+  const int8_t* w = weight.data_ptr<int8_t>();
+  const S* s = reinterpret_cast<const S*>(scales.data_ptr());
+  return product(
+      x, N, K, group, false, [&](int64_t n0, int64_t n1, float* dst) { dequant_int8(w, s, n0, n1, K, group, dst); },
+      [&](const QuantizedRows& xq, int64_t n, int64_t r, int64_t rows, float* o) {
+        with_rows(rows, [&]<int R>() {
+          int8_row<R>(xq.q.data() + r * K, xq.scale.data() + r * B, K, w + n * K, s + n * G, group, o, N);
+        });
+      });
 }
 
 template <typename S>
 at::Tensor int4_linear_impl(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scales,
                             const at::Tensor& offsets, int64_t group) {
-  const int64_t N = weight.size(0), K = 2 * weight.size(1);
-  auto xf = x.reshape({-1, K}).to(at::kFloat).contiguous();
-  const int64_t M = xf.size(0);
+  const int64_t N = weight.size(0), K = 2 * weight.size(1), G = K / group, B = K / 32;
   const uint8_t* w = weight.data_ptr<uint8_t>();
   const S* s = reinterpret_cast<const S*>(scales.data_ptr());
   const S* m = reinterpret_cast<const S*>(offsets.data_ptr());
-  const int64_t G = K / group;
-  if (M > kDirectRows)
-    return finish(tiled(xf, N, K, [&](int64_t n0, int64_t n1, float* dst) { dequant_int4(w, s, m, n0, n1, K, group, dst); }), x, N);
-  const QuantizedRows xq = quantize_rows(xf.data_ptr<float>(), M, K, group, true);
-  auto out = at::empty({M, N}, xf.options());
-  float* op = out.data_ptr<float>();
-  const int64_t B = K / 32;
-  for_rows(M, N, [&](int64_t n, int64_t r, int64_t rows) {
-    const int8_t* q = xq.q.data() + r * K;
-    const float* qs = xq.scale.data() + r * B;
-    const float* sums = xq.group_sum.data() + r * G;
-    const float* hats = xq.group_sum_quantized.data() + r * G;
-    float* o = op + r * N + n;
-    const uint8_t* wn = w + n * (K / 2);
-    const S* sn = s + n * G;
-    const S* mn = m + n * G;
-    switch (rows) {
-      case 4: int4_row<4>(q, qs, sums, hats, K, wn, sn, mn, group, o, N); break;
-      case 3: int4_row<3>(q, qs, sums, hats, K, wn, sn, mn, group, o, N); break;
-      case 2: int4_row<2>(q, qs, sums, hats, K, wn, sn, mn, group, o, N); break;
-      default: int4_row<1>(q, qs, sums, hats, K, wn, sn, mn, group, o, N);
-    }
-  });
-  return finish(out, x, N);
+  return product(
+      x, N, K, group, true, [&](int64_t n0, int64_t n1, float* dst) { dequant_int4(w, s, m, n0, n1, K, group, dst); },
+      [&](const QuantizedRows& xq, int64_t n, int64_t r, int64_t rows, float* o) {
+        with_rows(rows, [&]<int R>() {
+          int4_row<R>(xq.q.data() + r * K, xq.scale.data() + r * B, xq.group_sum.data() + r * G,
+                      xq.group_sum_quantized.data() + r * G, K, w + n * (K / 2), s + n * G, m + n * G, group, o, N);
+        });
+      });
 }
 
 at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scales, int64_t group) {
