@@ -57,11 +57,11 @@ def dequantize_int4(weight: torch.Tensor, scales: torch.Tensor, offsets: torch.T
     return (values * scales.float()[..., None] + offsets.float()[..., None]).view(n, 2 * half_k).to(dtype)
 
 
-def _int8_reference(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, group: int) -> torch.Tensor:
+def reference_int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, group: int) -> torch.Tensor:
     return F.linear(x.float(), dequantize_int8(weight, scales, group)).to(x.dtype)
 
 
-def _int4_reference(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,
+def reference_int4_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,
                     group: int) -> torch.Tensor:
     return F.linear(x.float(), dequantize_int4(weight, scales, offsets, group)).to(x.dtype)
 
@@ -74,14 +74,6 @@ def _(x, weight, scales, group):
 @torch.library.register_fake("lemma::int4_linear")
 def _(x, weight, scales, offsets, group):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
-
-
-def reference_int8_linear(x, weight, scales, group):
-    return _int8_reference(x, weight, scales, group)
-
-
-def reference_int4_linear(x, weight, scales, offsets, group):
-    return _int4_reference(x, weight, scales, offsets, group)
 
 
 def _compiler_flags() -> list[str]:
@@ -137,8 +129,8 @@ def load_cpu_kernel() -> bool:
         torch.ops.load_library(str(build_cpu_kernel()))
         _cpu_state["loaded"] = True
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
-        _library.impl("int8_linear", _int8_reference, "CPU")
-        _library.impl("int4_linear", _int4_reference, "CPU")
+        _library.impl("int8_linear", reference_int8_linear, "CPU")
+        _library.impl("int4_linear", reference_int4_linear, "CPU")
         _cpu_state.update(loaded=False, error=str(exc))
         print(f"lemma: quantized CPU kernels unavailable, using the slow reference ({exc})", file=sys.stderr)
     return bool(_cpu_state["loaded"])
