@@ -148,7 +148,7 @@ def test_ctrl_c_stops_the_reply_and_returns_its_pages(tiny_dir):
     ids = engine.chat_prompt([{"role": "user", "content": "hi"}])
     text, _, stopped = _stream_reply(engine, ids, SamplingParams(max_tokens=50, ignore_eos=True, temperature=0), True)
     assert stopped and text
-    assert engine.pool.all_free
+    assert engine.pages.all_free
 
 
 def test_think_splitter_handles_markers_split_across_pieces():

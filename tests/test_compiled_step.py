@@ -55,7 +55,7 @@ def test_compiled_step_compiles_at_warm_up_only_and_equals_eager(tiny_dir, polic
         assert outs[1].stats.pages_evicted > 0
     if policy.evicts and not policy.dense_layers:
         assert outs[1].stats.peak_kv_pages <= policy.budget_pages
-    assert compiled.pool.all_free and eager.pool.all_free
+    assert compiled.pages.all_free and eager.pages.all_free
 
 
 def long_context_model(tiny_dir: Path, root: Path) -> Path:
@@ -96,7 +96,7 @@ def test_nothing_compiles_after_warm_up_over_a_scripted_session(tiny_dir, tmp_pa
     assert not counters["graph_break"], dict(counters["graph_break"])
     assert [len(o.token_ids) for o in outs] == [20, 40] + [20] * 6, [o.error for o in outs]
     assert len(messages) == 6
-    assert engine.pool.all_free
+    assert engine.pages.all_free
 
 
 CORPUS_WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "primes", "story", "robot"]
@@ -160,7 +160,7 @@ def test_padded_rows_do_not_disturb_real_ones(tiny_dir):
     params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
     alone = [engine.generate([p], params)[0].token_ids for p in PROMPTS]
     assert [o.token_ids for o in engine.generate(PROMPTS, params)] == alone
-    assert engine.pool.all_free
+    assert engine.pages.all_free
 
 
 @pytest.mark.gpu
@@ -177,7 +177,7 @@ def test_cuda_graphs_replay_each_bucket_and_equal_eager(tiny_dir, policy):
     outs = engine.generate(PROMPTS, PARAMS)
     assert [o.token_ids for o in outs] == [o.token_ids for o in expected]
     assert sorted(graphs.graphs) == [1, 2]  # replayed, never captured again
-    assert engine.pool.all_free
+    assert engine.pages.all_free
 
 
 def test_compiled_step_calls_the_triton_kernels_as_custom_ops(tiny_dir):

@@ -56,7 +56,7 @@ def test_add_step_equals_generate(tiny_dir):
         last = [o for o in outputs if o.request_id == rid][-1]
         assert last.finish_reason == "length" and last.stats.generated_tokens == 40 and last.stats.ttft_seconds > 0
         assert "".join(o.text for o in outputs if o.request_id == rid) == out.text
-    assert not engine.has_unfinished() and engine.pool.all_free
+    assert not engine.has_unfinished() and engine.pages.all_free
 
 
 def test_request_ids_and_bad_requests_fail_at_once(tiny_dir):
@@ -73,7 +73,7 @@ def test_request_ids_and_bad_requests_fail_at_once(tiny_dir):
     run_to_end(engine)
     assert engine.add_request("hello", SamplingParams(max_tokens=4), request_id="a") == "a"  # free again
     run_to_end(engine)
-    assert engine.pool.all_free
+    assert engine.pages.all_free
 
 
 def test_abort_waiting_and_running(tiny_dir):
@@ -87,7 +87,7 @@ def test_abort_waiting_and_running(tiny_dir):
     finals = {o.request_id: o for o in outputs if o.finished}
     assert finals[first].finish_reason == finals[second].finish_reason == "abort"
     assert joined(outputs, second) == [] and len(joined(outputs, first)) == 2
-    assert engine.pool.all_free
+    assert engine.pages.all_free
 
 
 def test_add_and_abort_from_another_thread_while_stepping(tiny_dir):
@@ -120,7 +120,7 @@ def test_add_and_abort_from_another_thread_while_stepping(tiny_dir):
         else:
             assert finals[rid] == "abort" and joined(outputs, rid) == alone[prompt][: len(joined(outputs, rid))]
     assert list(finals.values()).count("abort") == 4
-    assert engine.pool.all_free
+    assert engine.pages.all_free
 
 
 def test_two_threads_generate_on_one_small_pool(tiny_dir):
@@ -136,7 +136,7 @@ def test_two_threads_generate_on_one_small_pool(tiny_dir):
         t.join(120)
     assert not any(t.is_alive() for t in threads)
     assert [results[i].token_ids for i in range(2)] == alone
-    assert engine.pool.all_free
+    assert engine.pages.all_free
 
 
 def test_paused_stream_does_not_block_generate(tiny_dir):
@@ -150,7 +150,7 @@ def test_paused_stream_does_not_block_generate(tiny_dir):
     assert out.finish_reason == "length" and len(out.token_ids) == 30
     rest = list(stream)  # the stream's reply was computed meanwhile, nothing is lost
     assert len(first.token_ids) + sum(len(c.token_ids) for c in rest) == 30
-    assert engine.pool.all_free
+    assert engine.pages.all_free
 
 
 @pytest.mark.parametrize("policy", [Dense(), RaaS(budget=64)])
@@ -166,7 +166,7 @@ def test_preemption_resumes_with_identical_output(tiny_dir, policy):
     assert [o.token_ids for o in outs] == alone
     preemptions = sum(o.stats.preemptions for o in outs)
     assert preemptions > 0 if policy == Dense() else preemptions == 0
-    assert small.pool.all_free
+    assert small.pages.all_free
 
 
 def test_resume_on_other_pages_after_other_requests_left(tiny_dir):
@@ -187,7 +187,7 @@ def test_resume_on_other_pages_after_other_requests_left(tiny_dir):
     assert finals["d"].stats.preemptions == 1
     for rid in params:
         assert joined(outputs, rid) == alone[rid].token_ids, rid
-    assert engine.pool.all_free
+    assert engine.pages.all_free
 
 
 def test_quest_grows_on_demand_and_survives_preemption(tiny_dir):
@@ -195,7 +195,7 @@ def test_quest_grows_on_demand_and_survives_preemption(tiny_dir):
     small = Engine(tiny_dir, kv_cache_tokens=16 * 14, policy=Quest(budget=48))
     outs = in_thread(lambda: small.generate(PROMPTS[:3], params))
     assert all(o.finish_reason == "length" and len(o.token_ids) == 70 for o in outs)
-    assert sum(o.stats.preemptions for o in outs) > 0 and small.pool.all_free
+    assert sum(o.stats.preemptions for o in outs) > 0 and small.pages.all_free
 
 
 def test_sampled_request_resumes_identically_after_preemption(tiny_dir):
@@ -212,6 +212,7 @@ def test_long_prompt_prefills_in_chunks_while_others_decode(tiny_dir):
     long_prompt = list(range(5, 305))  # 300 tokens: at least 5 steps of prefill at 64 tokens a step
     alone_long = engine.generate([long_prompt], GREEDY)[0].token_ids
     alone_short = engine.generate([PROMPTS[0]], GREEDY)[0].token_ids
+    engine.pages.clear_cache()  # the runs alone left their pages cached: prefill again
     short = engine.add_request(PROMPTS[0], GREEDY)
     outputs = engine.step()  # the short prompt prefills and samples its first token
     long = engine.add_request(long_prompt, GREEDY)
@@ -223,7 +224,7 @@ def test_long_prompt_prefills_in_chunks_while_others_decode(tiny_dir):
     before_first_long = per_step[: next(i for i, ids in enumerate(per_step) if long in ids)]
     assert len(before_first_long) >= 4 and all(short in ids for ids in before_first_long)
     assert joined(outputs, long) == alone_long and joined(outputs, short) == alone_short
-    assert engine.pool.all_free
+    assert engine.pages.all_free
 
 
 def test_several_prompts_share_one_prefill_forward(tiny_dir):
@@ -251,7 +252,7 @@ def test_requests_with_different_policies_share_the_engine(tiny_dir):
         final = [o for o in outputs if o.request_id == rid][-1]
         assert final.stats.policy == out.stats.policy and final.stats.peak_kv_pages == out.stats.peak_kv_pages
     assert sorted(engine.runner.states, key=str) == sorted(set(policies), key=str)  # one step state per policy
-    assert engine.pool.all_free
+    assert engine.pages.all_free
 
 
 def test_async_engine_streams_and_aborts(tiny_dir):
@@ -278,7 +279,7 @@ def test_async_engine_streams_and_aborts(tiny_dir):
             time.sleep(0.01)
         assert [[t for o in outs for t in o.token_ids] for outs in full] == [o.token_ids for o in alone]
         assert all(outs[-1].finish_reason == "length" for outs in full)
-        assert engine.pool.all_free
+        assert engine.pages.all_free
         steps = []
         step = engine.step
         engine.step = lambda: steps.append(1) or step()

@@ -96,7 +96,7 @@ def test_empty_prompt_and_oversized_request_raise_in_stream_and_chat(tiny_dir):
     assert message.startswith("request needs") and "the whole pool holds 64" in message
     assert "lower max_tokens" in message
     assert "prompt is empty" in engine.generate([""], SamplingParams(max_tokens=4))[0].error
-    assert engine.pool.all_free
+    assert engine.pages.all_free
 
 
 def test_bad_chat_messages(tiny_dir):

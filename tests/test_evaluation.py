@@ -176,4 +176,4 @@ def test_page_tables_are_not_reused_across_sequences(tiny_dir):
     first = engine.generate([prompt], params)[0]
     for _ in range(5):  # the same prompt again: identical page counts, different page ids after the cut
         assert engine.generate([prompt], params)[0].token_ids == first.token_ids
-    assert engine.pool.all_free
+    assert engine.pages.all_free

@@ -36,7 +36,7 @@ def test_greedy_batch_matches_transformers(kind, tiny_models):
         assert out.stats.peak_kv_pages == engine.pool.pages_for(len(ids) + 63)
         assert out.stats.peak_kv_bytes == out.stats.peak_kv_pages * engine.pool.page_bytes
         assert out.stats.decode_tokens_per_second > 0 and out.stats.prefill_seconds > 0
-    assert engine.pool.all_free
+    assert engine.pages.all_free
 
 
 def test_batch_larger_than_max_batch_and_pool_waits(tiny_dir):
@@ -47,7 +47,7 @@ def test_batch_larger_than_max_batch_and_pool_waits(tiny_dir):
     batched = engine.generate(prompts, params)
     single = [engine.generate([p], params)[0] for p in prompts]
     assert [o.token_ids for o in batched] == [o.token_ids for o in single]
-    assert engine.pool.all_free
+    assert engine.pages.all_free
 
 
 def test_failing_request_does_not_disturb_the_batch(tiny_dir):
@@ -60,7 +60,7 @@ def test_failing_request_does_not_disturb_the_batch(tiny_dir):
     assert "prompt is empty" in outs[1].error
     assert "outside the vocabulary" in outs[2].error
     assert "the whole pool holds 256" in outs[3].error
-    assert engine.pool.all_free
+    assert engine.pages.all_free
 
 
 def test_pages_return_when_the_step_raises(tiny_dir, monkeypatch):
@@ -77,7 +77,7 @@ def test_pages_return_when_the_step_raises(tiny_dir, monkeypatch):
     monkeypatch.setattr(engine.runner, "decode", flaky)
     with pytest.raises(RuntimeError, match="boom"):
         engine.generate(["a b c", "d e f"], SamplingParams(max_tokens=10, ignore_eos=True))
-    assert engine.pool.all_free
+    assert engine.pages.all_free
 
 
 def test_abandoned_stream_returns_pages(tiny_dir):
@@ -85,7 +85,7 @@ def test_abandoned_stream_returns_pages(tiny_dir):
     stream = engine.stream("Tell me a story", SamplingParams(max_tokens=50, ignore_eos=True, temperature=0))
     next(stream)
     stream.close()
-    assert engine.pool.all_free
+    assert engine.pages.all_free
 
 
 def test_stream_equals_generate(tiny_dir):

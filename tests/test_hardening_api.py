@@ -58,13 +58,13 @@ def test_fuzz_every_outcome_is_an_output_or_one_lemma_error(engine, params, prom
             assert out.finish_reason in ("stop", "length") and out.stats.generated_tokens >= 1
     except LemmaError as exc:
         assert one_line(str(exc))
-    assert engine.pool.all_free and not engine.has_unfinished()
+    assert engine.pages.all_free and not engine.has_unfinished()
 
 
 def test_engine_still_works_after_the_fuzz(engine):
     engine.policy = RaaS(budget=64)
     out = engine.generate(["hello"], SamplingParams(max_tokens=5, ignore_eos=True))[0]
-    assert len(out.token_ids) == 5 and engine.pool.all_free
+    assert len(out.token_ids) == 5 and engine.pages.all_free
 
 
 @pytest.mark.parametrize("kwargs, fragment", [
@@ -109,7 +109,7 @@ def test_policy_assignment_targets_and_messages_are_checked(engine):
         make_policy("raas", budgett=64)
     outs = engine.generate(["\udcff bad bytes", [True, 2], "fine"], SamplingParams(max_tokens=3, ignore_eos=True))
     assert "cannot be tokenized" in outs[0].error and "outside the vocabulary" in outs[1].error
-    assert outs[2].finish_reason == "length" and engine.pool.all_free
+    assert outs[2].finish_reason == "length" and engine.pages.all_free
 
 
 def test_non_finite_weights_give_an_error_not_text(tiny_dir):
@@ -118,7 +118,7 @@ def test_non_finite_weights_give_an_error_not_text(tiny_dir):
         broken.model.model.layers[0].mlp.down_proj.weight.fill_(math.nan)
     out = broken.generate(["hello"], SamplingParams(max_tokens=5))[0]
     assert out.finish_reason == "error" and "non-finite logits" in out.error and out.token_ids == []
-    assert broken.pool.all_free
+    assert broken.pages.all_free
 
 
 @pytest.mark.parametrize("template, fragment", [
@@ -134,7 +134,7 @@ def test_hostile_chat_templates_fail_fast(tiny_dir, template, fragment):
     with pytest.raises(LemmaError) as info:
         engine.chat([{"role": "user", "content": "hi"}])
     assert fragment in str(info.value) and one_line(str(info.value))
-    assert time.monotonic() - start < 10 and engine.pool.all_free
+    assert time.monotonic() - start < 10 and engine.pages.all_free
 
 
 def cli_error(*args, env=None) -> str:

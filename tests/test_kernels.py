@@ -161,7 +161,7 @@ def test_demo_model_generates_the_same_tokens_with_triton(policy):
         engine = Engine(folder, policy=kv_policy, attention=backend, kv_cache_tokens=512, device=DEVICE)
         prompt = engine.chat_prompt([{"role": "user", "content": "What is 2+3?"}])
         outs[backend] = engine.generate([prompt], params)[0]
-        assert engine.pool.all_free
+        assert engine.pages.all_free
     assert outs["triton"].token_ids == outs["torch"].token_ids
     if policy == "raas":
         assert outs["triton"].stats.pages_evicted > 0

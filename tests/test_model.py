@@ -30,7 +30,7 @@ def test_logits_match_transformers(kind, tiny_models, hf_models):
         theirs = hf_models[kind](ids[None]).logits[0].float()
     assert ours.shape == theirs.shape
     assert rel_err(ours, theirs) < 1e-4
-    assert engine.pool.all_free
+    assert engine.pages.all_free
 
 
 def test_transformers_4x_config_and_sharded_checkpoint(tiny_models, hf_models, tmp_path):

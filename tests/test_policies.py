@@ -142,7 +142,7 @@ def test_every_policy_equals_dense_when_the_budget_holds_everything(kind, tiny_m
         outs = engine.generate(PROMPTS, params)
         assert [o.token_ids for o in outs] == dense, policy
         assert all(o.stats.pages_evicted == 0 for o in outs)
-    assert engine.pool.all_free
+    assert engine.pages.all_free
 
 
 def test_memory_stays_flat_under_eviction(tiny_dir):
@@ -185,7 +185,7 @@ def test_a_long_prompt_without_pinning_keeps_sink_and_recent_pages(tiny_dir):
     out = engine.generate([ids], SamplingParams(max_tokens=3, ignore_eos=True))[0]
     assert seen["born"] == [0, 4, 5]
     assert out.stats.peak_kv_pages == 6 and out.stats.pages_evicted == 3
-    assert engine.pool.all_free
+    assert engine.pages.all_free
 
 
 # ---- invariants under random runs ------------------------------------------------------------------
@@ -231,8 +231,11 @@ def test_invariants_under_random_runs(checked_engine, policy, prompt_lens, max_t
         logits = decode(seqs, pol)
         for layer in range(pool.num_layers):
             held = [p for s in seqs for p in s.pages[layer]]
-            assert len(held) == len(set(held)), "a page is shared or listed twice"
-            assert not set(held) & set(pool.free_pages[layer]), "a held page is also free"
+            for s in seqs:
+                assert len(s.pages[layer]) == len(set(s.pages[layer])), "a page listed twice"
+            shared = {p for p in held if held.count(p) > 1}
+            assert all(engine.pages.cache.holds(layer, p) for p in shared), "an uncached page is shared"
+            assert not set(held) & set(engine.pages.free[layer]), "a held page is also free"
             for s in seqs:
                 assert len(s.pages[layer]) <= s.capacity[layer], "resident pages above the reservation"
                 prompt_pages = -(-len(s.prompt_ids) // PAGE)
@@ -244,6 +247,8 @@ def test_invariants_under_random_runs(checked_engine, policy, prompt_lens, max_t
                 stamp = pool.stamp[layer][ids]
                 for i, page in enumerate(s.pages[layer]):
                     for h in range(born.shape[1]):
+                        if pool.pinned[layer][page, h]:
+                            continue  # a pinned page's stamp is never read (and a shared one is written by all)
                         key, now = (s.uid, layer, page, h), (born[i, h].item(), stamp[i, h].item())
                         if key in last_stamp and last_stamp[key][0] == now[0]:
                             assert now[1] >= last_stamp[key][1], "a timestamp went back"
@@ -263,7 +268,7 @@ def test_invariants_under_random_runs(checked_engine, policy, prompt_lens, max_t
             assert len(out.token_ids) == max_tokens
             if policy.evicts:
                 assert out.stats.peak_kv_pages <= max(-(-n // PAGE), policy.budget_pages) or policy.dense_layers
-    assert pool.all_free
+    assert engine.pages.all_free
 
 
 # ---- bad input -----------------------------------------------------------------------------------

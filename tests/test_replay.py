@@ -84,7 +84,7 @@ def test_chunked_replay_equals_token_by_token(policy, tiny_dir):
         engine = Engine(tiny_dir, policy=policy, kv_cache_tokens=4096, dtype="float32")
         seen = snapshots(engine)
         runs.append((engine.teacher_force(prompts, targets, chunked=chunked), seen))
-        assert engine.pool.all_free
+        assert engine.pages.all_free
     (stepped, stepped_state), (chunked, chunked_state) = runs
     assert_same_replays(chunked, stepped)
     assert_same_state(chunked_state, stepped_state)
@@ -115,7 +115,7 @@ def test_chunked_replay_shares_steps_with_generation(tiny_dir):
     while engine.has_unfinished():
         engine.step()
     assert forced.logprobs == pytest.approx(oracle.logprobs, abs=1e-4)
-    assert box[-1].finished and engine.pool.all_free
+    assert box[-1].finished and engine.pages.all_free
 
 
 def test_chunk_attention_is_decode_attention_per_query():
@@ -154,7 +154,7 @@ def test_shared_dense_prefix_equals_full_replay(policy, tiny_dir):
         calls = []
         engine.runner._replay_recorded = lambda seqs, spans, p: calls.append(len(seqs)) or recorded(seqs, spans, p)
         runs.append((engine.teacher_force(prompts, targets, shared=shared), seen, calls))
-        assert engine.pool.all_free
+        assert engine.pages.all_free
     (full, full_state, none), (reused, reused_state, calls) = runs
     assert not none and calls  # the shared run really skipped the model somewhere
     assert_same_replays(reused, full)
@@ -190,7 +190,7 @@ def test_shared_prefix_with_preemption_and_a_limit_inside_a_page(policy, tiny_di
     for shared in (None, recordings):
         engine = Engine(tiny_dir, policy=policy, kv_cache_tokens=256, dtype="float32")
         runs.append(engine.teacher_force(prompts, targets, shared=shared))
-        assert engine.pool.all_free
+        assert engine.pages.all_free
         if isinstance(policy, Quest):
             assert engine.scheduler.preemptions > 0
     assert_same_replays(runs[1], runs[0])

@@ -115,7 +115,7 @@ def test_stop_string_spanning_two_tokens(tiny_dir):
     assert stop not in stopped.text
     streamed = "".join(c.text for c in engine.stream("Tell me a story", SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, stop=[stop])))
     assert streamed == stopped.text
-    assert engine.pool.all_free
+    assert engine.pages.all_free
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -44,9 +44,9 @@ def http(url: str, body: bytes | None = None) -> tuple[int, dict]:
 
 def wait_idle(engine: Engine, timeout: float = 30.0) -> None:
     deadline = time.time() + timeout
-    while (engine.has_unfinished() or not engine.pool.all_free) and time.time() < deadline:
+    while (engine.has_unfinished() or not engine.pages.all_free) and time.time() < deadline:
         time.sleep(0.02)
-    assert not engine.has_unfinished() and engine.pool.all_free, "pages did not come back"
+    assert not engine.has_unfinished() and engine.pages.all_free, "pages did not come back"
 
 
 def test_health_and_models(served):

@@ -44,7 +44,7 @@ class TestSameAsOneProcess:  # one pair of engines per model (one tensor-paralle
         assert [o.stats.pages_evicted for o in got] == [o.stats.pages_evicted for o in expected]
         if policy.evicts:
             assert all(o.stats.pages_evicted > 0 for o in got)
-        assert tp.pool.all_free
+        assert tp.pages.all_free
 
     @pytest.mark.parametrize("policy", [RaaS(budget=48), Quest(budget=48)], ids=lambda p: p.describe())
     def test_chunked_replay_equals_one_process(self, engines, policy):
@@ -56,7 +56,7 @@ class TestSameAsOneProcess:  # one pair of engines per model (one tensor-paralle
         for a, b in zip(got, expected):
             assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4)
             assert a.stats.pages_evicted == b.stats.pages_evicted
-        assert tp.pool.all_free
+        assert tp.pages.all_free
 
 
 def test_a_killed_worker_ends_the_run_with_a_clear_error(tiny_dir):
@@ -76,7 +76,7 @@ def test_a_killed_worker_ends_the_run_with_a_clear_error(tiny_dir):
         with pytest.raises(LemmaError, match="tensor-parallel worker rank 1 died"):
             engine.generate(["hello there"], SamplingParams(max_tokens=200, ignore_eos=True))
         assert time.monotonic() - start < 30
-        assert engine.pool.all_free
+        assert engine.pages.all_free
         with pytest.raises(LemmaError, match="rank 1 died|was stopped"):
             engine.generate(["again"], SamplingParams(max_tokens=3))
     finally:

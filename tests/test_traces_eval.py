@@ -224,7 +224,7 @@ def test_sampled_traces_and_comparable_rows():
 
 
 def test_pin_share_pins_the_sink_and_the_last_prompt_pages(tiny_dir):
-    from lemma.engine.runner import prompt_pins
+    from lemma.engine.pages import prompt_pins
 
     policy = RaaS(budget=128, pin_share=0.5)  # 8 pages: at most 4 pinned
     assert policy.pinned_prompt_pages(7) == 4 and policy.pinned_prompt_pages(3) == 3

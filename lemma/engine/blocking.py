@@ -109,16 +109,17 @@ class BlockingCalls:
     def logits(self, prompt: Prompt) -> torch.Tensor:
         """Next-token logits [T, V] (fp32) at every position of a prompt, through the paged pool."""
         seq = self._new_sequence(None, prompt, SamplingParams(max_tokens=1), Dense())
+        seq.uses_prefix_cache = False  # every position is computed here
         with self._step_lock:
-            need = [self.pool.pages_for(seq.num_tokens)] * self.config.num_layers
-            self.pool.reserve(need)
-            seq.reserved = need
+            self.pages.reserve(seq, [self.pages.pages_for(seq.num_tokens)] * self.config.num_layers)
             try:
-                chunk, n = self.scheduler.step_tokens, seq.num_tokens
-                return torch.cat([self.runner.prefill([(seq, seq.policy, start, min(start + chunk, n))], all_logits=True)
-                                  for start in range(0, n, chunk)])
+                chunk, n, logits = self.scheduler.step_tokens, seq.num_tokens, []
+                for start in range(0, n, chunk):
+                    self.pages.fill_to(seq, min(start + chunk, n))
+                    logits.append(self.runner.prefill([(seq, seq.policy, start, min(start + chunk, n))], all_logits=True))
+                return torch.cat(logits)
             finally:
-                self.scheduler.release(seq)
+                self.pages.release(seq)
 
     @property
     def shares_prefixes(self) -> bool:
@@ -164,6 +165,7 @@ class BlockingCalls:
 
         def prepare(i: int, seq: Sequence) -> None:
             seq.forced, seq.chunked = forced[i], chunked
+            seq.uses_prefix_cache = False  # a measurement: its prompt is computed, not read from the cache
             if record_until and self.shares_prefixes:  # a rank's recording would hold only its heads
                 seq.recording = Recording(seq.prompt_ids, forced[i], record_until, self.config.num_layers,
                                           self._recording_source())

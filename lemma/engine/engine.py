@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from lemma.engine.blocking import BlockingCalls
+from lemma.engine.pages import PageOwner
 from lemma.engine.options import check_limits, pool_pages, resolve_compile, resolve_device, resolve_dtype
 from lemma.engine.policies import Dense, Policy
 from lemma.engine.pool import PAGE_SIZE, KVPool
@@ -74,7 +75,7 @@ class Engine(BlockingCalls):
                  dtype: str | torch.dtype | None = None, kv_cache_tokens: int | None = None,
                  max_batch: int = 32, prefill_chunk: int = 512, attention: str | None = None,
                  compile: bool | str | None = None, tensor_parallel: int = 1, warm_up: bool = True,
-                 quantize: str | None = None):
+                 quantize: str | None = None, prefix_cache: bool = True):
         device = resolve_device(device)
         quantize = check_quantize(quantize)
         if quantize is not None and tensor_parallel > 1:
@@ -98,7 +99,7 @@ class Engine(BlockingCalls):
         try:
             model = load_model(Path(model_dir), device, dtype, shard, quantize)
             self._setup(model, Tokenizer(model_dir), Path(model_dir), policy, kv_cache_tokens, max_batch,
-                        prefill_chunk, attention, compile)
+                        prefill_chunk, attention, compile, prefix_cache)
             if compile and warm_up:
                 self.warm_up()
         except BaseException:
@@ -123,21 +124,24 @@ class Engine(BlockingCalls):
     @classmethod
     def from_model(cls, model: CausalLM, tokenizer: Tokenizer, policy: Policy | None = None,
                    kv_cache_tokens: int | None = None, max_batch: int = 32, prefill_chunk: int = 512,
-                   attention: str | None = None, compile: bool | str | None = None, warm_up: bool = True) -> "Engine":
+                   attention: str | None = None, compile: bool | str | None = None, warm_up: bool = True,
+                   prefix_cache: bool = True) -> "Engine":
         """An engine over a model already built in memory (benchmarks on random weights); its device and
         dtype are the model's. On CPU in bf16 the model's linears are packed in place (models/linear.py)."""
         engine = cls.__new__(cls)
         compile = resolve_compile(compile, model.model.embed_tokens.weight.device, 1)
         engine._setup(model, tokenizer, Path(f"<{model.config.model_type} in memory>"), policy, kv_cache_tokens,
-                      max_batch, prefill_chunk, attention, compile)
+                      max_batch, prefill_chunk, attention, compile, prefix_cache)
         if compile and warm_up:
             engine.warm_up()
         return engine
 
     def _setup(self, model: CausalLM, tokenizer: Tokenizer, model_dir: Path, policy: Policy | None,
                kv_cache_tokens: int | None, max_batch: int, prefill_chunk: int, attention: str | None,
-               compile: bool | str) -> None:
+               compile: bool | str, prefix_cache: bool) -> None:
         check_limits(max_batch, prefill_chunk, compile)
+        if not isinstance(prefix_cache, bool):
+            raise LemmaError(f"prefix_cache must be True or False, got {prefix_cache!r}")
         self.policy = Dense() if policy is None else policy
         self.model, self.tokenizer, self.model_dir = model, tokenizer, model_dir
         self.device, self.dtype = model.model.embed_tokens.weight.device, model.model.embed_tokens.weight.dtype
@@ -156,7 +160,8 @@ class Engine(BlockingCalls):
         # a sequence never holds more pages in a layer than the pool has or the model's context spans
         max_slots = min(num_pages, self.pool.pages_for(c.max_position_embeddings))
         self.runner = ModelRunner(self.model, self.pool, self.attention, max_batch, compile, max_slots)
-        self.scheduler = Scheduler(self.pool, max_batch, prefill_chunk)
+        self.pages = PageOwner(c.num_layers, num_pages, self.pool.page_size, prefix_cache)
+        self.scheduler = Scheduler(self.pages, max_batch, prefill_chunk)
         self.sampler = Sampler(self.device)
         self._step_lock = threading.Lock()  # one step at a time (not re-entrant: nothing may step mid-step)
         self._inbox_lock = threading.Lock()  # guards the inbox, the listeners and the live ids
@@ -203,6 +208,17 @@ class Engine(BlockingCalls):
         if not isinstance(policy, Policy):
             raise LemmaError(f"policy must be a lemma policy (Dense, RaaS, StreamingLLM, H2O, Quest), got {policy!r}")
         self._policy = policy
+
+    def prefix_cache_stats(self) -> dict[str, Any]:
+        """What the prefix cache did so far: lookups and hits (requests that found pages), prompt tokens
+        asked for and read from it, the pages it names now (one per layer each) and those it dropped."""
+        cache = self.pages.cache
+        if cache is None:
+            return {"enabled": False}
+        s = cache.stats
+        return {"enabled": True, "lookups": s.lookups, "hits": s.hits, "queried_tokens": s.queried_tokens,
+                "cached_tokens": s.cached_tokens, "hit_rate": s.cached_tokens / max(s.queried_tokens, 1),
+                "cached_pages": len(cache), "evicted_pages": s.evicted_pages}
 
     # ---- requests ---------------------------------------------------------------------------------
     def _new_sequence(self, request_id: str | None, prompt: Prompt, params: SamplingParams, policy: Policy) -> Sequence:
@@ -318,8 +334,8 @@ class Engine(BlockingCalls):
                         self._listeners.pop(out.request_id, None)
 
     def _finish(self, seq: Sequence, reason: str, error: str | None = None) -> RequestOutput:
+        seq.finish_reason, seq.error = reason, error  # before its pages go: a failed one's are not cached
         self.scheduler.remove(seq)
-        seq.finish_reason, seq.error = reason, error
         seq.stats.jct_seconds = time.perf_counter() - seq.started
         return RequestOutput(seq.request_id, "", [], reason, seq.stats, error)
 
@@ -344,10 +360,12 @@ class Engine(BlockingCalls):
         if plan.prefill:
             start = time.perf_counter()
             logits = self.runner.prefill(plan.prefill)
+            for seq, _, _, end in plan.prefill:
+                self.pages.publish(seq, end)
             done = [i for i, (seq, _, _, end) in enumerate(plan.prefill) if end == seq.num_tokens]
             seqs = [plan.prefill[i][0] for i in done]
             for seq in seqs:
-                self.runner.finish_prefill(seq)
+                self.pages.cut_to_capacity(seq)
                 seq.status = DECODE
             tokens = []
             if seqs:  # the token after the last prompt position, sampled as a decode step would

@@ -31,11 +31,8 @@ class SlotMeta:
 
 
 class KVPool:
-    """K and V per layer as [num_pages + 1, num_kv_heads, page_size, head_dim].
-
-    Admission reserves pages per layer up front (`reserve`); pages are then taken lazily (`take`)
-    against the reservation, so a running sequence never finds its layer empty.
-    """
+    """K and V per layer as [num_pages + 1, num_kv_heads, page_size, head_dim]. Which sequence holds
+    which page is engine/pages.py's business."""
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, num_pages: int,
                  dtype: torch.dtype, device: torch.device, page_size: int = PAGE_SIZE):
@@ -61,9 +58,6 @@ class KVPool:
         self.num_layers, self.num_pages, self.page_size = num_layers, num_pages, page_size
         self.scratch = num_pages
         self.heads = torch.arange(num_kv_heads, device=device)
-        # pop() hands out low ids first
-        self.free_pages: list[list[int]] = [list(range(num_pages - 1, -1, -1)) for _ in range(num_layers)]
-        self.reserved = [0] * num_layers  # pages promised to admitted sequences but not yet taken
         self.layers = [PoolLayer(*(t[i] for t in (self.k, self.v, self.key_max, self.key_min, self.fill, self.born,
                                                   self.stamp, self.mass, self.pinned)), self.heads, self.scratch,
                                  page_size) for i in range(num_layers)]
@@ -90,35 +84,6 @@ class KVPool:
 
     def pages_for(self, tokens: int) -> int:
         return -(-tokens // self.page_size)
-
-    def available(self, layer: int) -> int:
-        return len(self.free_pages[layer]) - self.reserved[layer]
-
-    def can_reserve(self, pages: list[int]) -> bool:
-        return all(n <= self.available(layer) for layer, n in enumerate(pages))
-
-    def reserve(self, pages: list[int]) -> None:
-        if not self.can_reserve(pages):
-            raise LemmaError(f"KV pool cannot reserve {max(pages)} pages per layer "
-                             f"({min(map(self.available, range(self.num_layers)))} available)")
-        for layer, n in enumerate(pages):
-            self.reserved[layer] += n
-
-    def take(self, layer: int) -> int:
-        """One page of `layer` from the caller's reservation."""
-        assert self.reserved[layer] > 0, "take() without a reservation"
-        self.reserved[layer] -= 1
-        return self.free_pages[layer].pop()
-
-    def release(self, layer: int, pages: list[int], unused_reservation: int = 0) -> None:
-        self.free_pages[layer].extend(reversed(pages))
-        self.reserved[layer] -= unused_reservation
-        assert 0 <= self.reserved[layer] <= len(self.free_pages[layer]) <= self.num_pages
-
-    @property
-    def all_free(self) -> bool:
-        return all(len(free) == self.num_pages == len(set(free)) for free in self.free_pages) and not any(self.reserved)
-
 
 @dataclass(eq=False)
 class PoolLayer:

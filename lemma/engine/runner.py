@@ -1,8 +1,8 @@
 """ModelRunner: runs the model for a prefill chunk or a decode step over the paged pool.
 
-Between steps the host does bookkeeping only: which sequence sits in which batch row, and, when a
-sequence's position starts a page, whether each layer takes a free page (NEW_SLOT) or evicts (EVICT).
-It writes those decisions into the persistent DecodeState. The decode step itself (`decode_step`) is
+Between steps the host does bookkeeping only: which sequence sits in which batch row, and the page
+opens the page owner decided (engine/pages.py: a new slot or an eviction, per layer), written into
+the persistent DecodeState. It takes pages, tensors and tokens in and gives logits out. The decode step itself (`decode_step`) is
 a pure function of fixed-shape tensors: eager, with its decoder layers compiled (engine/compiled.py),
 or, on CUDA, captured once per batch bucket as a CUDA graph and replayed.
 """
@@ -17,8 +17,9 @@ import torch
 
 from lemma.engine.attention import DecodeAttention, PrefillAttention, PrefillSegment
 from lemma.engine.compiled import compile_decode
-from lemma.engine.decode_state import CONTINUE, EVICT, NEW_SLOT, DecodeState, StepInputs, batch_bucket
+from lemma.engine.decode_state import CONTINUE, NEW_SLOT, DecodeState, StepInputs, batch_bucket
 from lemma.engine.graphs import CudaGraphs
+from lemma.engine.pages import prompt_pins
 from lemma.engine.policies import Policy
 from lemma.engine.pool import KVPool
 from lemma.engine.recording import Recording
@@ -77,25 +78,16 @@ class ModelRunner:
             self.states[policy] = DecodeState(self.pool.num_layers, self.max_batch, self.max_slots, self.device)
         return self.states[policy]
 
-    def _append_page(self, seq: Sequence, layer: int) -> int:
-        page = self.pool.take(layer)
-        seq.reserved[layer] -= 1
-        seq.pages[layer].append(page)
-        return len(seq.pages[layer]) - 1
-
     # ---- prefill ------------------------------------------------------------------------------------
     @torch.inference_mode()
     def prefill(self, chunks: list[PrefillChunk], all_logits: bool = False) -> torch.Tensor:
         """One forward over prompt chunks of one or more sequences: each chunk's tokens are stored in
-        its sequence's pages (taken from its reservation) under dense causal attention. Returns the
-        logits of each chunk's last position [n, V] (or of every position [T, V])."""
+        its sequence's pages (which hold the chunk already, engine/pages.py) under dense causal
+        attention. Returns the logits of each chunk's last position [n, V] (or of every position [T, V])."""
         pool, page = self.pool, self.pool.page_size
         tokens, segments, last, offset = [], [], [], 0
         for seq, policy, start, end in chunks:
             assert start % page == 0, "prefill chunks start on a page boundary"
-            for layer in range(pool.num_layers):
-                while len(seq.pages[layer]) < pool.pages_for(end):
-                    self._append_page(seq, layer)
             tokens += seq.all_ids[start:end]
             pins = prompt_pins(policy, len(seq.prompt_ids), page, start, end).to(self.device)
             unpinned = torch.zeros_like(pins)
@@ -128,23 +120,6 @@ class ModelRunner:
             if self.cluster is not None:
                 self.cluster.check_alive(grace=2.0)  # a collective fails when a peer's socket closes
             raise
-
-    def finish_prefill(self, seq: Sequence) -> None:
-        """The prompt is in: layers over their capacity keep their sink page and most recent pages."""
-        self._cut_to_capacity(seq)
-
-    def _cut_to_capacity(self, seq: Sequence) -> None:
-        """A prompt longer than a layer's capacity keeps its first page (the sink) and its most recent
-        pages, the same for every KV head; the rest go back to the pool."""
-        most = 0
-        for layer, cap in enumerate(seq.capacity):
-            pages = seq.pages[layer]
-            if len(pages) > cap:
-                dropped = pages[1 : len(pages) - cap + 1]
-                seq.pages[layer] = pages[:1] + pages[len(pages) - cap + 1 :]
-                self.pool.release(layer, dropped)
-                most = max(most, len(dropped))
-        seq.stats.pages_evicted += most
 
     # ---- decode -------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -209,19 +184,13 @@ class ModelRunner:
 
     def _replay_inputs(self, seqs: list[Sequence], spans: list[tuple[int, int]]) -> tuple[tuple, list[int]]:
         """The replay forward's inputs (tokens, positions, ReplayBatch) for each sequence's next chunk
-        (its span), taking a page or deciding an eviction where a chunk opens one; and the chunk lengths."""
+        (its span), with the page open the page owner decided where a chunk starts a page; and the chunk lengths."""
         page, layers = self.pool.page_size, self.pool.num_layers
         tokens, positions, tables, modes, new_slots = [], [], [], [], []
         for seq, (start, end) in zip(seqs, spans):
-            open_modes, open_slots = [CONTINUE] * layers, [0] * layers
-            if start % page == 0:  # the page opens: a free slot or an eviction, per layer (as prepare)
-                evicted = False
-                for layer in range(layers):
-                    if len(seq.pages[layer]) < seq.capacity[layer]:
-                        open_modes[layer], open_slots[layer] = NEW_SLOT, self._append_page(seq, layer)
-                    else:
-                        open_modes[layer], evicted = EVICT, True
-                seq.stats.pages_evicted += evicted
+            opening = seq.opening if start % page == 0 else None  # decided by the page owner, as for decode
+            open_modes = [CONTINUE] * layers if opening is None else opening.modes
+            open_slots = [0] * layers if opening is None else opening.slots
             width = max(len(p) for p in seq.pages)
             tables.append(torch.tensor([p + [-1] * (width - len(p)) for p in seq.pages]))
             modes.append(open_modes)
@@ -259,26 +228,21 @@ class ModelRunner:
         return step.tokens, step.positions, step.modes, step.new_slots, step.tables
 
     def prepare(self, seqs: list[Sequence], policy: Policy) -> StepInputs:
-        """Host bookkeeping for one step: batch rows, page opens (a free page or an eviction, per layer),
+        """Host bookkeeping for one step: batch rows, the page opens the page owner decided (seq.opening),
         then this step's inputs in the persistent state."""
-        state, page, layers = self.state_for(policy), self.pool.page_size, self.pool.num_layers
+        state, layers = self.state_for(policy), self.pool.num_layers
         uids = [s.uid for s in seqs]
         if uids != state.rows:
             state.set_rows(uids, [s.pages for s in seqs])
         modes = np.zeros((layers, len(seqs)), dtype=np.int64)
         new_slots = np.zeros_like(modes)
         for row, seq in enumerate(seqs):
-            if (seq.num_tokens - 1) % page:
+            if seq.opening is None:
                 continue
-            evicted = False
-            for layer in range(layers):
-                if len(seq.pages[layer]) < seq.capacity[layer]:
-                    slot = self._append_page(seq, layer)
-                    modes[layer, row], new_slots[layer, row] = NEW_SLOT, slot
+            modes[:, row], new_slots[:, row] = seq.opening.modes, seq.opening.slots
+            for layer, (mode, slot) in enumerate(zip(seq.opening.modes, seq.opening.slots)):
+                if mode == NEW_SLOT:
                     state.set_page(layer, row, slot, seq.pages[layer][slot])
-                else:
-                    modes[layer, row], evicted = EVICT, True
-            seq.stats.pages_evicted += evicted
         held = max(max(len(p) for p in seq.pages) for seq in seqs)
         slots = max(held, policy.least_slots)
         return state.step_inputs([s.last_token for s in seqs], [s.num_tokens - 1 for s in seqs], modes, new_slots, slots)
@@ -336,13 +300,3 @@ class RecordingAttend(ByLayer):
 def bucket_sizes(max_batch: int) -> list[int]:
     """Every batch bucket up to max_batch: 1, 2, 4, ..., max_batch."""
     return sorted({batch_bucket(n, max_batch) for n in range(1, max_batch + 1)})
-
-
-def prompt_pins(policy: Policy, prompt_len: int, page: int, start: int, end: int) -> torch.Tensor:
-    """[n] whether each logical page a prefill chunk [start, end) writes is pinned: every prompt page,
-    or where the policy pins fewer, the first one and the last ones."""
-    prompt_pages = -(-prompt_len // page)
-    count = policy.pinned_prompt_pages(prompt_pages)
-    logical = torch.arange(start // page, -(-end // page))
-    kept = (logical >= prompt_pages - count + 1) | ((logical == 0) & (count > 0))
-    return (logical < prompt_pages) & kept

@@ -1,7 +1,8 @@
 """Scheduler: which requests run, who gets pages, and what one engine step computes.
 
-Host bookkeeping only (no model, no tensors). Requests wait in FIFO order and are admitted while the
-batch has room and the pool can promise their pages:
+Host bookkeeping only (no model, no tensors); the pages themselves are engine/pages.py's. Requests
+wait in FIFO order and are admitted while the batch has room and the pool can promise their pages
+(a request whose prompt starts with cached pages holds those and is promised the rest):
 
 - an evicting policy reserves its whole budget at admission (it never needs more, so it is never
   preempted);
@@ -13,9 +14,10 @@ batch has room and the pool can promise their pages:
   Quest's rebuilt cache comes from dense prefill, while its decode-time K/V above layer 0 came from
   sparse attention, so its later tokens may differ from an unpreempted run.
 
-Each step decodes every decoding sequence (one static step per policy) and prefills chunks of the
-prefilling ones under a token budget, several prompts in one forward, so long prompts never stall
-the running batch.
+Each step decodes every decoding sequence (one static step per policy; where a sequence's position
+starts a page, the page owner decides per layer between a new slot and an eviction) and prefills
+chunks of the prefilling ones under a token budget, several prompts in one forward, so long prompts
+never stall the running batch.
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+from lemma.engine.pages import PageOwner
 from lemma.engine.policies import Policy
-from lemma.engine.pool import KVPool
 from lemma.engine.sequence import DECODE, FINISHED, PREFILL, WAITING, Sequence
 
 
@@ -36,9 +38,9 @@ class StepPlan:
 
 
 class Scheduler:
-    def __init__(self, pool: KVPool, max_batch: int, step_tokens: int):
-        self.pool, self.max_batch = pool, max_batch
-        page = pool.page_size
+    def __init__(self, pages: PageOwner, max_batch: int, step_tokens: int):
+        self.pages, self.max_batch = pages, max_batch
+        page = pages.page_size
         self.step_tokens = max(page, step_tokens // page * page)  # prefill chunks end on page boundaries
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # admission order, prefilling and decoding
@@ -64,15 +66,10 @@ class Scheduler:
         """Take a request out (finished, aborted or failed): its pages go back to the pool."""
         if seq in self.running:
             self.running.remove(seq)
-            self.release(seq)
+            self.pages.release(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
         seq.status = FINISHED
-
-    def release(self, seq: Sequence) -> None:
-        for layer, (pages, unused) in enumerate(zip(seq.pages, seq.reserved)):
-            self.pool.release(layer, pages, unused)
-        seq.pages, seq.reserved = [[] for _ in seq.pages], [0] * len(seq.reserved)
 
     # ---- one step ----------------------------------------------------------------------------------
     def schedule(self) -> StepPlan:
@@ -83,39 +80,39 @@ class Scheduler:
         for seq in self.running:
             if seq.status == DECODE:
                 (plan.replay if seq.replays else plan.decode).setdefault(seq.policy, []).append(seq)
-                start, end = seq.replay_span(self.pool.page_size) if seq.replays else (0, 1)
+                seq.opening = self.pages.open(seq)
+                start, end = seq.replay_span(self.pages.page_size) if seq.replays else (0, 1)
                 decoding += end - start
         self.decode_steps += decoding > 0
         self.decoded += decoding
         plan.prefill = self._chunks(self.step_tokens - decoding)
+        for seq, _, _, end in plan.prefill:
+            self.pages.fill_to(seq, end)
         return plan
 
     def reservation(self, seq: Sequence) -> list[int]:
         """Pages per layer to promise `seq` at admission."""
         tokens = seq.num_tokens  # the prompt, plus what it generated before a preemption
         if seq.grows:  # what it holds after prefill and its first decode step
-            return [self.pool.pages_for(tokens + 1)] * self.pool.num_layers
-        return [max(self.pool.pages_for(tokens), cap) for cap in seq.capacity]  # prefill holds the whole prompt
+            return [self.pages.pages_for(tokens + 1)] * self.pages.num_layers
+        return [max(self.pages.pages_for(tokens), cap) for cap in seq.capacity]  # prefill holds the whole prompt
 
     def _admit(self) -> None:
         while self.waiting and len(self.running) < self.max_batch:
             seq = self.waiting[0]
-            need = self.reservation(seq)
-            if not self.pool.can_reserve(need):
+            if not self.pages.admit(seq, self.reservation(seq)):
                 # requests are checked against the whole pool when added, so with nothing running it fits
                 assert self.running, f"request {seq.request_id} cannot be admitted into an idle pool"
                 return
             self.waiting.popleft()
-            self.pool.reserve(need)
-            seq.reserved, seq.pages = need, [[] for _ in need]
-            seq.status, seq.prefilled = PREFILL, 0
+            seq.status = PREFILL
             self.running.append(seq)
             self.peak_running = max(self.peak_running, len(self.running))
 
     def _page_needs(self, seq: Sequence) -> list[int]:
         """Pages per layer `seq` must still be promised for its next decode step."""
-        if not seq.grows or (seq.num_tokens - 1) % self.pool.page_size:
-            return [0] * self.pool.num_layers
+        if not seq.grows or (seq.num_tokens - 1) % self.pages.page_size:
+            return [0] * self.pages.num_layers
         return [int(len(pages) < cap and left == 0) for pages, cap, left in zip(seq.pages, seq.capacity, seq.reserved)]
 
     def _grow(self) -> None:
@@ -127,18 +124,17 @@ class Scheduler:
             need = self._page_needs(seq)
             if not any(need):
                 continue
-            while not self.pool.can_reserve(need):
+            while not self.pages.can_reserve(need):
                 victim = next(s for s in reversed(self.running) if s.grows)  # seq itself grows
                 self._preempt(victim)
                 if victim is seq:
                     break
             else:
-                self.pool.reserve(need)
-                seq.reserved = [left + n for left, n in zip(seq.reserved, need)]
+                self.pages.reserve(seq, need)
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
-        self.release(seq)
+        self.pages.release(seq)
         seq.status, seq.prefilled = WAITING, 0
         seq.new_uid()  # its old batch row (and page table) must not be taken for its new pages
         seq.stats.preemptions += 1
@@ -148,7 +144,7 @@ class Scheduler:
     def _chunks(self, budget: int) -> list[tuple[Sequence, Policy, int, int]]:
         """Prefill chunks for this step within `budget` tokens; the first prefilling sequence always
         moves by at least a page, whatever the decode batch takes."""
-        page, chunks = self.pool.page_size, []
+        page, chunks = self.pages.page_size, []
         for seq in self.running:
             if seq.status != PREFILL:
                 continue

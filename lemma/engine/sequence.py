@@ -20,6 +20,7 @@ class Stats:
     decode_seconds: float = 0.0
     jct_seconds: float = 0.0  # job completion time: submission to finish
     ttft_seconds: float = 0.0  # submission to the first generated token
+    cached_tokens: int = 0  # prompt tokens read from the prefix cache instead of prefilled
     preemptions: int = 0  # times its pages were taken back and its tokens recomputed later
     peak_kv_pages: int = 0  # most pages held in any one layer
     peak_kv_bytes: int = 0  # K and V bytes held, all layers
@@ -115,6 +116,10 @@ class Sequence:
         self.pages: list[list[int]] = []  # per layer, the page ids this sequence holds (its slots)
         self.capacity: list[int] = []  # per layer, the most pages it may hold past prefill
         self.reserved: list[int] = []  # per layer, pages reserved at admission and not taken yet
+        self.uses_prefix_cache = True  # reads and fills the prefix cache (not teacher forcing, engine/pages.py)
+        self.opening = None  # this step's PageOpen (engine/pages.py) where its position starts a page
+        self.page_keys: list[bytes] = []  # prefix-cache keys of its full pages (engine/pages.py)
+        self.page_keys_for = -1  # the token count they were computed for
         self.finish_reason: str | None = None
         self.error: str | None = None
         self.forced_logprobs: list[float] = []  # teacher forcing only

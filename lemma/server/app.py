@@ -23,7 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lemma.engine.async_engine import AsyncEngine
 from lemma.engine.policies import Policy
-from lemma.engine.sequence import RequestOutput
+from lemma.engine.sequence import RequestOutput, Stats
 from lemma.errors import LemmaError
 from lemma.reasoning import ThinkSplitter, opens_thinking, split_reasoning
 from lemma.server.protocol import (APIError, ChatCompletionRequest, CompletionRequest, GenerationRequest,
@@ -116,21 +116,22 @@ def sse(data: dict[str, Any] | str) -> str:
 
 async def event_stream(outputs: AsyncIterator[RequestOutput], first: list[dict[str, Any]],
                        render: Callable[[RequestOutput], list[dict[str, Any]]],
-                       usage_event: Callable[[int], dict[str, Any] | None]) -> AsyncIterator[str]:
+                       usage_event: Callable[[int, Stats | None], dict[str, Any] | None]) -> AsyncIterator[str]:
     """One request as server-sent events: `first`, then render(out) for every output, then the usage
     event (if any) and [DONE]. Leaving early (a client gone mid-stream) aborts the request."""
-    generated = 0
+    generated, stats = 0, None
     try:
         for body in first:
             yield sse(body)
         async for out in outputs:
             generated += len(out.token_ids)
+            stats = out.stats or stats
             if out.finish_reason == "error":
                 yield sse(APIError(500, out.error or "generation failed", kind="server_error").body())
                 return
             for body in render(out):
                 yield sse(body)
-        last = usage_event(generated)
+        last = usage_event(generated, stats)
         if last is not None:
             yield sse(last)
         yield sse("[DONE]")
@@ -193,12 +194,13 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
 
     @app.get("/stats", dependencies=[Depends(authorized)])
     async def stats() -> dict[str, Any]:
-        """The engine's queue and pool right now (for load tests and dashboards)."""
-        scheduler, pool = engine.engine.scheduler, engine.engine.pool
+        """The engine's queue, pool and prefix cache right now (for load tests and dashboards)."""
+        scheduler, pages = engine.engine.scheduler, engine.engine.pages
         return {"running": len(scheduler.running), "waiting": len(scheduler.waiting),
                 "peak_running": scheduler.peak_running, "preemptions": scheduler.preemptions,
                 "mean_decode_batch": scheduler.decoded / max(scheduler.decode_steps, 1),
-                "kv_pages": pool.num_pages, "kv_pages_free": min(map(pool.available, range(pool.num_layers)))}
+                "kv_pages": pages.num_pages, "kv_pages_free": min(map(pages.available, range(pages.num_layers))),
+                "prefix_cache": engine.engine.prefix_cache_stats()}
 
     @app.get("/v1/models", dependencies=[Depends(authorized)])
     async def models() -> dict[str, Any]:
@@ -231,7 +233,7 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
         return JSONResponse({
             "id": request_id, "object": "chat.completion", "created": now(), "model": model_name,
             "choices": [{"index": 0, "message": message, "finish_reason": reason, "logprobs": None}],
-            "usage": usage(len(prompt_ids), len(ids)), "lemma": lemma_stats(last.stats)})
+            "usage": usage(len(prompt_ids), len(ids), last.stats), "lemma": lemma_stats(last.stats)})
 
     def chat_events(req: ChatCompletionRequest, outputs: AsyncIterator[RequestOutput], request_id: str,
                     prompt_len: int, thinking: bool) -> AsyncIterator[str]:
@@ -252,11 +254,11 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
                 bodies.append(chunk({}, out.finish_reason, lemma=lemma_stats(out.stats)))
             return bodies
 
-        def usage_event(generated: int) -> dict[str, Any] | None:
+        def usage_event(generated: int, stats: Stats | None) -> dict[str, Any] | None:
             if not req.include_usage:
                 return None
             return {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model_name,
-                    "choices": [], "usage": usage(prompt_len, generated)}
+                    "choices": [], "usage": usage(prompt_len, generated, stats)}
 
         return event_stream(outputs, [chunk({"role": "assistant", "content": ""})], render, usage_event)
 
@@ -278,7 +280,7 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
         return JSONResponse({
             "id": request_id, "object": "text_completion", "created": now(), "model": model_name,
             "choices": [{"index": 0, "text": text, "finish_reason": finish_reason(last), "logprobs": None}],
-            "usage": usage(len(prompt_ids), len(ids)), "lemma": lemma_stats(last.stats)})
+            "usage": usage(len(prompt_ids), len(ids), last.stats), "lemma": lemma_stats(last.stats)})
 
     def completion_events(req: CompletionRequest, outputs: AsyncIterator[RequestOutput], request_id: str,
                           prompt_len: int) -> AsyncIterator[str]:
@@ -298,8 +300,8 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
                 event["usage"] = None
             return [event]
 
-        def usage_event(generated: int) -> dict[str, Any] | None:
-            return {**body([]), "usage": usage(prompt_len, generated)} if req.include_usage else None
+        def usage_event(generated: int, stats: Stats | None) -> dict[str, Any] | None:
+            return {**body([]), "usage": usage(prompt_len, generated, stats)} if req.include_usage else None
 
         return event_stream(outputs, [], render, usage_event)
 

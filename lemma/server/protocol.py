@@ -152,16 +152,18 @@ class CompletionRequest(GenerationRequest):
         return self.max_tokens
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+def usage(prompt_tokens: int, completion_tokens: int, stats: Stats | None = None) -> dict[str, Any]:
+    """OpenAI's usage object; prompt tokens read from the prefix cache are its cached_tokens."""
+    cached = 0 if stats is None else stats.cached_tokens
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens, "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 def lemma_stats(stats: Stats | None) -> dict[str, Any] | None:
     """lemma's per-request stats, as the `lemma` field of a response."""
     if stats is None:
         return None
-    fields = ("policy", "peak_kv_bytes", "peak_kv_pages", "pages_evicted", "preemptions", "ttft_seconds",
+    fields = ("policy", "cached_tokens", "peak_kv_bytes", "peak_kv_pages", "pages_evicted", "preemptions", "ttft_seconds",
               "prefill_seconds", "decode_seconds", "jct_seconds")
     return {name: getattr(stats, name) for name in fields}
 
