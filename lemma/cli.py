@@ -12,6 +12,7 @@ from typing import Any, Callable, Optional
 
 import typer
 
+from lemma.engine.policies import policy_from_spec, policy_help
 from lemma.errors import LemmaError
 from lemma.reasoning import ThinkSplitter
 
@@ -21,9 +22,10 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=N
 ModelOpt = typer.Option(None, "--model", "-m", help="Catalog name (see `lemma pull --list`) or a model folder. Default: smollm2-135m-instruct.")
 DeviceOpt = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available).")
 DtypeOpt = typer.Option(None, "--dtype", help="float32, bfloat16 or float16 (default: float32 on CPU, bfloat16 on CUDA).")
-PolicyOpt = typer.Option("dense", "--policy", help="KV policy: dense, raas, streaming, h2o or quest.")
+PolicyOpt = typer.Option("dense", "--policy", help=f"KV policy, NAME or NAME:option=value:...; policies and their options: "
+                                                  f"{policy_help()}.")
 BudgetOpt = typer.Option(1024, "--budget", help="KV budget in tokens for raas/streaming/h2o/quest (a multiple of 16, prompt included).")
-PinOpt = typer.Option(True, "--pin-prompt/--no-pin-prompt", help="raas: keep every prompt page (the prompt must fit the budget).")
+PinOpt = typer.Option(True, "--pin-prompt/--no-pin-prompt", help="raas, random: keep every prompt page (the prompt must fit the budget).")
 DenseLayersOpt = typer.Option(0, "--dense-layers", help="Keep the first N layers dense under any policy.")
 TpOpt = typer.Option(1, "--tp", help="Tensor parallelism: shard the model and KV pool by heads over N processes "
                                        "(gloo on CPU, NCCL on CUDA, one GPU each).")
@@ -33,6 +35,8 @@ CompileOpt = typer.Option(None, "--compile/--no-compile",
                                "run loads it in seconds. Default: on (LEMMA_COMPILE=0 makes --no-compile the default).")
 
 
+PrefixCacheOpt = typer.Option(True, "--prefix-cache/--no-prefix-cache",
+                              help="Reuse the KV pages of earlier turns and shared prompts (pages nobody can evict).")
 QuantizeOpt = typer.Option(None, "--quantize",
                            help="int8 or int4: weight-only quantized projections (groups of 32; the output head in int8). "
                                 "Layers a quantized checkpoint holds run as stored.")
@@ -79,13 +83,9 @@ def _quiet_stdout() -> None:
         sys.stdout = open(os.devnull, "w")
 
 
-def _policy(name: str, budget: int, pin_prompt: bool = True, dense_layers: int = 0):
-    from lemma import make_policy
-
-    if name.lower() == "dense":
-        return make_policy(name)
-    options = {"pin_prompt": pin_prompt} if name.lower() == "raas" else {}
-    return make_policy(name, budget, dense_layers=dense_layers, **options)
+def _policy(spec: str, budget: int, pin_prompt: bool = True, dense_layers: int = 0):
+    """--policy SPEC with --budget, --pin-prompt and --dense-layers where the spec does not say otherwise."""
+    return policy_from_spec(spec, budget, {"pin_prompt": pin_prompt, "dense_layers": dense_layers})
 
 
 def compile_default(compile: Optional[bool]) -> bool:
@@ -158,7 +158,8 @@ def _stream_reply(engine: Any, prompt_ids: list[int], params: Any, show_think: b
 
 
 def stats_line(stats: Any) -> str:
-    return (f"prompt {stats.prompt_tokens} tok | generated {stats.generated_tokens} tok | "
+    cached = f" ({stats.cached_tokens} cached)" if stats.cached_tokens else ""
+    return (f"prompt {stats.prompt_tokens} tok{cached} | generated {stats.generated_tokens} tok | "
             f"prefill {stats.prefill_seconds:.2f} s | decode {stats.decode_tokens_per_second:.1f} tok/s | "
             f"JCT {stats.jct_seconds:.2f} s | peak KV {stats.peak_kv_bytes / 2**20:.2f} MiB ({stats.peak_kv_pages} pages) | "
             f"{stats.policy}, {stats.pages_evicted} pages evicted")
@@ -246,9 +247,10 @@ def chat(
     dtype: Optional[str] = DtypeOpt,
     compile: Optional[bool] = CompileOpt,
     quantize: Optional[str] = QuantizeOpt,
+    prefix_cache: bool = PrefixCacheOpt,
     tp: int = TpOpt,
 ) -> None:
-    """Multi-turn chat with streaming replies.
+    """Multi-turn chat with streaming replies (each turn prefills only what the earlier ones did not hold).
 
     Commands: /reset, /stats, /system TEXT, /policy NAME [BUDGET], /exit. Ctrl-C stops a reply (the chat
     goes on); Ctrl-D exits.
@@ -256,7 +258,7 @@ def chat(
     """
     params = _params(max_tokens, temperature, top_p, 0, seed)
     with _engine(model, device, dtype, policy=_policy(policy, budget, pin_prompt, dense_layers), compile=compile,
-                 max_batch=1, tensor_parallel=tp, quantize=quantize) as engine:
+                 max_batch=1, tensor_parallel=tp, quantize=quantize, prefix_cache=prefix_cache) as engine:
         _chat_loop(engine, system, params, think, lambda name, size: _policy(name, size or budget, pin_prompt, dense_layers))
 
 

@@ -22,16 +22,13 @@ def _ints(text: str, flag: str) -> list[int]:
 
 def _names(text: str) -> list[str]:
     """Policy specs: a name, optionally with options ('raas:dense_layers=2'), checked here."""
-    from lemma.engine.policies import POLICIES, make_policy, parse_policy_spec
+    from lemma.engine.policies import policy_from_spec
 
     names = [n.strip() for n in text.split(",") if n.strip()]
     if not names:
         raise LemmaError("--policies names no policy")
     for spec in names:
-        name, options = parse_policy_spec(spec)
-        if name not in POLICIES:
-            raise LemmaError(f"unknown policy {name!r}; known: {', '.join(POLICIES)}")
-        make_policy(name, None if name == "dense" else 1024, **options)  # unknown or bad options fail now
+        policy_from_spec(spec, 1024)  # unknown or bad options fail now
     return names
 
 
@@ -135,14 +132,9 @@ def bench(
 
 def _bench_policy(name: str, budget: int):
     """RaaS runs with the prompt unpinned: the bench prompts are longer than the budget."""
-    from dataclasses import fields
+    from lemma.engine.policies import policy_from_spec
 
-    from lemma.engine.policies import POLICIES, make_policy, parse_policy_spec
-
-    name, options = parse_policy_spec(name)
-    if name in POLICIES and "pin_prompt" in {f.name for f in fields(POLICIES[name])}:
-        options.setdefault("pin_prompt", False)
-    return make_policy(name, None if name == "dense" else budget, **options)
+    return policy_from_spec(name, budget, {"pin_prompt": False})
 
 
 def _is_bench_results(path: Path) -> bool:

@@ -6,7 +6,8 @@ from typing import Optional
 
 import typer
 
-from lemma.cli import (BudgetOpt, CompileOpt, DenseLayersOpt, DeviceOpt, DtypeOpt, ModelOpt, PinOpt, PolicyOpt, QuantizeOpt, TpOpt,
+from lemma.cli import (BudgetOpt, CompileOpt, DenseLayersOpt, DeviceOpt, DtypeOpt, ModelOpt, PinOpt, PolicyOpt, PrefixCacheOpt,
+                       QuantizeOpt, TpOpt,
                        _engine, _policy, friendly_errors)
 from lemma.errors import LemmaError
 
@@ -36,6 +37,7 @@ def serve(
     dtype: Optional[str] = DtypeOpt,
     compile: Optional[bool] = CompileOpt,
     quantize: Optional[str] = QuantizeOpt,
+    prefix_cache: bool = PrefixCacheOpt,
     tp: int = TpOpt,
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (chat/completions, completions, models).
@@ -56,7 +58,7 @@ def serve(
 
     engine = _engine(model, device, dtype, policy=_policy(policy, budget, pin_prompt, dense_layers), compile=compile,
                      max_batch=max_batch, kv_cache_tokens=kv_cache_tokens, prefill_chunk=prefill_chunk, tensor_parallel=tp,
-                     quantize=quantize)
+                     quantize=quantize, prefix_cache=prefix_cache)
     name = served_name or engine.model_dir.name
     app = build_app(AsyncEngine(engine), name, api_key, {"auto": None, "think": True, "none": False}[reasoning],
                     default_max_tokens)

@@ -287,6 +287,22 @@ def test_bad_policies(make, message):
     assert str(info.value) == message
 
 
+def test_one_spec_parser_for_text_and_json():
+    from lemma.engine.policies import POLICIES, policy_from_spec, policy_help
+
+    for name, cls in POLICIES.items():  # every policy, with every option it has, is reachable by spec
+        assert type(policy_from_spec(name, 256)) is cls and name in policy_help()
+    text = policy_from_spec("raas-capped:budget=512:recent=1", 1024, {"pin_prompt": False, "seed": 4})
+    assert text == policy_from_spec({"name": "raas-capped", "budget": 512, "recent": 1}, defaults={"pin_prompt": False})
+    assert text.describe() == "raas-capped-512(pin_prompt=False,recent=1)"  # seed is not a raas option: not applied
+    assert policy_from_spec("random", 128, {"pin_prompt": False}).describe() == "random-128(pin_prompt=False)"
+    assert policy_from_spec("dense", 128, {"dense_layers": 0}) == Dense()
+    for spec, message in [("lru", "unknown policy 'lru'"), ({"budget": 64}, "a policy needs a name"),
+                          ("quest:topk=4", "quest has no option 'topk'"), ("", "a policy spec must be a name")]:
+        with pytest.raises(LemmaError, match=message):
+            policy_from_spec(spec, 256)
+
+
 def test_prompt_longer_than_the_raas_budget(tiny_dir):
     engine = Engine(tiny_dir, policy=RaaS(budget=32), kv_cache_tokens=1024)
     out = engine.generate([list(range(3, 40))], SamplingParams(max_tokens=50))[0]

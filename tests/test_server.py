@@ -142,7 +142,9 @@ def test_bad_requests_get_400_json_and_never_reach_the_engine(served):
     cases = [
         (dict(messages=ASK, temperature=5), "temperature"),
         (dict(messages=[]), "messages"),
-        (dict(messages=ASK, n=2), "only n=1"),
+        (dict(messages=ASK, n=0), "n"),
+        (dict(messages=ASK, n=17), "n"),
+        (dict(messages=ASK, extra_body={"kv_policy": {"name": "raas", "refreshh": "mass"}}), "no option 'refreshh'"),
         (dict(messages=ASK, max_tokens=0), "max_tokens"),
         (dict(messages=ASK, max_tokens=100_000), "exceeds the model's context"),
         (dict(messages=[{"role": "wizard", "content": "hi"}]), "role"),
@@ -178,6 +180,47 @@ def test_per_request_kv_policy_evicts(served):
     stats = reply.model_extra["lemma"]
     assert stats["policy"] == "raas-64" and stats["pages_evicted"] > 0 and stats["peak_kv_pages"] == 4
     assert reply.usage.completion_tokens == 120
+    wait_idle(served.engine)
+
+
+def test_n_choices_share_the_prompt_and_repeats_report_cached_tokens(served):
+    client, engine = served.client, served.engine
+    engine.pages.clear_cache()
+    many = client.chat.completions.create(model=MODEL, messages=ASK, temperature=0.9, max_tokens=16, n=3, seed=7,
+                                          extra_body={"ignore_eos": True})
+    assert [c.index for c in many.choices] == [0, 1, 2] and len({c.message.content for c in many.choices}) > 1
+    cached = sorted(s["cached_tokens"] for s in many.model_extra["lemma"])
+    assert cached[0] == 0 and cached[1] > 0, cached  # the later choices read the first one's prompt pages
+    assert many.usage.completion_tokens == 48 and many.usage.prompt_tokens == len(engine.chat_prompt(ASK))
+    again = client.chat.completions.create(model=MODEL, messages=ASK, temperature=0.9, max_tokens=16, seed=7,
+                                           extra_body={"ignore_eos": True})
+    assert again.choices[0].message.content == many.choices[0].message.content  # choice 0 samples with the seed itself
+    assert again.usage.prompt_tokens_details.cached_tokens > 0
+    streamed = client.chat.completions.create(model=MODEL, messages=ASK, temperature=0.9, max_tokens=16, n=2, seed=7,
+                                              stream=True, stream_options={"include_usage": True},
+                                              extra_body={"ignore_eos": True})
+    texts, usage = ["", ""], None
+    for event in streamed:
+        for choice in event.choices:
+            texts[choice.index] += choice.delta.content or ""
+        usage = event.usage or usage
+    assert texts == [c.message.content for c in many.choices[:2]]
+    assert usage.completion_tokens == 32
+    assert usage.prompt_tokens_details.cached_tokens > 0
+    stats = http(served.url.removesuffix("/v1") + "/stats")[1]["prefix_cache"]
+    assert stats["enabled"] and stats["hits"] >= 3 and stats["cached_pages"] > 0
+    wait_idle(engine)
+
+
+def test_kv_policy_as_a_spec_with_any_of_its_options(served):
+    reply = served.client.chat.completions.create(
+        model=MODEL, messages=ASK, temperature=0, max_tokens=40,
+        extra_body={"ignore_eos": True, "kv_policy": "raas-capped:budget=64:recent=1"})
+    assert reply.model_extra["lemma"]["policy"] == "raas-capped-64(recent=1)"
+    reply = served.client.chat.completions.create(
+        model=MODEL, messages=ASK, temperature=0, max_tokens=8,
+        extra_body={"kv_policy": {"name": "random", "budget": 64, "seed": 3}})
+    assert reply.model_extra["lemma"]["policy"] == "random-64(seed=3)"
     wait_idle(served.engine)
 
 

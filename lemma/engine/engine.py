@@ -21,7 +21,7 @@ import torch
 from lemma.engine.blocking import BlockingCalls
 from lemma.engine.pages import PageOwner
 from lemma.engine.options import check_limits, pool_pages, resolve_compile, resolve_device, resolve_dtype
-from lemma.engine.policies import Dense, Policy
+from lemma.engine.policies import Dense, Policy, check_policy
 from lemma.engine.pool import PAGE_SIZE, KVPool
 from lemma.engine.prompts import Prompt, prompt_ids
 from lemma.engine.runner import ModelRunner
@@ -179,8 +179,7 @@ class Engine(BlockingCalls):
             return 0.0
         policies = [self.policy] if policies is None else list(policies)
         for policy in policies:
-            if not isinstance(policy, Policy):
-                raise LemmaError(f"warm_up policies must be lemma policies, got {policy!r}")
+            check_policy(policy, "each of warm_up's policies")
         for batch in batches or []:
             if isinstance(batch, bool) or not isinstance(batch, int) or not 1 <= batch <= self.max_batch:
                 raise LemmaError(f"warm_up batches must be integers in 1..max_batch={self.max_batch}, got {batch!r}")
@@ -205,8 +204,7 @@ class Engine(BlockingCalls):
 
     @policy.setter
     def policy(self, policy: Policy) -> None:
-        if not isinstance(policy, Policy):
-            raise LemmaError(f"policy must be a lemma policy (Dense, RaaS, StreamingLLM, H2O, Quest), got {policy!r}")
+        check_policy(policy)
         self._policy = policy
 
     def prefix_cache_stats(self) -> dict[str, Any]:
@@ -224,8 +222,7 @@ class Engine(BlockingCalls):
     def _new_sequence(self, request_id: str | None, prompt: Prompt, params: SamplingParams, policy: Policy) -> Sequence:
         if not isinstance(params, SamplingParams):
             raise LemmaError(f"params must be a lemma SamplingParams, got {type(params).__name__}")
-        if not isinstance(policy, Policy):
-            raise LemmaError(f"policy must be a lemma policy (Dense, RaaS, StreamingLLM, H2O, Quest), got {policy!r}")
+        check_policy(policy)
         ids = prompt_ids(self.tokenizer, prompt, self.config.vocab_size)
         policy.check_prompt(len(ids), params.max_tokens)
         seq = Sequence("", ids, params, StreamingDetokenizer(self.tokenizer), self.eos_ids, policy)

@@ -309,9 +309,34 @@ class Quest(Policy):
 POLICIES: dict[str, type[Policy]] = {p.name: p for p in (Dense, RaaS, RaaSCapped, StreamingLLM, H2O, Quest, RandomEviction)}
 
 
+def check_policy(policy: object, what: str = "policy") -> None:
+    """Raise unless `policy` is a lemma policy (the error names every policy class)."""
+    if not isinstance(policy, Policy):
+        raise LemmaError(f"{what} must be a lemma policy ({', '.join(p.__name__ for p in POLICIES.values())}), "
+                         f"got {policy!r}")
+
+
+def policy_options(name: str) -> list[str]:
+    """The options (dataclass fields) a policy takes, budget first; generated from the class."""
+    return [f.name for f in fields(POLICIES[name])]
+
+
+def policy_names() -> str:
+    """'dense, raas, ...': every policy lemma knows, for help texts and errors."""
+    return ", ".join(POLICIES)
+
+
+def policy_help() -> str:
+    """Each policy with its options, for --help and error messages: 'raas (budget, dense_layers, ...)'."""
+    return "; ".join(f"{name} ({', '.join(o for o in policy_options(name) if o != 'budget') or 'no options'})"
+                     for name in POLICIES)
+
+
 def parse_policy_spec(spec: str) -> tuple[str, dict[str, object]]:
     """'raas:dense_layers=2:refresh=mass' -> ('raas', {'dense_layers': 2, 'refresh': 'mass'}); values are
     integers, numbers, true/false or words. make_policy checks the name and the options."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise LemmaError(f"a policy spec must be a name like 'raas' or 'raas:budget=512', got {spec!r}")
     name, *parts = spec.strip().split(":")
     options: dict[str, object] = {}
     for part in parts:
@@ -331,15 +356,44 @@ def parse_policy_spec(spec: str) -> tuple[str, dict[str, object]]:
     return name.strip().lower(), options
 
 
+def policy_from_spec(spec: "str | dict | Policy", budget: int | None = None,
+                     defaults: dict[str, object] | None = None) -> Policy:
+    """The one way text or JSON becomes a policy (CLI, server, eval): 'raas', 'raas:budget=512:refresh=mass',
+    or {"name": "raas", "budget": 512, "refresh": "mass"}. `budget` is the budget when the spec gives none
+    (Dense takes none); `defaults` are options (e.g. a CLI's --pin-prompt) applied where the policy has
+    them and the spec does not set them."""
+    if isinstance(spec, Policy):
+        return spec
+    if isinstance(spec, dict):
+        options = dict(spec)
+        name = options.pop("name", None)
+        if not isinstance(name, str):
+            raise LemmaError(f"a policy needs a name ({policy_names()}), got {name!r}")
+        name = name.strip().lower()
+    else:
+        name, options = parse_policy_spec(spec)
+    name = name.replace("streamingllm", "streaming")
+    if name not in POLICIES:
+        raise LemmaError(f"unknown policy {name!r}; known: {policy_names()}")
+    known = policy_options(name)
+    for key, value in (defaults or {}).items():
+        if key in known:
+            options.setdefault(key, value)
+    given = options.pop("budget", None)
+    if name == "dense":
+        return make_policy(name, given, **options)
+    return make_policy(name, budget if given is None else given, **options)
+
+
 def make_policy(name: str, budget: int | None = None, **options) -> Policy:
-    """A policy by name ('dense', 'raas', 'raas-capped', 'streaming', 'h2o', 'quest', 'random')."""
+    """A policy by name (any of POLICIES) with its budget and options; see policy_from_spec for text/JSON."""
     if not isinstance(name, str):
         raise LemmaError(f"policy name must be a string, got {name!r}")
     key = name.lower().replace("streamingllm", "streaming")
     if key not in POLICIES:
-        raise LemmaError(f"unknown policy {name!r}; known: {', '.join(POLICIES)}")
-    known = {f.name for f in fields(POLICIES[key])}
-    unknown = sorted(set(options) - known)
+        raise LemmaError(f"unknown policy {name!r}; known: {policy_names()}")
+    known = policy_options(key)
+    unknown = sorted(set(options) - set(known))
     if unknown:
         raise LemmaError(f"{key} has no option {unknown[0]!r}; its options: {', '.join(sorted(known))}")
     if key == "dense":

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable, Iterator
-from dataclasses import fields
 from statistics import mean
 from typing import Any
 
 from lemma.engine.engine import Engine
-from lemma.engine.policies import POLICIES, Dense, Policy, make_policy, parse_policy_spec
+from lemma.engine.policies import Dense, Policy, parse_policy_spec, policy_from_spec
 from lemma.engine.recording import Recording
 from lemma.engine.sequence import Forced
 from lemma.engine.sampler import SamplingParams
@@ -30,15 +29,12 @@ def policy_grid(names: list[str], budgets: list[int], pin_prompt: bool = True, d
     """Dense once (if named), every other policy at every budget. A name may carry options:
     'raas:dense_layers=2' (see policies.parse_policy_spec)."""
     grid: list[Policy] = []
+    defaults = {"dense_layers": dense_layers, **({} if pin_prompt else {"pin_prompt": False})}
     for spec in names:
-        name, options = parse_policy_spec(spec)
-        if name == "dense":
-            grid.append(make_policy("dense", **options))
+        if parse_policy_spec(spec)[0] == "dense":
+            grid.append(policy_from_spec(spec))
             continue
-        if not pin_prompt and name in POLICIES and "pin_prompt" in {f.name for f in fields(POLICIES[name])}:
-            options.setdefault("pin_prompt", False)
-        options.setdefault("dense_layers", dense_layers)
-        grid += [make_policy(name, budget, **options) for budget in budgets]
+        grid += [policy_from_spec(spec, budget, defaults) for budget in budgets]
     return grid
 
 

@@ -7,11 +7,9 @@ the engine; a client that goes away aborts its request, so its pages return to t
 
 from __future__ import annotations
 
-import asyncio
 import hmac
-import json
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -22,15 +20,13 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lemma.engine.async_engine import AsyncEngine
-from lemma.engine.policies import Policy
+from lemma.engine.policies import Policy, policy_from_spec
 from lemma.engine.sequence import RequestOutput, Stats
 from lemma.errors import LemmaError
 from lemma.reasoning import ThinkSplitter, opens_thinking, split_reasoning
 from lemma.server.protocol import (APIError, ChatCompletionRequest, CompletionRequest, GenerationRequest,
                                    lemma_stats, now, usage)
-
-DISCONNECT_POLL_SECONDS = 0.25
-
+from lemma.server.streams import Outputs, Reply, collect, event_stream
 
 class Server:
     """What the routes share: the engine, the served model's name, the key, the reasoning switch."""
@@ -68,17 +64,26 @@ class Server:
         if req.kv_policy is None:
             return self.engine.engine.policy
         try:
-            return req.kv_policy.build()
+            return policy_from_spec(req.kv_policy)
         except LemmaError as exc:
             raise APIError(400, f"kv_policy: {exc}", "kv_policy") from None
 
-    def submit(self, req: GenerationRequest, prompt_ids: list[int], requested: int | None, request_id: str):
+    def submit(self, req: GenerationRequest, prompt_ids: list[int], requested: int | None,
+               request_id: str) -> list[Outputs]:
+        """One engine request per choice (n of them; with a seed, choice i samples with seed + i). Admitted
+        together, the later choices read the prompt's pages from the first (engine/pages.py)."""
         policy = self.policy(req)
         max_tokens = self.max_tokens(requested, len(prompt_ids), policy)
+        streams: list[Outputs] = []
+        ids = [request_id] if req.n == 1 else [f"{request_id}-{choice}" for choice in range(req.n)]
         try:
-            return self.engine.submit(prompt_ids, req.sampling(max_tokens), policy, request_id)
+            for choice, choice_id in enumerate(ids):
+                streams.append(self.engine.submit(prompt_ids, req.sampling(max_tokens, choice), policy, choice_id))
         except LemmaError as exc:
+            for choice_id in ids[: len(streams)]:  # the choices already queued are aborted
+                self.engine.abort(choice_id)
             raise APIError(400, str(exc)) from None
+        return streams
 
     def check_model(self, req: GenerationRequest) -> None:
         if req.model not in (None, "", self.model_name):
@@ -86,57 +91,11 @@ class Server:
                            "model", code="model_not_found")
 
 
-async def collect(outputs: AsyncIterator[RequestOutput], http: Request) -> tuple[str, list[int], RequestOutput | None]:
-    """The whole reply; None as the last output when the client went away (the request is aborted)."""
-    parts: list[str] = []
-    ids: list[int] = []
-
-    async def drain() -> RequestOutput:
-        async for out in outputs:
-            parts.append(out.text)
-            ids.extend(out.token_ids)
-            if out.finished:
-                return out
-        raise RuntimeError("the request's outputs ended without a finish")
-
-    task = asyncio.ensure_future(drain())
-    while True:
-        done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_SECONDS)
-        if done:
-            return "".join(parts), ids, task.result()
-        if await http.is_disconnected():
-            task.cancel()  # leaving the outputs aborts the request
-            await asyncio.gather(task, return_exceptions=True)
-            return "".join(parts), ids, None
-
-
-def sse(data: dict[str, Any] | str) -> str:
-    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
-
-
-async def event_stream(outputs: AsyncIterator[RequestOutput], first: list[dict[str, Any]],
-                       render: Callable[[RequestOutput], list[dict[str, Any]]],
-                       usage_event: Callable[[int, Stats | None], dict[str, Any] | None]) -> AsyncIterator[str]:
-    """One request as server-sent events: `first`, then render(out) for every output, then the usage
-    event (if any) and [DONE]. Leaving early (a client gone mid-stream) aborts the request."""
-    generated, stats = 0, None
-    try:
-        for body in first:
-            yield sse(body)
-        async for out in outputs:
-            generated += len(out.token_ids)
-            stats = out.stats or stats
-            if out.finish_reason == "error":
-                yield sse(APIError(500, out.error or "generation failed", kind="server_error").body())
-                return
-            for body in render(out):
-                yield sse(body)
-        last = usage_event(generated, stats)
-        if last is not None:
-            yield sse(last)
-        yield sse("[DONE]")
-    finally:
-        await outputs.aclose()
+def whole_usage(prompt_len: int, replies: list[Reply]) -> dict[str, Any]:
+    """usage (the prompt once, every choice's tokens) and lemma's stats (per choice when n > 1)."""
+    stats = [r.last.stats for r in replies]
+    extra = lemma_stats(stats[0]) if len(stats) == 1 else [lemma_stats(s) for s in stats]
+    return {"usage": usage(prompt_len, sum(len(r.token_ids) for r in replies), stats), "lemma": extra}
 
 
 def finish_reason(out: RequestOutput) -> str:
@@ -222,45 +181,49 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
         if req.stream:
             return StreamingResponse(chat_events(req, outputs, request_id, len(prompt_ids), thinking),
                                      media_type="text/event-stream")
-        reply, ids, last = await collect(outputs, http)
-        if last is None:
+        replies = await collect(outputs, http)
+        if replies is None:
             return Response(status_code=499)
-        reason = finish_reason(last)
-        reasoning_content, content = split_reasoning(reply, thinking) if server.reasoning else (None, reply)
-        message = {"role": "assistant", "content": content}
-        if reasoning_content is not None:
-            message["reasoning_content"] = reasoning_content
-        return JSONResponse({
-            "id": request_id, "object": "chat.completion", "created": now(), "model": model_name,
-            "choices": [{"index": 0, "message": message, "finish_reason": reason, "logprobs": None}],
-            "usage": usage(len(prompt_ids), len(ids), last.stats), "lemma": lemma_stats(last.stats)})
+        choices = []
+        for index, reply in enumerate(replies):
+            reason = finish_reason(reply.last)
+            reasoning_content, content = split_reasoning(reply.text, thinking) if server.reasoning else (None, reply.text)
+            message = {"role": "assistant", "content": content}
+            if reasoning_content is not None:
+                message["reasoning_content"] = reasoning_content
+            choices.append({"index": index, "message": message, "finish_reason": reason, "logprobs": None})
+        return JSONResponse({"id": request_id, "object": "chat.completion", "created": now(), "model": model_name,
+                             "choices": choices, **whole_usage(len(prompt_ids), replies)})
 
-    def chat_events(req: ChatCompletionRequest, outputs: AsyncIterator[RequestOutput], request_id: str,
+    def chat_events(req: ChatCompletionRequest, outputs: list[Outputs], request_id: str,
                     prompt_len: int, thinking: bool) -> AsyncIterator[str]:
         created = now()
-        splitter = ThinkSplitter(thinking) if server.reasoning else None
+        splitters = [ThinkSplitter(thinking) if server.reasoning else None for _ in outputs]
 
-        def chunk(delta: dict[str, Any], reason: str | None = None, **extra: Any) -> dict[str, Any]:
+        def chunk(index: int, delta: dict[str, Any], reason: str | None = None, **extra: Any) -> dict[str, Any]:
             body = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model_name,
-                    "choices": [{"index": 0, "delta": delta, "finish_reason": reason, "logprobs": None}], **extra}
+                    "choices": [{"index": index, "delta": delta, "finish_reason": reason, "logprobs": None}], **extra}
             if req.include_usage:
                 body["usage"] = None
             return body
 
-        def render(out: RequestOutput) -> list[dict[str, Any]]:
+        def render(index: int, out: RequestOutput) -> list[dict[str, Any]]:
+            splitter = splitters[index]
             runs = splitter.feed(out.text, final=out.finished) if splitter else [(out.text, False)]
-            bodies = [chunk({"reasoning_content": text} if inside else {"content": text}) for text, inside in runs if text]
+            bodies = [chunk(index, {"reasoning_content": text} if inside else {"content": text})
+                      for text, inside in runs if text]
             if out.finished:
-                bodies.append(chunk({}, out.finish_reason, lemma=lemma_stats(out.stats)))
+                bodies.append(chunk(index, {}, out.finish_reason, lemma=lemma_stats(out.stats)))
             return bodies
 
-        def usage_event(generated: int, stats: Stats | None) -> dict[str, Any] | None:
+        def usage_event(generated: int, stats: list[Stats]) -> dict[str, Any] | None:
             if not req.include_usage:
                 return None
             return {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model_name,
                     "choices": [], "usage": usage(prompt_len, generated, stats)}
 
-        return event_stream(outputs, [chunk({"role": "assistant", "content": ""})], render, usage_event)
+        opening = [chunk(i, {"role": "assistant", "content": ""}) for i in range(len(outputs))]
+        return event_stream(outputs, opening, render, usage_event)
 
     @app.post("/v1/completions", dependencies=[Depends(authorized)])
     async def completions(req: CompletionRequest, http: Request) -> Response:
@@ -274,15 +237,15 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
         if req.stream:
             return StreamingResponse(completion_events(req, outputs, request_id, len(prompt_ids)),
                                      media_type="text/event-stream")
-        text, ids, last = await collect(outputs, http)
-        if last is None:
+        replies = await collect(outputs, http)
+        if replies is None:
             return Response(status_code=499)
-        return JSONResponse({
-            "id": request_id, "object": "text_completion", "created": now(), "model": model_name,
-            "choices": [{"index": 0, "text": text, "finish_reason": finish_reason(last), "logprobs": None}],
-            "usage": usage(len(prompt_ids), len(ids), last.stats), "lemma": lemma_stats(last.stats)})
+        choices = [{"index": i, "text": r.text, "finish_reason": finish_reason(r.last), "logprobs": None}
+                   for i, r in enumerate(replies)]
+        return JSONResponse({"id": request_id, "object": "text_completion", "created": now(), "model": model_name,
+                             "choices": choices, **whole_usage(len(prompt_ids), replies)})
 
-    def completion_events(req: CompletionRequest, outputs: AsyncIterator[RequestOutput], request_id: str,
+    def completion_events(req: CompletionRequest, outputs: list[Outputs], request_id: str,
                           prompt_len: int) -> AsyncIterator[str]:
         created = now()
 
@@ -290,17 +253,17 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
             return {"id": request_id, "object": "text_completion", "created": created, "model": model_name,
                     "choices": choices}
 
-        def render(out: RequestOutput) -> list[dict[str, Any]]:
+        def render(index: int, out: RequestOutput) -> list[dict[str, Any]]:
             if not (out.text or out.finished):
                 return []
-            event = body([{"index": 0, "text": out.text, "finish_reason": out.finish_reason, "logprobs": None}])
+            event = body([{"index": index, "text": out.text, "finish_reason": out.finish_reason, "logprobs": None}])
             if out.finished:
                 event["lemma"] = lemma_stats(out.stats)
             if req.include_usage:
                 event["usage"] = None
             return [event]
 
-        def usage_event(generated: int, stats: Stats | None) -> dict[str, Any] | None:
+        def usage_event(generated: int, stats: list[Stats]) -> dict[str, Any] | None:
             return {**body([]), "usage": usage(prompt_len, generated, stats)} if req.include_usage else None
 
         return event_stream(outputs, [], render, usage_event)

@@ -1,7 +1,7 @@
 """The OpenAI-compatible request bodies the server accepts, as pydantic models, and what it answers.
 
-Unknown fields are ignored (clients send many); fields lemma cannot honour (n > 1, logprobs, echo,
-best_of > 1) are rejected with a 400 that names them rather than silently dropped.
+Unknown fields are ignored (clients send many); fields lemma cannot honour (logprobs, echo, best_of > 1,
+tools) are rejected with a 400 that names them rather than silently dropped.
 """
 
 from __future__ import annotations
@@ -11,9 +11,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from lemma.engine.policies import Policy, make_policy
 from lemma.engine.sampler import SamplingParams
 from lemma.engine.sequence import Stats
+
+
+MAX_CHOICES = 16
 
 
 class APIError(Exception):
@@ -26,24 +28,6 @@ class APIError(Exception):
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
-
-
-class KVPolicySpec(BaseModel):
-    """lemma's extra body field: the KV policy of this request, e.g. {"name": "raas", "budget": 512}."""
-
-    model_config = ConfigDict(extra="forbid")
-    name: str
-    budget: int | None = None
-    pin_prompt: bool | None = None
-    dense_layers: int = 0
-
-    def build(self) -> Policy:
-        if self.name.lower() == "dense":
-            return make_policy("dense", self.budget)
-        options: dict[str, Any] = {"dense_layers": self.dense_layers}
-        if self.pin_prompt is not None:
-            options["pin_prompt"] = self.pin_prompt
-        return make_policy(self.name, self.budget, **options)
 
 
 class StreamOptions(BaseModel):
@@ -64,12 +48,12 @@ class GenerationRequest(BaseModel):
     repetition_penalty: float = Field(1.0, gt=0)
     stop: str | list[str] | None = None
     seed: int | None = None
-    n: int = 1
+    n: int = Field(1, ge=1, le=MAX_CHOICES)  # choices, sharing the prompt's pages
     logprobs: Any = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False  # lemma/vLLM extra: generate all max_tokens
-    kv_policy: KVPolicySpec | None = None  # lemma extra
+    kv_policy: dict[str, Any] | str | None = None  # lemma extra: {"name": "raas", "budget": 512, ...} or "raas:budget=512"
     tools: Any = None
     tool_choice: Any = None
     functions: Any = None
@@ -77,8 +61,6 @@ class GenerationRequest(BaseModel):
 
     @model_validator(mode="after")
     def _supported(self) -> "GenerationRequest":
-        if self.n != 1:
-            raise ValueError("n: only n=1 is supported; send one request per sample")
         if self.logprobs:
             raise ValueError("logprobs: not supported")
         for name in ("tools", "tool_choice", "functions"):
@@ -92,12 +74,14 @@ class GenerationRequest(BaseModel):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
-    def sampling(self, max_tokens: int) -> SamplingParams:
+    def sampling(self, max_tokens: int, choice: int = 0) -> SamplingParams:
+        """Choice `choice`'s sampling: with a seed, seed + choice, so n choices differ and repeat."""
+        seed = None if self.seed is None else self.seed + choice
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return SamplingParams(max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
                               top_k=max(self.top_k, 0), min_p=self.min_p, presence_penalty=self.presence_penalty,
                               frequency_penalty=self.frequency_penalty, repetition_penalty=self.repetition_penalty,
-                              seed=self.seed, stop=stop, ignore_eos=self.ignore_eos)
+                              seed=seed, stop=stop, ignore_eos=self.ignore_eos)
 
 
 class TextPart(BaseModel):
@@ -152,9 +136,10 @@ class CompletionRequest(GenerationRequest):
         return self.max_tokens
 
 
-def usage(prompt_tokens: int, completion_tokens: int, stats: Stats | None = None) -> dict[str, Any]:
-    """OpenAI's usage object; prompt tokens read from the prefix cache are its cached_tokens."""
-    cached = 0 if stats is None else stats.cached_tokens
+def usage(prompt_tokens: int, completion_tokens: int, stats: list[Stats] = ()) -> dict[str, Any]:
+    """OpenAI's usage object; prompt tokens read from the prefix cache are its cached_tokens (with n
+    choices, what the first found: the others read the prompt it wrote)."""
+    cached = min((s.cached_tokens for s in stats), default=0)
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens, "prompt_tokens_details": {"cached_tokens": cached}}
 
