@@ -9,6 +9,9 @@ each fit in their budget. Bounded: --time-limit seconds per policy, then the res
 
     .venv/bin/python -m bench.serve_load --clients 8 --max-tokens 1024 --kv-cache-tokens 4096 \
         --policies dense,raas-256,raas-512,streaming-512
+
+With --system-tokens N every client sends the same system prompt of about N tokens first; --prefix-cache
+both runs each policy with the prefix cache on and off (the server's --no-prefix-cache).
 """
 
 from __future__ import annotations
@@ -54,7 +57,15 @@ def get_json(url: str) -> dict:
         return json.loads(response.read())
 
 
-def start_server(args: argparse.Namespace, policy: str, port: int) -> subprocess.Popen:
+def system_prompt(tokens: int) -> str | None:
+    """About `tokens` tokens of instructions (SmolLM2/Qwen tokenizers: ~25 tokens per rule)."""
+    if tokens <= 0:
+        return None
+    return "Follow these rules. " + " ".join(f"Rule {i}: answer questions about topic {i} in {i % 5 + 2} short sentences "
+                                             f"and cite section {i}.{i % 3}." for i in range(tokens // 25))
+
+
+def start_server(args: argparse.Namespace, policy: str, port: int, prefix_cache: bool = True) -> subprocess.Popen:
     name, _, budget = policy.partition("-")
     command = [sys.executable, "-c", "from lemma.cli import main; main()", "serve", "--model", args.model, "--port", str(port),
                "--policy", name, "--kv-cache-tokens", str(args.kv_cache_tokens), "--max-batch", str(args.max_batch)]
@@ -62,6 +73,8 @@ def start_server(args: argparse.Namespace, policy: str, port: int) -> subprocess
         command += ["--budget", budget]
     if args.compile:
         command.append("--compile")
+    if not prefix_cache:
+        command.append("--no-prefix-cache")
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -76,12 +89,13 @@ def start_server(args: argparse.Namespace, policy: str, port: int) -> subprocess
     raise RuntimeError(f"server for {policy} did not start in 120 s")
 
 
-async def one_client(client, model: str, question: str, max_tokens: int) -> dict:
+async def one_client(client, model: str, question: str, max_tokens: int, system: str | None) -> dict:
     sent = time.perf_counter()
     stamps: list[float] = []
     tokens = 0
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
     stream = await client.chat.completions.create(
-        model=model, messages=[{"role": "user", "content": question}], max_tokens=max_tokens, temperature=0,
+        model=model, messages=messages, max_tokens=max_tokens, temperature=0,
         stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
     async for chunk in stream:
         if chunk.choices and chunk.choices[0].delta.content:
@@ -100,7 +114,8 @@ async def load(args: argparse.Namespace, port: int) -> tuple[list[dict], float, 
     client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0,
                                 timeout=args.time_limit + 60)
     start = time.perf_counter()
-    tasks = [asyncio.create_task(one_client(client, args.model, q, args.max_tokens)) for q in questions(args.clients)]
+    system = system_prompt(args.system_tokens)
+    tasks = [asyncio.create_task(one_client(client, args.model, q, args.max_tokens, system)) for q in questions(args.clients)]
     done, pending = await asyncio.wait(tasks, timeout=args.time_limit)
     for task in pending:
         task.cancel()
@@ -114,9 +129,9 @@ async def load(args: argparse.Namespace, port: int) -> tuple[list[dict], float, 
     return results, elapsed, len(pending)
 
 
-def run_policy(args: argparse.Namespace, policy: str) -> dict:
+def run_policy(args: argparse.Namespace, policy: str, prefix_cache: bool = True) -> dict:
     port = free_port()
-    server = start_server(args, policy, port)
+    server = start_server(args, policy, port, prefix_cache)
     try:
         results, elapsed, cancelled = asyncio.run(load(args, port))
         stats = get_json(f"http://127.0.0.1:{port}/stats")
@@ -124,7 +139,9 @@ def run_policy(args: argparse.Namespace, policy: str) -> dict:
         server.terminate()
         server.wait(30)
     tokens = sum(r["tokens"] for r in results)
-    return {"policy": policy, "clients": args.clients, "max_tokens": args.max_tokens,
+    cache = stats.get("prefix_cache", {})
+    return {"policy": policy, "prefix_cache": prefix_cache, "system_tokens": args.system_tokens,
+            "cached_tokens": cache.get("cached_tokens", 0), "clients": args.clients, "max_tokens": args.max_tokens,
             "kv_cache_tokens": args.kv_cache_tokens, "completed": len(results), "cancelled": cancelled,
             "seconds": elapsed, "requests_per_s": len(results) / elapsed, "output_tokens_per_s": tokens / elapsed,
             "ttft_p50_s": percentile([r["ttft"] for r in results], 50),
@@ -146,11 +163,14 @@ def main() -> None:
     parser.add_argument("--policies", default="dense,raas-256,raas-512,streaming-512")
     parser.add_argument("--time-limit", type=float, default=900, help="seconds per policy before the rest is cancelled")
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--system-tokens", type=int, default=0, help="a shared system prompt of about this many tokens")
+    parser.add_argument("--prefix-cache", choices=["on", "off", "both"], default="on")
     parser.add_argument("--out", default="bench/results/serve_load.jsonl")
     args = parser.parse_args()
     rows = []
-    for policy in args.policies.split(","):
-        row = run_policy(args, policy)
+    settings = {"on": [True], "off": [False], "both": [False, True]}[args.prefix_cache]
+    for policy, cache in [(p, c) for p in args.policies.split(",") for c in settings]:
+        row = run_policy(args, policy, cache)
         row.update(threads=os.environ.get("OMP_NUM_THREADS", "default"), date=time.strftime("%Y-%m-%d"))
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -158,10 +178,10 @@ def main() -> None:
     with open(args.out, "a") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
-    header = f"{'policy':<14} {'done':>5} {'req/s':>7} {'tok/s':>7} {'TTFT p50/p99 s':>15} {'TPOT p50/p99 ms':>16} {'peak run':>8} {'mean batch':>10} {'preempt':>7}"
+    header = f"{'policy':<14} {'cache':>5} {'cached':>7} {'done':>5} {'req/s':>7} {'tok/s':>7} {'TTFT p50/p99 s':>15} {'TPOT p50/p99 ms':>16} {'peak run':>8} {'mean batch':>10} {'preempt':>7}"
     print(header)
     for r in rows:
-        print(f"{r['policy']:<14} {r['completed']:>5} {r['requests_per_s']:>7.3f} {r['output_tokens_per_s']:>7.1f} "
+        print(f"{r['policy']:<14} {'on' if r['prefix_cache'] else 'off':>5} {r['cached_tokens']:>7} {r['completed']:>5} {r['requests_per_s']:>7.3f} {r['output_tokens_per_s']:>7.1f} "
               f"{r['ttft_p50_s']:>7.2f}/{r['ttft_p99_s']:<7.2f} {r['tpot_p50_ms']:>8.1f}/{r['tpot_p99_ms']:<7.1f} "
               f"{r['peak_running']:>8} {r['mean_decode_batch']:>10.1f} {r['preemptions']:>7}")
 
