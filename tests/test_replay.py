@@ -35,7 +35,7 @@ def snapshots(engine: Engine) -> dict:
             state.append(rows)
         seen[(len(seq.prompt_ids), len(seq.forced), fed)] = state
 
-    decode, replay = engine.runner.decode, engine.runner.replay
+    decode, replay = engine.runner.decode, engine.forcing.replay
 
     def spy_decode(seqs, policy):
         logits = decode(seqs, policy)
@@ -50,7 +50,7 @@ def snapshots(engine: Engine) -> dict:
             record(seq, end)
         return logits
 
-    engine.runner.decode, engine.runner.replay = spy_decode, spy_replay
+    engine.runner.decode, engine.forcing.replay = spy_decode, spy_replay
     return seen
 
 
@@ -95,8 +95,8 @@ def test_chunked_replay_equals_token_by_token(policy, tiny_dir):
 def test_chunked_replay_takes_a_page_per_forward(tiny_dir):
     engine = Engine(tiny_dir, policy=RaaS(budget=64), kv_cache_tokens=4096)
     calls = []
-    replay = engine.runner.replay
-    engine.runner.replay = lambda seqs, policy: calls.append(len(seqs)) or replay(seqs, policy)
+    replay = engine.forcing.replay
+    engine.forcing.replay = lambda seqs, policy: calls.append(len(seqs)) or replay(seqs, policy)
     engine.teacher_force([[5] * 10], [[7] * 100])
     # 99 fed positions 10..108: the rest of page 0, pages 1-5, and 13 of page 6
     assert len(calls) == 7
@@ -150,9 +150,9 @@ def test_shared_dense_prefix_equals_full_replay(policy, tiny_dir):
     for shared in (None, recordings):
         engine = Engine(tiny_dir, policy=policy, kv_cache_tokens=4096, dtype="float32")
         seen = snapshots(engine)
-        recorded = engine.runner._replay_recorded
+        recorded = engine.forcing._recorded
         calls = []
-        engine.runner._replay_recorded = lambda seqs, spans, p: calls.append(len(seqs)) or recorded(seqs, spans, p)
+        engine.forcing._recorded = lambda seqs, spans, p: calls.append(len(seqs)) or recorded(seqs, spans, p)
         runs.append((engine.teacher_force(prompts, targets, shared=shared), seen, calls))
         assert engine.pages.all_free
     (full, full_state, none), (reused, reused_state, calls) = runs

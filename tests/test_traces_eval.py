@@ -244,7 +244,7 @@ def test_pin_share_pins_the_sink_and_the_last_prompt_pages(tiny_dir):
 def test_eval_traces_shares_dense_prefix_with_the_same_records(tiny_dir, tmp_path, monkeypatch):
     """run_trace_fidelity replays each policy from Dense's recorded prefix where it may; its records
     equal those of full replays."""
-    from lemma.engine.runner import ModelRunner
+    from lemma.engine.forcing import ChunkedReplay
     from lemma.evaluation.results import ResultsFile
     from lemma.evaluation.traces import run_trace_fidelity
 
@@ -255,10 +255,10 @@ def test_eval_traces_shares_dense_prefix_with_the_same_records(tiny_dir, tmp_pat
     for mode in ("shared", "full"):
         engine = Engine(tiny_dir, kv_cache_tokens=4096, dtype="float32")
         calls = []
-        recorded = engine.runner._replay_recorded
-        engine.runner._replay_recorded = lambda seqs, spans, p: calls.append(len(seqs)) or recorded(seqs, spans, p)
+        recorded = engine.forcing._recorded
+        engine.forcing._recorded = lambda seqs, spans, p: calls.append(len(seqs)) or recorded(seqs, spans, p)
         if mode == "full":
-            monkeypatch.setattr(ModelRunner, "_shares", lambda *args: False)
+            monkeypatch.setattr(ChunkedReplay, "_shares", lambda *args: False)
         results = ResultsFile(tmp_path / f"{mode}.jsonl")
         run_trace_fidelity(engine, traces, policies, 400, results, group=2)
         runs_by_mode[mode] = ({(r["config"], r["id"]): r for r in results.of("fidelity")}, calls)
@@ -283,8 +283,8 @@ def test_eval_traces_shares_dense_prefix_with_the_same_records(tiny_dir, tmp_pat
     path.write_text("\n".join(lines[:-3]) + "\n")  # the last three records of group 2 are gone
     engine = Engine(tiny_dir, kv_cache_tokens=4096, dtype="float32")
     calls = []
-    recorded = engine.runner._replay_recorded
-    engine.runner._replay_recorded = lambda seqs, spans, p: calls.append(len(seqs)) or recorded(seqs, spans, p)
+    recorded = engine.forcing._recorded
+    engine.forcing._recorded = lambda seqs, spans, p: calls.append(len(seqs)) or recorded(seqs, spans, p)
     forced, fed = engine.teacher_force, []
 
     def recording_lengths(prompts, targets, **options):  # the Dense re-recording: how much it replays

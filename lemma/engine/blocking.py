@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from lemma.engine.forcing import teacher_force
 from lemma.engine.policies import Dense
 from lemma.engine.prompts import Prompt, chat_ids, is_conversation
 from lemma.engine.recording import Recording
@@ -126,9 +127,6 @@ class BlockingCalls:
         """Whether teacher_force can record and share Dense prefixes (not under tensor parallelism)."""
         return self.runner.cluster is None
 
-    def _recording_source(self) -> tuple[str, str]:
-        return str(self.model_dir), str(self.dtype).removeprefix("torch.")
-
     def teacher_force(self, prompts: list[Prompt], targets: list[list[int]], chunked: bool = True,
                       record_until: int = 0, shared: list[Recording | None] | None = None,
                       on_finished: Callable[[int, Forced], None] | None = None) -> list[Forced]:
@@ -141,65 +139,8 @@ class BlockingCalls:
         hands such recordings, made by this engine of the same prompt ids and targets (or None), to
         another policy's replay, which skips the model where it attends what Dense attends.
         `on_finished(i, forced)` is called as each replay finishes (in finishing order), so a caller can
-        keep each result before the slowest one is done."""
-        if not isinstance(prompts, (list, tuple)) or not isinstance(targets, (list, tuple)) or len(prompts) != len(targets):
-            raise LemmaError("teacher_force needs a list of prompts and one target list per prompt")
-        if shared is not None and len(shared) != len(prompts):
-            raise LemmaError(f"teacher_force got {len(shared)} shared recordings for {len(prompts)} prompts")
-        if isinstance(record_until, bool) or not isinstance(record_until, int) or record_until < 0:
-            raise LemmaError(f"record_until must be a position >= 0, got {record_until!r}")
-        if not chunked and (record_until or shared is not None):
-            raise LemmaError("record_until and shared work on chunked replay only (chunked=True)")
-        if record_until and not isinstance(self.policy, Dense):
-            raise LemmaError(f"record_until records Dense's attention inputs, but the policy is {self.policy.describe()}")
-        vocab = self.config.vocab_size
-        for i, target in enumerate(targets):
-            if not isinstance(target, (list, tuple)) or not target:
-                raise LemmaError(f"targets[{i}] must be a non-empty list of token ids")
-            bad = [t for t in target if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab]
-            if bad:
-                raise LemmaError(f"targets[{i}] token id {bad[0]!r} is outside the vocabulary [0, {vocab})")
-        params = [SamplingParams(max_tokens=len(t), ignore_eos=True) for t in targets]
-        box: deque[RequestOutput] = deque()
-        forced = [list(t) for t in targets]
-
-        def prepare(i: int, seq: Sequence) -> None:
-            seq.forced, seq.chunked = forced[i], chunked
-            seq.uses_prefix_cache = False  # a measurement: its prompt is computed, not read from the cache
-            if record_until and self.shares_prefixes:  # a rank's recording would hold only its heads
-                seq.recording = Recording(seq.prompt_ids, forced[i], record_until, self.config.num_layers,
-                                          self._recording_source())
-            prefix = None if shared is None else shared[i]
-            if prefix is not None:
-                if not prefix.covers(seq.prompt_ids, forced[i]):
-                    raise LemmaError(f"shared[{i}] is a recording of other tokens than prompts[{i}] and targets[{i}]")
-                if len(prefix.logprobs) < len(forced[i]):
-                    raise LemmaError(f"shared[{i}] is the recording of a replay that did not finish")
-                if prefix.source != self._recording_source():
-                    model, dtype = self._recording_source()
-                    raise LemmaError(f"shared[{i}] was recorded with {prefix.source[0]} in {prefix.source[1]}, "
-                                     f"not with this engine's {model} in {dtype}")
-                seq.shared_prefix = prefix
-
-        seqs, failed = self._submit_all(list(prompts), params, box, prepare=prepare)
-        results = {i: Forced([], [], Stats(), out.error) for i, out in failed.items()}
-        index = {s.request_id: i for i, s in enumerate(seqs) if s is not None}
-        if on_finished is not None:
-            for i, f in results.items():
-                on_finished(i, f)
-        for out in self._follow(list(index), box):
-            if out.finished:
-                i = index[out.request_id]
-                results[i] = self._forced(seqs[i])
-                if on_finished is not None:
-                    on_finished(i, results[i])
-        return [results[i] for i in range(len(seqs))]
-
-    @staticmethod
-    def _forced(seq: Sequence) -> Forced:
-        if seq.recording is not None:
-            seq.recording.logprobs, seq.recording.predicted = seq.forced_logprobs, seq.predicted
-        return Forced(seq.forced_logprobs, seq.predicted, seq.stats, seq.error, seq.recording, seq.shared_tokens)
+        keep each result before the slowest one is done. (engine/forcing.py does the work.)"""
+        return teacher_force(self, prompts, targets, chunked, record_until, shared, on_finished)
 
     def chat_prompt(self, messages: list[dict[str, Any]]) -> list[int]:
         """Token ids of a conversation rendered with the chat template (generate accepts it directly)."""

@@ -20,6 +20,7 @@ import torch
 
 from lemma.engine.blocking import BlockingCalls
 from lemma.engine.pages import PageOwner
+from lemma.engine.forcing import ChunkedReplay
 from lemma.engine.options import check_limits, pool_pages, resolve_compile, resolve_device, resolve_dtype
 from lemma.engine.policies import Dense, Policy, check_policy
 from lemma.engine.pool import PAGE_SIZE, KVPool
@@ -29,7 +30,7 @@ from lemma.engine.sampler import Sampler, SamplingParams
 from lemma.engine.scheduler import Scheduler, StepPlan
 from lemma.engine.sequence import DECODE, RequestOutput, Sequence
 from lemma.engine.tensor_parallel import Cluster, check_world, rank_device
-from lemma.engine.tokens import force_recorded, force_rows, next_tokens
+from lemma.engine.tokens import next_tokens
 from lemma.errors import LemmaError
 from lemma.kernels import resolve_attention
 from lemma.models.config import ModelConfig
@@ -160,6 +161,7 @@ class Engine(BlockingCalls):
         # a sequence never holds more pages in a layer than the pool has or the model's context spans
         max_slots = min(num_pages, self.pool.pages_for(c.max_position_embeddings))
         self.runner = ModelRunner(self.model, self.pool, self.attention, max_batch, compile, max_slots)
+        self.forcing = ChunkedReplay(self.runner)
         self.pages = PageOwner(c.num_layers, num_pages, self.pool.page_size, prefix_cache)
         self.scheduler = Scheduler(self.pages, max_batch, prefill_chunk)
         self.sampler = Sampler(self.device)
@@ -346,14 +348,9 @@ class Engine(BlockingCalls):
             for seq, token in zip(seqs, tokens):
                 seq.stats.decode_seconds += elapsed
                 outputs.append(self._advance(seq, token))
-        for policy, seqs in plan.replay.items():
-            start = time.perf_counter()
-            replayed = self.runner.replay(seqs, policy)
-            elapsed = time.perf_counter() - start
-            for seq, rows in zip(seqs, replayed):  # logits [T, V], or T tokens from the shared prefix
-                seq.stats.decode_seconds += elapsed
-                tokens = force_recorded(seq, rows) if isinstance(rows, int) else force_rows(rows, seq)
-                outputs.append(self._advance_all(seq, tokens))
+        for seq, tokens, elapsed in self.forcing.step(plan.replay):  # teacher forcing, a page per sequence
+            seq.stats.decode_seconds += elapsed
+            outputs.append(self._advance_all(seq, tokens))
         if plan.prefill:
             start = time.perf_counter()
             logits = self.runner.prefill(plan.prefill)

@@ -18,6 +18,9 @@ from __future__ import annotations
 import torch
 
 from lemma.errors import LemmaError
+from lemma.models.llama import ByLayer
+
+Recorder = tuple["Recording", int, int, int]  # (recording, its first row in the forward, first position, rows)
 
 
 class Recording:
@@ -86,3 +89,15 @@ class Recording:
     def covers(self, prompt_ids: list[int], targets: list[int]) -> bool:
         """Whether this recording is of the same prompt and targets."""
         return prompt_ids == self.prompt_ids and targets == self.targets
+
+
+class RecordingAttend(ByLayer):
+    """`attend`, also handing each recording its sequence's rows of every layer's q, k, v."""
+
+    def __init__(self, attend: ByLayer, recorders: list[Recorder]):
+        self.attend, self.recorders = attend, recorders
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        for recording, row, position, count in self.recorders:
+            recording.put(layer, position, q[row : row + count], k[row : row + count], v[row : row + count])
+        return self.attend(layer, q, k, v)

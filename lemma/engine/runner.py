@@ -17,23 +17,22 @@ import torch
 
 from lemma.engine.attention import DecodeAttention, PrefillAttention, PrefillSegment
 from lemma.engine.compiled import compile_decode
-from lemma.engine.decode_state import CONTINUE, NEW_SLOT, DecodeState, StepInputs, batch_bucket
+from lemma.engine.decode_state import NEW_SLOT, DecodeState, StepInputs, batch_bucket
 from lemma.engine.graphs import CudaGraphs
 from lemma.engine.pages import prompt_pins
 from lemma.engine.policies import Policy
 from lemma.engine.pool import KVPool
-from lemma.engine.recording import Recording
+from lemma.engine.recording import Recorder, RecordingAttend
 from lemma.engine.replay import ReplayAttention, ReplayBatch
 from lemma.errors import LemmaError
 from lemma.engine.sequence import Sequence
 from lemma.kernels import kernel_ops
-from lemma.models.llama import ByLayer, CausalLM, call_head, call_layer
+from lemma.models.llama import CausalLM, call_head, call_layer
 
 if TYPE_CHECKING:
     from lemma.engine.tensor_parallel import Cluster
 
 PrefillChunk = tuple[Sequence, Policy, int, int]  # (sequence, its policy, first position, end position)
-Recorder = tuple[Recording, int, int, int]  # (recording, its first row in the forward, first position, rows)
 # observer(layer, born [B,Hkv,S], valid, step mass [B,Hkv,S], evicted born [B,Hkv] or -1): for traces
 Observer = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
 MAX_POLICY_STATES = 8  # distinct KV policies whose decode state (and CUDA graphs) are kept while idle
@@ -101,7 +100,7 @@ class ModelRunner:
                   segments, None if all_logits else torch.tensor(last, device=self.device))
         if self.cluster is not None:
             self.cluster.send(("prefill", inputs))
-        logits = self._collective(self.prefill_forward, *inputs)
+        logits = self.collective(self.prefill_forward, *inputs)
         for seq, *_ in chunks:
             seq.track_peak(pool.layer_page_bytes)  # the whole prompt is resident until the cut
         return logits
@@ -112,7 +111,7 @@ class ModelRunner:
         attend = PrefillAttention(self.pool, self.scale, segments, positions)
         return self.model(tokens, positions, attend, logits_at=logits_at)
 
-    def _collective(self, fn: Callable, *args):
+    def collective(self, fn: Callable, *args):
         """fn(*args); under tensor parallelism a failed collective is reported as the worker that died."""
         try:
             return fn(*args)
@@ -136,79 +135,13 @@ class ModelRunner:
             if trace:
                 raise LemmaError("attention traces are not available under tensor parallelism")
             self.cluster.send(("decode", policy, self._args(step)))
-            logits, _ = self._collective(self.decode_step, policy, False, *self._args(step))
+            logits, _ = self.collective(self.decode_step, policy, False, *self._args(step))
         else:
             logits, traces = self.decode_step(policy, trace, *self._args(step))
             for layer, born, valid, mass, evicted in traces:
                 n = len(seqs)
                 self.observer(layer, born[:n], valid[:n], mass[:n], evicted[:n])
         return logits[: len(seqs)]
-
-    # ---- exact chunked replay of known tokens ---------------------------------------------------------
-    @torch.inference_mode()
-    def replay(self, seqs: list[Sequence], policy: Policy) -> list[torch.Tensor | int]:
-        """Feed each teacher-forced sequence its known tokens up to the end of the current page (one
-        forward for all of them); per sequence, the logits [T, V] after each fed token. Equals T decode
-        steps (see engine/replay.py); in the model's dtype. A sequence whose chunk lies in its shared prefix (engine/recording.py)
-        is fed Dense's recorded attention inputs instead, without the model: the chunk's length T for it."""
-        spans = [seq.replay_span(self.pool.page_size) for seq in seqs]
-        shared = [self._shares(seq, policy, span) for seq, span in zip(seqs, spans)]
-        modeled = [i for i, s in enumerate(shared) if not s]
-        recorded = [i for i, s in enumerate(shared) if s]
-        logits: dict[int, torch.Tensor] = {}
-        if modeled:
-            inputs, lengths = self._replay_inputs([seqs[i] for i in modeled], [spans[i] for i in modeled])
-            modeled = [seqs[i] for i in modeled]
-            recorders: list[Recorder] = []
-            if self.cluster is not None:
-                self.cluster.send(("replay", policy, inputs))
-            else:  # a recording holds one rank's heads under tensor parallelism: none there
-                row = 0
-                for seq, count in zip(modeled, lengths):
-                    if seq.recording is not None:
-                        recorders.append((seq.recording, row, seq.num_tokens - 1, count))
-                    row += count
-            rows = self._collective(self.replay_forward, policy, *inputs, recorders)
-            logits = {seq.uid: part for seq, part in zip(modeled, rows.split(lengths))}
-        if recorded:
-            self._replay_recorded([seqs[i] for i in recorded], [spans[i] for i in recorded], policy)
-        return [logits[seq.uid] if seq.uid in logits else end - start for seq, (start, end) in zip(seqs, spans)]
-
-    def _shares(self, seq: Sequence, policy: Policy, span: tuple[int, int]) -> bool:
-        """Whether this chunk replays from the sequence's shared Dense prefix (not under tensor parallelism)."""
-        prefix = seq.shared_prefix
-        if prefix is None or self.cluster is not None:
-            return False
-        start, end = span
-        return prefix.start <= start and end <= min(prefix.end, policy.dense_prefix(len(seq.prompt_ids)))
-
-    def _replay_inputs(self, seqs: list[Sequence], spans: list[tuple[int, int]]) -> tuple[tuple, list[int]]:
-        """The replay forward's inputs (tokens, positions, ReplayBatch) for each sequence's next chunk
-        (its span), with the page open the page owner decided where a chunk starts a page; and the chunk lengths."""
-        page, layers = self.pool.page_size, self.pool.num_layers
-        tokens, positions, tables, modes, new_slots = [], [], [], [], []
-        for seq, (start, end) in zip(seqs, spans):
-            opening = seq.opening if start % page == 0 else None  # decided by the page owner, as for decode
-            open_modes = [CONTINUE] * layers if opening is None else opening.modes
-            open_slots = [0] * layers if opening is None else opening.slots
-            width = max(len(p) for p in seq.pages)
-            tables.append(torch.tensor([p + [-1] * (width - len(p)) for p in seq.pages]))
-            modes.append(open_modes)
-            new_slots.append(open_slots)
-            tokens += (seq.prompt_ids + seq.forced)[start:end]
-            positions.append(torch.arange(start, end))
-        lengths = [len(p) for p in positions]
-        inputs = (torch.tensor(tokens, device=self.device), torch.cat(positions).to(self.device),
-                  ReplayBatch.build(tables, modes, new_slots, lengths, self.device))
-        return inputs, lengths
-
-    def _replay_recorded(self, seqs: list[Sequence], spans: list[tuple[int, int]], policy: Policy) -> None:
-        """The attention phases alone, per layer, on each sequence's recorded q/k/v of its chunk (span)."""
-        (_, positions, batch), _ = self._replay_inputs(seqs, spans)
-        attend = ReplayAttention(self.pool, policy, self.scale, batch, positions, outputs=False)
-        for layer in range(self.pool.num_layers):
-            parts = [seq.shared_prefix.inputs(layer, start, end) for seq, (start, end) in zip(seqs, spans)]
-            attend(layer, *(torch.cat(rows).to(self.device) for rows in zip(*parts)))
 
     def replay_forward(self, policy: Policy, tokens: torch.Tensor, positions: torch.Tensor,
                        batch: ReplayBatch, recorders: list[Recorder] = ()) -> torch.Tensor:
@@ -217,7 +150,7 @@ class ModelRunner:
         attend = ReplayAttention(self.pool, policy, self.scale, batch, positions)
         if recorders:
             attend = RecordingAttend(attend, recorders)
-        return self.model(tokens, positions, attend, float_logits=False)  # force_rows upcasts them
+        return self.model(tokens, positions, attend, float_logits=False)  # forcing.score_rows upcasts them
 
     def positions(self, policy: Policy, batch: int) -> torch.Tensor:
         """The positions the last decode step under `policy` fed, on the device: [batch]."""
@@ -283,18 +216,6 @@ class ModelRunner:
                     self.decode_step(policy, False, *self._args(step))
                 if progress is not None:
                     progress(bucket)
-
-
-class RecordingAttend(ByLayer):
-    """`attend`, also handing each recording its sequence's rows of every layer's q, k, v."""
-
-    def __init__(self, attend: ByLayer, recorders: list[Recorder]):
-        self.attend, self.recorders = attend, recorders
-
-    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        for recording, row, position, count in self.recorders:
-            recording.put(layer, position, q[row : row + count], k[row : row + count], v[row : row + count])
-        return self.attend(layer, q, k, v)
 
 
 def bucket_sizes(max_batch: int) -> list[int]:

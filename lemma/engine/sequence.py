@@ -77,6 +77,20 @@ class Forced:
 
 
 @dataclass
+class Forcing:
+    """A teacher-forced request's replay state (engine/forcing.py): the tokens it emits instead of
+    sampling, and what the model gave them."""
+
+    targets: list[int]
+    chunked: bool = True  # a page of targets per forward (engine/replay.py), else one decode step each
+    recording: Recording | None = None  # under Dense: the Recording it fills (engine/recording.py)
+    shared_prefix: Recording | None = None  # a Dense Recording of the same tokens it replays from
+    shared_tokens: int = 0  # targets it took from shared_prefix
+    logprobs: list[float] = field(default_factory=list)  # per target: its log-probability
+    predicted: list[int] = field(default_factory=list)  # per target: the model's argmax
+
+
+@dataclass
 class Chunk:
     """One streamed piece of a reply; the last chunk carries the finish reason and stats."""
 
@@ -102,11 +116,7 @@ class Sequence:
         self.policy = policy  # its KV policy (the engine's when the request named none)
         self.status = WAITING
         self.prefilled = 0  # tokens of prompt (+ output, after a preemption) already in the pool
-        self.forced: list[int] | None = None  # teacher forcing: the tokens to emit instead of sampling
-        self.chunked = False  # teacher forcing: replay a page of forced tokens per forward (engine/replay.py)
-        self.recording: Recording | None = None  # chunked teacher forcing under Dense: a Recording it fills (engine/recording.py)
-        self.shared_prefix: Recording | None = None  # chunked teacher forcing: a Dense Recording of the same tokens it replays from
-        self.shared_tokens = 0  # targets it took from shared_prefix
+        self.forcing: Forcing | None = None  # teacher forcing (engine/forcing.py)
         self.prompt_ids = prompt_ids
         self.params = params
         self.seed = 0  # the sampling seed: params.seed, or drawn when the request is added
@@ -122,8 +132,6 @@ class Sequence:
         self.page_keys_for = -1  # the token count they were computed for
         self.finish_reason: str | None = None
         self.error: str | None = None
-        self.forced_logprobs: list[float] = []  # teacher forcing only
-        self.predicted: list[int] = []
         self.text = ""  # text released so far (stop strings never appear in it)
         self.pending = ""  # detokenized text held back because it may start a stop string
         self.stats = Stats(prompt_tokens=len(prompt_ids))
@@ -147,9 +155,14 @@ class Sequence:
         return not self.policy.evicts
 
     @property
+    def forced(self) -> list[int] | None:
+        """The tokens a teacher-forced request emits, or None."""
+        return None if self.forcing is None else self.forcing.targets
+
+    @property
     def replays(self) -> bool:
         """Decodes by chunked replay of its forced tokens rather than one token per step."""
-        return self.chunked and self.forced is not None
+        return self.forcing is not None and self.forcing.chunked
 
     def replay_span(self, page_size: int) -> tuple[int, int]:
         """Positions [start, end) the next replay feeds: from the last token to the end of its page or
