@@ -106,7 +106,8 @@ class PageOwner:
                 seq.pages[layer].append(pages[layer])
         self.reserve(seq, new)
         seq.prefilled = count * self.page_size
-        seq.stats.cached_tokens = seq.prefilled
+        if not seq.stats.preemptions:  # readmitted, it may find its own pages: those are not the prompt's
+            seq.stats.cached_tokens = seq.prefilled
         if self.cache is not None and self.caches(seq):
             keys = self._keys(seq)
             self.cache.touch(keys[:count])
