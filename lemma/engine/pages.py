@@ -246,25 +246,24 @@ class PageOwner:
                 self.free[layer].append(page)
 
     def _evict_cached(self, layer: int) -> None:
-        """Room in `layer`: the least recently used cached entry whose page there nobody holds leaves the
-        cache (its idle pages in every layer go free; pages still held stay with their holders)."""
+        """Room in `layer`: the least recently used cached entry whose page there nobody holds leaves the cache."""
         key = self.cache.oldest_with_idle(layer, lambda l, p: self.refs[l][p] == 0) if self.cache else None
         assert key is not None, f"layer {layer} has no free or idle page for a reservation"
-        for other, page in enumerate(self.cache.remove(key)):
-            if self.refs[other][page] == 0:
-                self.idle[other] -= 1
-                self.free[other].append(page)
+        self._uncache(key)
         self.cache.stats.evicted_pages += 1
 
+    def _uncache(self, key: bytes) -> None:
+        """Drop one entry: its idle pages in every layer go free; pages still held stay with their holders."""
+        for layer, page in enumerate(self.cache.remove(key)):
+            if self.refs[layer][page] == 0:
+                self.idle[layer] -= 1
+                self.free[layer].append(page)
+
     def clear_cache(self) -> None:
-        """Forget every cached page nobody holds (pages held stay with their holders, uncached)."""
-        if self.cache is None:
-            return
-        for key in list(self.cache.entries):
-            for layer, page in enumerate(self.cache.remove(key)):
-                if self.refs[layer][page] == 0:
-                    self.idle[layer] -= 1
-                    self.free[layer].append(page)
+        """Forget every cached page (pages held stay with their holders, uncached)."""
+        if self.cache is not None:
+            for key in list(self.cache.entries):
+                self._uncache(key)
 
     # ---- what the pool holds ------------------------------------------------------------------------------
     @property

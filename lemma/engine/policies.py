@@ -316,6 +316,16 @@ def check_policy(policy: object, what: str = "policy") -> None:
                          f"got {policy!r}")
 
 
+def policy_key(name: object) -> str:
+    """The POLICIES key of a policy name (any case; 'streamingllm' for 'streaming'), or one clear error."""
+    if not isinstance(name, str):
+        raise LemmaError(f"policy name must be a string, got {name!r}")
+    key = name.strip().lower().replace("streamingllm", "streaming")
+    if key not in POLICIES:
+        raise LemmaError(f"unknown policy {name!r}; known: {policy_names()}")
+    return key
+
+
 def policy_options(name: str) -> list[str]:
     """The options (dataclass fields) a policy takes, budget first; generated from the class."""
     return [f.name for f in fields(POLICIES[name])]
@@ -369,12 +379,9 @@ def policy_from_spec(spec: "str | dict | Policy", budget: int | None = None,
         name = options.pop("name", None)
         if not isinstance(name, str):
             raise LemmaError(f"a policy needs a name ({policy_names()}), got {name!r}")
-        name = name.strip().lower()
     else:
         name, options = parse_policy_spec(spec)
-    name = name.replace("streamingllm", "streaming")
-    if name not in POLICIES:
-        raise LemmaError(f"unknown policy {name!r}; known: {policy_names()}")
+    name = policy_key(name)
     known = policy_options(name)
     for key, value in (defaults or {}).items():
         if key in known:
@@ -387,11 +394,7 @@ def policy_from_spec(spec: "str | dict | Policy", budget: int | None = None,
 
 def make_policy(name: str, budget: int | None = None, **options) -> Policy:
     """A policy by name (any of POLICIES) with its budget and options; see policy_from_spec for text/JSON."""
-    if not isinstance(name, str):
-        raise LemmaError(f"policy name must be a string, got {name!r}")
-    key = name.lower().replace("streamingllm", "streaming")
-    if key not in POLICIES:
-        raise LemmaError(f"unknown policy {name!r}; known: {policy_names()}")
+    key = policy_key(name)
     known = policy_options(key)
     unknown = sorted(set(options) - set(known))
     if unknown:

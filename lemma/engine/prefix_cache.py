@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -80,7 +81,7 @@ class PrefixCache:
     def holds(self, layer: int, page: int) -> bool:
         return page in self.key_of[layer]
 
-    def oldest_with_idle(self, layer: int, idle: "callable") -> bytes | None:
+    def oldest_with_idle(self, layer: int, idle: Callable[[int, int], bool]) -> bytes | None:
         """The least recently used entry whose page in `layer` nobody holds (idle(layer, page))."""
         for key, pages in self.entries.items():
             if idle(layer, pages[layer]):

@@ -2,9 +2,9 @@
 
 Between steps the host does bookkeeping only: which sequence sits in which batch row, and the page
 opens the page owner decided (engine/pages.py: a new slot or an eviction, per layer), written into
-the persistent DecodeState. It takes pages, tensors and tokens in and gives logits out. The decode step itself (`decode_step`) is
-a pure function of fixed-shape tensors: eager, with its decoder layers compiled (engine/compiled.py),
-or, on CUDA, captured once per batch bucket as a CUDA graph and replayed.
+the persistent DecodeState. It takes pages, tensors and tokens in and gives logits out. The decode
+step itself (`decode_step`) is a pure function of fixed-shape tensors: eager, with its decoder layers
+compiled (engine/compiled.py), or, on CUDA, captured once per batch bucket as a CUDA graph and replayed.
 """
 
 from __future__ import annotations

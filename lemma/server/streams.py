@@ -31,13 +31,6 @@ class Reply:
 
 async def merged(streams: list[Outputs]) -> AsyncIterator[tuple[int, RequestOutput]]:
     """(choice index, output) of every choice as they come."""
-    if len(streams) == 1:  # the common case, without tasks
-        try:
-            async for out in streams[0]:
-                yield 0, out
-        finally:
-            await streams[0].aclose()
-        return
     queue: asyncio.Queue[tuple[int, RequestOutput | None]] = asyncio.Queue()
 
     async def pump(index: int, stream: Outputs) -> None:
