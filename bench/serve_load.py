@@ -11,7 +11,9 @@ each fit in their budget. Bounded: --time-limit seconds per policy, then the res
         --policies dense,raas-256,raas-512,streaming-512
 
 With --system-tokens N every client sends the same system prompt of about N tokens first; --prefix-cache
-both runs each policy with the prefix cache on and off (the server's --no-prefix-cache).
+both runs each policy with the prefix cache on and off (the server's --no-prefix-cache). --mix
+dense,raas-256 runs one server instead, client i asking for policy i mod 2 in its `kv_policy`; with
+--lemma-src DIR the server imports lemma from DIR (e.g. a worktree of an older commit: side by side).
 """
 
 from __future__ import annotations
@@ -65,17 +67,26 @@ def system_prompt(tokens: int) -> str | None:
                                              f"and cite section {i}.{i % 3}." for i in range(tokens // 25))
 
 
-def start_server(args: argparse.Namespace, policy: str, port: int, prefix_cache: bool = True) -> subprocess.Popen:
-    name, _, budget = policy.partition("-")
+def policy_spec(policy: str) -> str:
+    """'raas-256' (this script's short form) as a policy spec: 'raas:budget=256'."""
+    name, _, budget = policy.rpartition("-") if policy[-1].isdigit() else (policy, "", "")
+    return f"{name}:budget={budget}" if budget else name
+
+
+def start_server(args: argparse.Namespace, policy: str, port: int, prefix_cache: bool = True,
+                 lemma_src: str | None = None) -> subprocess.Popen:
+    name, _, budget = policy.rpartition("-") if policy[-1].isdigit() else (policy, "", "")
     command = [sys.executable, "-c", "from lemma.cli import main; main()", "serve", "--model", args.model, "--port", str(port),
                "--policy", name, "--kv-cache-tokens", str(args.kv_cache_tokens), "--max-batch", str(args.max_batch)]
     if budget:
         command += ["--budget", budget]
-    if args.compile:
-        command.append("--compile")
+    command.append("--compile" if args.compile else "--no-compile")
     if not prefix_cache:
         command.append("--no-prefix-cache")
-    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    env = dict(os.environ)
+    if lemma_src:
+        env["PYTHONPATH"] = os.pathsep.join([str(Path(lemma_src).resolve()), env.get("PYTHONPATH", "")])
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.time() + 120
     while time.time() < deadline:
         if server.poll() is not None:
@@ -89,14 +100,16 @@ def start_server(args: argparse.Namespace, policy: str, port: int, prefix_cache:
     raise RuntimeError(f"server for {policy} did not start in 120 s")
 
 
-async def one_client(client, model: str, question: str, max_tokens: int, system: str | None) -> dict:
+async def one_client(client, model: str, question: str, max_tokens: int, system: str | None,
+                     policy: str | None = None) -> dict:
     sent = time.perf_counter()
     stamps: list[float] = []
     tokens = 0
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
     stream = await client.chat.completions.create(
         model=model, messages=messages, max_tokens=max_tokens, temperature=0,
-        stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+        stream=True, stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True, **({"kv_policy": policy_spec(policy)} if policy else {})})
     async for chunk in stream:
         if chunk.choices and chunk.choices[0].delta.content:
             stamps.append(time.perf_counter())
@@ -108,14 +121,15 @@ async def one_client(client, model: str, question: str, max_tokens: int, system:
             "tokens": tokens, "seconds": done - sent}
 
 
-async def load(args: argparse.Namespace, port: int) -> tuple[list[dict], float, int]:
+async def load(args: argparse.Namespace, port: int, mix: list[str] | None = None) -> tuple[list[dict], float, int]:
     import openai
 
     client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0,
                                 timeout=args.time_limit + 60)
     start = time.perf_counter()
     system = system_prompt(args.system_tokens)
-    tasks = [asyncio.create_task(one_client(client, args.model, q, args.max_tokens, system)) for q in questions(args.clients)]
+    tasks = [asyncio.create_task(one_client(client, args.model, q, args.max_tokens, system, mix[i % len(mix)] if mix else None))
+             for i, q in enumerate(questions(args.clients))]
     done, pending = await asyncio.wait(tasks, timeout=args.time_limit)
     for task in pending:
         task.cancel()
@@ -129,11 +143,12 @@ async def load(args: argparse.Namespace, port: int) -> tuple[list[dict], float, 
     return results, elapsed, len(pending)
 
 
-def run_policy(args: argparse.Namespace, policy: str, prefix_cache: bool = True) -> dict:
+def run_policy(args: argparse.Namespace, policy: str, prefix_cache: bool = True, mix: list[str] | None = None,
+               lemma_src: str | None = None) -> dict:
     port = free_port()
-    server = start_server(args, policy, port, prefix_cache)
+    server = start_server(args, mix[0] if mix else policy, port, prefix_cache, lemma_src)
     try:
-        results, elapsed, cancelled = asyncio.run(load(args, port))
+        results, elapsed, cancelled = asyncio.run(load(args, port, mix))
         stats = get_json(f"http://127.0.0.1:{port}/stats")
     finally:
         server.terminate()
@@ -162,26 +177,33 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=32)
     parser.add_argument("--policies", default="dense,raas-256,raas-512,streaming-512")
     parser.add_argument("--time-limit", type=float, default=900, help="seconds per policy before the rest is cancelled")
-    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                        help="the server's --compile/--no-compile (its default: compiled)")
     parser.add_argument("--system-tokens", type=int, default=0, help="a shared system prompt of about this many tokens")
     parser.add_argument("--prefix-cache", choices=["on", "off", "both"], default="on")
+    parser.add_argument("--mix", help="one server; client i asks for policy i mod n of this list (kv_policy)")
+    parser.add_argument("--lemma-src", action="append", default=[],
+                        help="run each setting again with the server importing lemma from this folder (repeatable)")
     parser.add_argument("--out", default="bench/results/serve_load.jsonl")
     args = parser.parse_args()
     rows = []
     settings = {"on": [True], "off": [False], "both": [False, True]}[args.prefix_cache]
-    for policy, cache in [(p, c) for p in args.policies.split(",") for c in settings]:
-        row = run_policy(args, policy, cache)
-        row.update(threads=os.environ.get("OMP_NUM_THREADS", "default"), date=time.strftime("%Y-%m-%d"))
+    mix = args.mix.split(",") if args.mix else None
+    runs = [("+".join(mix), c) for c in settings] if mix else [(p, c) for p in args.policies.split(",") for c in settings]
+    for (policy, cache), source in [(run, src) for run in runs for src in [None, *args.lemma_src]]:
+        row = run_policy(args, policy, cache, mix, source)
+        row.update(threads=os.environ.get("OMP_NUM_THREADS", "default"), date=time.strftime("%Y-%m-%d"),
+                   lemma_src=source or "this checkout", compile=args.compile)
         rows.append(row)
         print(json.dumps(row), flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "a") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
-    header = f"{'policy':<14} {'cache':>5} {'cached':>7} {'done':>5} {'req/s':>7} {'tok/s':>7} {'TTFT p50/p99 s':>15} {'TPOT p50/p99 ms':>16} {'peak run':>8} {'mean batch':>10} {'preempt':>7}"
+    header = f"{'policy':<22} {'lemma':<14} {'cache':>5} {'cached':>7} {'done':>5} {'req/s':>7} {'tok/s':>7} {'TTFT p50/p99 s':>15} {'TPOT p50/p99 ms':>16} {'peak run':>8} {'mean batch':>10} {'preempt':>7}"
     print(header)
     for r in rows:
-        print(f"{r['policy']:<14} {'on' if r['prefix_cache'] else 'off':>5} {r['cached_tokens']:>7} {r['completed']:>5} {r['requests_per_s']:>7.3f} {r['output_tokens_per_s']:>7.1f} "
+        print(f"{r['policy']:<22} {Path(r['lemma_src']).name[:14]:<14} {'on' if r['prefix_cache'] else 'off':>5} {r['cached_tokens']:>7} {r['completed']:>5} {r['requests_per_s']:>7.3f} {r['output_tokens_per_s']:>7.1f} "
               f"{r['ttft_p50_s']:>7.2f}/{r['ttft_p99_s']:<7.2f} {r['tpot_p50_ms']:>8.1f}/{r['tpot_p99_ms']:<7.1f} "
               f"{r['peak_running']:>8} {r['mean_decode_batch']:>10.1f} {r['preemptions']:>7}")
 

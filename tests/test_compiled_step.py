@@ -128,6 +128,58 @@ def test_traces_come_out_of_the_compiled_step(tiny_dir):
     assert counters["graph_break"] == {} or not any(counters["graph_break"].values())
 
 
+# ---- one step across policies ------------------------------------------------------------------------
+
+MIXED = [Dense(), RaaS(budget=32), StreamingLLM(budget=48)]
+
+
+def run_requests(engine: Engine, requests: list[tuple[str, object, SamplingParams]]) -> list[list[int]]:
+    """Each (prompt, policy, params) through add_request/step; the token ids of each."""
+    ids = [engine.add_request(prompt, params, policy=policy) for prompt, policy, params in requests]
+    tokens: dict[str, list[int]] = {i: [] for i in ids}
+    while engine.has_unfinished():
+        for out in engine.step():
+            tokens[out.request_id] += out.token_ids
+    return [tokens[i] for i in ids]
+
+
+def test_requests_under_different_policies_decode_in_one_step(tiny_dir):
+    """Three policies, five requests: every decode step is one forward over all of them (a row slice
+    per policy), and each request's tokens equal its run alone."""
+    engine = Engine(tiny_dir, kv_cache_tokens=4096, max_batch=8)
+    requests = [(PROMPTS[i % 3], MIXED[i % 3], SamplingParams(temperature=0, max_tokens=40 + 20 * i, ignore_eos=True))
+                for i in range(5)]
+    alone = [run_requests(engine, [r])[0] for r in requests]
+    calls, decode_step, steps_before = [], engine.runner.decode_step, engine.scheduler.decode_steps
+    engine.runner.decode_step = lambda policies, *rest: calls.append(policies) or decode_step(policies, *rest)
+    assert run_requests(engine, requests) == alone
+    assert len(calls) == engine.scheduler.decode_steps - steps_before  # one forward per step that decoded
+    assert max(map(len, calls)) == 3 and all(list(p) == sorted(p, key=repr) for p in calls)
+    assert engine.pages.all_free
+
+
+def test_a_compiled_mixed_step_compiles_at_warm_up_only_and_equals_eager(tiny_dir):
+    """warm_up(policies=[a, b]) compiles the step that mixes them too: one graph per layer kind, whatever
+    the slices' sizes; the run after it (mixes of 1+1, 2+1, 1+3 requests) compiles nothing."""
+    torch._dynamo.reset()
+    counters.clear()
+    policies = [RaaS(budget=32), Dense()]
+    runs = [[(p, policies[i < k]) for i, p in enumerate(PROMPTS[:1] * (k + m))] for k, m in ((1, 1), (2, 1), (1, 3))]
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    eager = Engine(tiny_dir, kv_cache_tokens=4096, max_batch=4)
+    expected = [run_requests(eager, [(p, pol, params) for p, pol in run]) for run in runs]
+    compiled = Engine(tiny_dir, kv_cache_tokens=4096, max_batch=4, compile="eager", warm_up=False)
+    with CompileCounter() as warm_up:
+        compiled.warm_up(policies=policies)
+    # RaaS: a sparse layer and the head, at batch 1 and larger; Dense: its dense layer (the head is shared);
+    # the mix: one graph
+    assert warm_up.graphs == 4 + 2 + 1
+    with CompileCounter() as run:
+        got = [run_requests(compiled, [(p, pol, params) for p, pol in run]) for run in runs]
+    assert run.graphs == 0 and got == expected
+    assert not counters["graph_break"], dict(counters["graph_break"])
+
+
 # ---- the persistent state --------------------------------------------------------------------------
 
 def test_buckets():
@@ -172,11 +224,11 @@ def test_cuda_graphs_replay_each_bucket_and_equal_eager(tiny_dir, policy):
     kwargs = dict(policy=policy, kv_cache_tokens=4096, max_batch=2, device="cuda", dtype="float32")
     expected = Engine(tiny_dir, compile=False, **kwargs).generate(PROMPTS, PARAMS)
     engine = Engine(tiny_dir, compile=True, **kwargs)
-    (graphs,) = engine.runner._graphs.values()  # one CudaGraphs per policy the engine ran
-    assert sorted(graphs.graphs) == [1, 2]  # captured at warm-up, one per batch bucket
+    graphs = engine.runner._graphs.graphs  # keyed by the step's ((policy, batch bucket), ...) slices
+    assert sorted(graphs) == [((policy, 1),), ((policy, 2),)]  # captured at warm-up, one per batch bucket
     outs = engine.generate(PROMPTS, PARAMS)
     assert [o.token_ids for o in outs] == [o.token_ids for o in expected]
-    assert sorted(graphs.graphs) == [1, 2]  # replayed, never captured again
+    assert sorted(graphs) == [((policy, 1),), ((policy, 2),)]  # replayed, never captured again
     assert engine.pages.all_free
 
 

@@ -68,11 +68,11 @@ def test_pages_return_when_the_step_raises(tiny_dir, monkeypatch):
     calls = {"n": 0}
     decode = engine.runner.decode
 
-    def flaky(seqs, policy):
+    def flaky(groups):
         calls["n"] += 1
         if calls["n"] == 3:
             raise RuntimeError("boom")
-        return decode(seqs, policy)
+        return decode(groups)
 
     monkeypatch.setattr(engine.runner, "decode", flaky)
     with pytest.raises(RuntimeError, match="boom"):

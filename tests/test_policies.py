@@ -161,9 +161,9 @@ def test_dense_layers_keep_every_page(tiny_dir):
     seen = {}
     decode = engine.runner.decode
 
-    def spy(seqs, policy):
-        seen["pages"] = [len(p) for p in seqs[0].pages]
-        return decode(seqs, policy)
+    def spy(groups):
+        seen["pages"] = [len(p) for p in groups[0][1][0].pages]
+        return decode(groups)
 
     engine.runner.decode = spy
     engine.generate(["hi"], SamplingParams(max_tokens=100, ignore_eos=True))
@@ -176,10 +176,10 @@ def test_a_long_prompt_without_pinning_keeps_sink_and_recent_pages(tiny_dir):
     seen = {}
     decode = engine.runner.decode
 
-    def spy(seqs, policy):
-        layer0 = seqs[0].pages[0]
+    def spy(groups):
+        layer0 = groups[0][1][0].pages[0]
         seen.setdefault("born", engine.pool.born[0][torch.tensor(layer0)][:, 0].tolist())
-        return decode(seqs, policy)
+        return decode(groups)
 
     engine.runner.decode = spy
     out = engine.generate([ids], SamplingParams(max_tokens=3, ignore_eos=True))[0]
@@ -204,12 +204,34 @@ def checked_engine(tiny_models):
     return Engine(tiny_models["qwen2"], kv_cache_tokens=2048, max_batch=3)
 
 
+def run_mixed(engine, prompts, policies, params) -> list:
+    """Each prompt under its policy, all through add_request/step: per prompt (token ids, stats) or the
+    LemmaError add_request raised."""
+    results: list = []
+    index = {}
+    for prompt, policy in zip(prompts, policies):
+        try:
+            index[engine.add_request(prompt, params, policy=policy)] = len(results)
+            results.append(([], None))
+        except LemmaError as exc:
+            results.append(exc)
+    while engine.has_unfinished():
+        for out in engine.step():
+            tokens, _ = results[index[out.request_id]]
+            tokens += out.token_ids
+            if out.finished:
+                assert out.finish_reason == "length", out.error
+                results[index[out.request_id]] = (tokens, out.stats)
+    return results
+
+
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(policy=policy_strategy(), prompt_lens=st.lists(st.integers(1, 70), min_size=1, max_size=4),
+@given(policies=st.lists(policy_strategy(), min_size=1, max_size=3),
+       prompt_lens=st.lists(st.integers(1, 70), min_size=1, max_size=4),
        max_tokens=st.integers(1, 60), seed=st.integers(0, 1000))
-def test_invariants_under_random_runs(checked_engine, policy, prompt_lens, max_tokens, seed):
+def test_invariants_under_random_runs(checked_engine, policies, prompt_lens, max_tokens, seed):
+    """Requests under one to three policies (request i under policies[i % n]) decode in shared steps."""
     engine = checked_engine
-    engine.policy = policy
     pool = engine.pool
     rng = torch.Generator().manual_seed(seed)
     prompts = [torch.randint(0, engine.config.vocab_size, (n,), generator=rng).tolist() for n in prompt_lens]
@@ -223,12 +245,14 @@ def test_invariants_under_random_runs(checked_engine, policy, prompt_lens, max_t
         return store(k_cache, v_cache, k, v, page_ids, *rest)
 
     def spy_attend(q, k_cache, v_cache, page_ids, fill, scale, return_mass=False):
-        current = written[-1]  # the page this layer just wrote is always attended
-        assert (page_ids == current[..., None]).any(-1).all()
+        current = written[-1]  # the page this layer (and slice) just wrote is always attended
+        padded = current == pool.scratch  # a padded row writes the scratch page and attends nothing
+        assert ((page_ids == current[..., None]).any(-1) | padded).all()
         return attend(q, k_cache, v_cache, page_ids, fill, scale, return_mass)
 
-    def checked_decode(seqs, pol):
-        logits = decode(seqs, pol)
+    def checked_decode(groups):
+        logits = decode(groups)
+        seqs = [seq for _, group in groups for seq in group]
         for layer in range(pool.num_layers):
             held = [p for s in seqs for p in s.pages[layer]]
             for s in seqs:
@@ -241,6 +265,7 @@ def test_invariants_under_random_runs(checked_engine, policy, prompt_lens, max_t
                 prompt_pages = -(-len(s.prompt_ids) // PAGE)
                 ids = torch.tensor(s.pages[layer])
                 born = pool.born[layer][ids]  # [pages, Hkv]
+                pol = s.policy
                 if isinstance(pol, RaaS) and pol.pin_prompt and pol.sparse(layer):
                     for h in range(born.shape[1]):  # pinned prompt pages are all still there
                         assert set(range(prompt_pages)) <= set(born[:, h].tolist())
@@ -257,17 +282,20 @@ def test_invariants_under_random_runs(checked_engine, policy, prompt_lens, max_t
 
     ops.store_decode, ops.paged_decode_attention, engine.runner.decode = spy_store, spy_attend, checked_decode
     try:
-        outs = engine.generate(prompts, SamplingParams(temperature=0.8, max_tokens=max_tokens, ignore_eos=True, seed=seed))
+        params = SamplingParams(temperature=0.8, max_tokens=max_tokens, ignore_eos=True, seed=seed)
+        outs = run_mixed(engine, prompts, [policies[i % len(policies)] for i in range(len(prompts))], params)
     finally:
         ops.store_decode, ops.paged_decode_attention, engine.runner.decode = store, attend, decode
-    assert written or max_tokens == 1 or all(o.finish_reason == "error" for o in outs)  # the spies saw the steps
-    for out, n in zip(outs, prompt_lens):
-        if out.finish_reason == "error":
-            assert "pin_prompt=False" in out.error
+    assert written or max_tokens == 1 or all(isinstance(o, LemmaError) for o in outs)  # the spies saw the steps
+    for i, (out, n) in enumerate(zip(outs, prompt_lens)):
+        policy = policies[i % len(policies)]
+        if isinstance(out, LemmaError):
+            assert "pin_prompt=False" in str(out)
         else:
-            assert len(out.token_ids) == max_tokens
+            tokens, stats = out
+            assert len(tokens) == max_tokens
             if policy.evicts:
-                assert out.stats.peak_kv_pages <= max(-(-n // PAGE), policy.budget_pages) or policy.dense_layers
+                assert stats.peak_kv_pages <= max(-(-n // PAGE), policy.budget_pages) or policy.dense_layers
     assert engine.pages.all_free
 
 

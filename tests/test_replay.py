@@ -37,9 +37,9 @@ def snapshots(engine: Engine) -> dict:
 
     decode, replay = engine.runner.decode, engine.forcing.replay
 
-    def spy_decode(seqs, policy):
-        logits = decode(seqs, policy)
-        for seq in seqs:
+    def spy_decode(groups):
+        logits = decode(groups)
+        for seq in (seq for _, group in groups for seq in group):
             record(seq, seq.num_tokens)
         return logits
 

@@ -65,11 +65,11 @@ def test_a_killed_worker_ends_the_run_with_a_clear_error(tiny_dir):
         decode = engine.runner.decode
         calls = {"n": 0}
 
-        def kill_on_fifth(seqs, policy):
+        def kill_on_fifth(groups):
             calls["n"] += 1
             if calls["n"] == 5:
                 os.kill(engine.runner.cluster.processes[0].pid, signal.SIGKILL)
-            return decode(seqs, policy)
+            return decode(groups)
 
         engine.runner.decode = kill_on_fifth
         start = time.monotonic()

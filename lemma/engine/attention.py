@@ -31,29 +31,44 @@ from lemma.kernels import reference
 
 
 class DecodeAttention:
-    """One decode step's attention: `layer(i)` is layer i's `DecodeLayer`. With `trace`, each layer also
-    leaves (born, valid, step mass, evicted logical page or -1) for an observer outside the step."""
+    """One decode step's attention over one or more row slices, each under its own policy (rows of one
+    policy are contiguous, so which policy a row runs is a static fact of the step's graph, not data):
+    `layer(i)` is layer i's `DecodeLayer`, or a `SlicedLayer` of one per slice. With `trace`, each
+    (layer, slice) also leaves (born, valid, step mass, evicted logical page or -1) for an observer."""
 
-    def __init__(self, pool: KVPool, policy: Policy, ops: SimpleNamespace, scale: float, step: StepInputs,
-                 trace: bool = False):
-        self.pool, self.policy, self.ops, self.scale, self.trace = pool, policy, ops, scale, trace
-        self.positions = step.positions
-        self.logical = step.positions // pool.page_size  # the logical page each row writes
-        self.offsets = step.positions % pool.page_size
-        self.tables, self.modes, self.new_slots = step.tables.unbind(0), step.modes.unbind(0), step.new_slots.unbind(0)
-        self.layers: list[DecodeLayer] = []
+    def __init__(self, pool: KVPool, policies: tuple[Policy, ...], ops: SimpleNamespace, scale: float,
+                 steps: tuple[StepInputs, ...], trace: bool = False):
+        self.pool, self.policies, self.ops, self.scale, self.trace = pool, policies, ops, scale, trace
+        self.steps = steps
+        page = pool.page_size  # per slice: the logical page each row writes and the row within it
+        self.places = [(step.positions // page, step.positions % page) for step in steps]
+        self.layers: list[list[DecodeLayer]] = []
 
-    def layer(self, index: int) -> "DecodeLayer":
-        attend = DecodeLayer(self.pool.layers[index], self.policy, self.policy.sparse(index), self.ops, self.scale,
-                             self.tables[index], self.modes[index], self.new_slots[index], self.positions,
-                             self.logical, self.offsets, self.trace)
-        self.layers.append(attend)
-        return attend
+    def layer(self, index: int) -> "DecodeLayer | SlicedLayer":
+        parts = [DecodeLayer(self.pool.layers[index], policy, policy.sparse(index), self.ops, self.scale,
+                             step.tables[index], step.modes[index], step.new_slots[index], step.positions,
+                             logical, offsets, self.trace)
+                 for policy, step, (logical, offsets) in zip(self.policies, self.steps, self.places)]
+        self.layers.append(parts)
+        return parts[0] if len(parts) == 1 else SlicedLayer(tuple(parts))
 
     @property
-    def traces(self) -> list[tuple]:
-        """(layer, born, valid, step mass, evicted) of each traced layer."""
-        return [(i, *layer.trace_out) for i, layer in enumerate(self.layers) if layer.trace_out is not None]
+    def traces(self) -> list[list[tuple]]:
+        """Per slice: (layer, born, valid, step mass, evicted) of each traced layer."""
+        return [[(i, *parts[j].trace_out) for i, parts in enumerate(self.layers) if parts[j].trace_out is not None]
+                for j in range(len(self.steps))]
+
+
+@dataclass(eq=False)
+class SlicedLayer:
+    """A layer's attention over consecutive row slices under different policies: q/k/v rows split by the
+    slices' (static) sizes, each slice's DecodeLayer on its own rows, outputs back in row order."""
+
+    parts: tuple["DecodeLayer", ...]
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        sizes = [part.tables.shape[0] for part in self.parts]  # symbolic in a compiled graph, not guarded ints
+        return torch.cat([part(*rows) for part, *rows in zip(self.parts, q.split(sizes), k.split(sizes), v.split(sizes))])
 
 
 @dataclass(eq=False)
@@ -101,6 +116,10 @@ class DecodeLayer:
             stamp, mass = policy.update(meta, bound, step_mass, self.positions)
             pool.write_policy_state(ids, stamp, mass)
         return out
+
+    def row_inputs(self) -> tuple[torch.Tensor, ...]:
+        """Its inputs with one entry per batch row (dimension 0)."""
+        return self.tables, self.modes, self.new_slots, self.positions, self.logical, self.offsets
 
     # ---- phases ----------------------------------------------------------------------------------------
     def slots(self, tracked: bool):

@@ -76,8 +76,13 @@ def compile_decode(backend: str, device: torch.device) -> tuple[Callable[..., to
     dynamic_slots = device.type == "cpu"
 
     def run_layer(layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend) -> torch.Tensor:
-        if dynamic_slots:
-            torch._dynamo.maybe_mark_dynamic(attend.tables, 1)
+        parts = getattr(attend, "parts", None)  # a mixed step's slices (engine/attention.py SlicedLayer)
+        for part in parts or (attend,):
+            if dynamic_slots:
+                torch._dynamo.maybe_mark_dynamic(part.tables, 1)
+        if parts:  # every slice has 2 rows or more: a dynamic batch from the mix's first compile
+            for rows in (x, cos, sin, *(t for part in parts for t in part.row_inputs())):
+                torch._dynamo.maybe_mark_dynamic(rows, 0)
         return compiled(layer, x, cos, sin, attend)
 
     return run_layer, head

@@ -92,11 +92,11 @@ class DecodeState:
 
     # ---- one step ------------------------------------------------------------------------------------
     def step_inputs(self, tokens: list[int], positions: list[int], modes: np.ndarray, new_slots: np.ndarray,
-                    slots: int) -> StepInputs:
-        """Write this step's per-row inputs (modes/new_slots [L, n]) and return the bucket's views, `slots`
-        wide on CPU (at least MIN_SLOTS) and full width on CUDA."""
+                    slots: int, least_rows: int = 1) -> StepInputs:
+        """Write this step's per-row inputs (modes/new_slots [L, n]) and return the views of the bucket
+        holding max(n, least_rows) rows, `slots` wide on CPU (at least MIN_SLOTS) and full width on CUDA."""
         n = len(tokens)
-        batch = batch_bucket(n, self.max_batch)
+        batch = batch_bucket(max(n, least_rows), self.max_batch)
         slots = min(max(slots, MIN_SLOTS), self.max_slots) if self.on_host else self.max_slots
         inputs = self._inputs_np
         inputs[:, :batch] = 0  # padded rows: token 0 at position 0, CONTINUE into the scratch page

@@ -8,6 +8,7 @@ chunks. `generate`, `stream`, `chat` and `teacher_force` are blocking layers on 
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -62,7 +63,9 @@ class Engine(BlockingCalls):
     stays eager on CPU, where the 15-25 s cold warm-up is the program's to choose (the CLI does). The
     eager step stays the reference. A compiling engine warms up every batch bucket of its policy at
     start (`warm_up=False` leaves that to `warm_up()` or to the first step of each bucket); a request
-    under another policy compiles on its first step unless that policy was warmed up too.
+    under another policy compiles on its first step unless that policy was warmed up too, and so does
+    the first step that mixes policies (requests under different policies decode in one forward)
+    unless `warm_up(policies=[...])` was given them all.
 
     `tensor_parallel=N` shards the model and the KV pool by heads over N processes (this one is rank 0;
     see engine/tensor_parallel.py); `close()` stops them.
@@ -175,7 +178,9 @@ class Engine(BlockingCalls):
                 progress: Callable[[Policy, int], None] | None = None) -> float:
         """Compile (or load from the disk cache, engine/compiled.py) and, on CUDA, capture the decode step
         of every batch bucket up to max_batch (or those holding `batches`) for each of `policies` (default:
-        the engine's), so no request pays for it later. progress(policy, bucket) after each bucket.
+        the engine's), so no request pays for it later; with several policies, also the step of every mix
+        of two or more of them (requests under different policies decode in one step, a graph per mix:
+        2^k - k - 1 of them for k policies). progress(policy, bucket) after each single-policy bucket.
         Returns the seconds it took; nothing to do (0.0) when the engine does not compile."""
         if not self.compile:
             return 0.0
@@ -185,19 +190,27 @@ class Engine(BlockingCalls):
         for batch in batches or []:
             if isinstance(batch, bool) or not isinstance(batch, int) or not 1 <= batch <= self.max_batch:
                 raise LemmaError(f"warm_up batches must be integers in 1..max_batch={self.max_batch}, got {batch!r}")
+        distinct = sorted(set(policies), key=repr)  # the order a step puts its slices in (engine._run_plan)
+        mixes = [mix for size in range(2, len(distinct) + 1) for mix in itertools.combinations(distinct, size)]
         start = time.perf_counter()
         with self._step_lock:
             for policy in policies:
                 report = None if progress is None else (lambda bucket, p=policy: progress(p, bucket))
-                try:
-                    self.runner.warm_up(policy, batches, report)
-                except LemmaError:
-                    raise
-                except Exception as exc:  # inductor or the C++ compiler: say what to do, not a traceback
-                    first = (str(exc).strip().splitlines() or [""])[0][:300]
-                    raise LemmaError(f"compiling the decode step failed ({type(exc).__name__}: {first}); "
-                                     "run eager with compile=False (CLI: --no-compile or LEMMA_COMPILE=0)") from exc
+                self._compiling(self.runner.warm_up, (policy,), batches, report)
+            for mix in mixes if self.max_batch > 1 else []:
+                self._compiling(self.runner.warm_up, mix)
         return time.perf_counter() - start
+
+    @staticmethod
+    def _compiling(warm_up: Callable[..., None], *args: Any) -> None:
+        try:
+            warm_up(*args)
+        except LemmaError:
+            raise
+        except Exception as exc:  # inductor or the C++ compiler: say what to do, not a traceback
+            first = (str(exc).strip().splitlines() or [""])[0][:300]
+            raise LemmaError(f"compiling the decode step failed ({type(exc).__name__}: {first}); "
+                             "run eager with compile=False (CLI: --no-compile or LEMMA_COMPILE=0)") from exc
 
     @property
     def policy(self) -> Policy:
@@ -340,10 +353,12 @@ class Engine(BlockingCalls):
 
     def _run_plan(self, plan: StepPlan) -> list[RequestOutput]:
         outputs: list[RequestOutput] = []
-        for policy, seqs in plan.decode.items():
+        if plan.decode:  # every decoding sequence in one forward, a row slice per policy
             start = time.perf_counter()
-            logits = self.runner.decode(seqs, policy)
-            tokens = next_tokens(self.sampler, logits, seqs, self.runner.positions(policy, len(seqs)))
+            groups = sorted(plan.decode.items(), key=lambda group: repr(group[0]))  # one order per mix of policies
+            seqs = [seq for _, group in groups for seq in group]
+            logits = self.runner.decode(groups)
+            tokens = next_tokens(self.sampler, logits, seqs, self.runner.positions(groups))
             elapsed = time.perf_counter() - start
             for seq, token in zip(seqs, tokens):
                 seq.stats.decode_seconds += elapsed

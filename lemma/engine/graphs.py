@@ -1,5 +1,6 @@
-"""CUDA graphs for the decode step: one graph per (policy, batch bucket), captured on the bucket's first
-step (or at warm-up) and replayed after, all in one shared memory pool (as compact engines do).
+"""CUDA graphs for the decode step: one graph per mix of row slices (each a policy and its batch bucket),
+captured on the mix's first step (or at warm-up) and replayed after, all in one shared memory pool (as
+compact engines do).
 
 The step reads only the persistent DecodeState buffers and the pool, which are allocated once and never
 move, so a replay sees the new step's data.
@@ -18,6 +19,11 @@ class CudaGraphs:
     def __init__(self):
         self.graphs: dict[Hashable, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.memory_pool = None
+
+    def forget(self, drop: Callable[[Hashable], bool]) -> None:
+        """Drop the graphs whose key `drop` names."""
+        for key in [k for k in self.graphs if drop(k)]:
+            del self.graphs[key]
 
     def run(self, key: Hashable, step: Callable[[], torch.Tensor]) -> torch.Tensor:
         """The step's output: replayed from the bucket's graph, or computed and then captured."""

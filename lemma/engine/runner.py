@@ -2,9 +2,12 @@
 
 Between steps the host does bookkeeping only: which sequence sits in which batch row, and the page
 opens the page owner decided (engine/pages.py: a new slot or an eviction, per layer), written into
-the persistent DecodeState. It takes pages, tensors and tokens in and gives logits out. The decode
-step itself (`decode_step`) is a pure function of fixed-shape tensors: eager, with its decoder layers
-compiled (engine/compiled.py), or, on CUDA, captured once per batch bucket as a CUDA graph and replayed.
+the persistent DecodeState (one per policy). It takes pages, tensors and tokens in and gives logits out.
+The decode step itself (`decode_step`) is a pure function of fixed-shape tensors: eager, with its decoder
+layers compiled (engine/compiled.py), or, on CUDA, captured once per batch bucket as a CUDA graph and
+replayed. Requests under different policies share one step: the rows of each policy are one slice, padded
+to its own bucket; projections and MLP run over all rows, each layer's attention per slice, so a row's
+policy is a static fact of the graph (the graph of a mix is keyed by its (policy, bucket) slices).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ if TYPE_CHECKING:
     from lemma.engine.tensor_parallel import Cluster
 
 PrefillChunk = tuple[Sequence, Policy, int, int]  # (sequence, its policy, first position, end position)
+DecodeGroup = tuple[Policy, list[Sequence]]  # sequences decoding under one policy: one row slice of the step
 # observer(layer, born [B,Hkv,S], valid, step mass [B,Hkv,S], evicted born [B,Hkv] or -1): for traces
 Observer = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
 MAX_POLICY_STATES = 8  # distinct KV policies whose decode state (and CUDA graphs) are kept while idle
@@ -52,12 +56,12 @@ class ModelRunner:
         self.cluster: Cluster | None = None  # tensor parallelism: the other ranks, sent each forward's inputs
         self.observer: Observer | None = None  # called outside the step, from the step's trace outputs
         self.run_layer, self.run_head = call_layer, call_head  # how the decode step runs its layers and head
-        self._graphs: dict[Policy, CudaGraphs] | None = None
+        self._graphs: CudaGraphs | None = None
         backend = "inductor" if compile is True else compile
         if compile and self.device.type == "cuda":
-            # launches are what a GPU step loses to: capture the step once per batch bucket, replay it
-            # after; compile="inductor" also fuses its layers with inductor first
-            self._graphs = {}
+            # launches are what a GPU step loses to: capture the step once per mix of (policy, batch
+            # bucket) slices, replay it after; compile="inductor" also fuses its layers with inductor first
+            self._graphs = CudaGraphs()
         if compile and not (compile is True and self.device.type == "cuda"):
             self.run_layer, self.run_head = compile_decode(backend, self.device)
 
@@ -69,7 +73,7 @@ class ModelRunner:
         for policy in [p for p in self.states if p not in keep]:
             del self.states[policy]
             if self._graphs is not None:
-                self._graphs.pop(policy, None)
+                self._graphs.forget(lambda key: any(p == policy for p, _ in key))
 
     def state_for(self, policy: Policy) -> DecodeState:
         """The persistent decode state of the sequences running under `policy`."""
@@ -122,26 +126,42 @@ class ModelRunner:
 
     # ---- decode -------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def decode(self, seqs: list[Sequence], policy: Policy) -> torch.Tensor:
-        """Feed each sequence's last token; return next-token logits [B, V]."""
-        step = self.prepare(seqs, policy)
+    def decode(self, groups: list[DecodeGroup]) -> torch.Tensor:
+        """Feed each sequence's last token, every group's rows in one forward (projections and MLP over
+        all rows, attention per group under its policy); return next-token logits [n, V], the groups'
+        sequences in order."""
+        policies = tuple(policy for policy, _ in groups)
+        # a slice of a mixed step has at least 2 rows, so a compiled mix has one graph whatever its sizes
+        least_rows = 1 if len(groups) == 1 else 2
+        steps = tuple(self.prepare(seqs, policy, least_rows) for policy, seqs in groups)
         trace = self.observer is not None
         if self._graphs is not None and not trace:
-            if policy not in self._graphs:
-                self._graphs[policy] = CudaGraphs()
-            graphs = self._graphs[policy]
-            logits = graphs.run(step.batch, lambda: self.decode_step(policy, False, *self._args(step))[0])
+            key = tuple(zip(policies, (step.batch for step in steps)))
+            logits = self._graphs.run(key, lambda: self.decode_step(policies, False, steps)[0])
         elif self.cluster is not None:
             if trace:
                 raise LemmaError("attention traces are not available under tensor parallelism")
-            self.cluster.send(("decode", policy, self._args(step)))
-            logits, _ = self.collective(self.decode_step, policy, False, *self._args(step))
+            self.cluster.send(("decode", policies, steps))
+            logits, _ = self.collective(self.decode_step, policies, False, steps)
         else:
-            logits, traces = self.decode_step(policy, trace, *self._args(step))
-            for layer, born, valid, mass, evicted in traces:
+            logits, traces = self.decode_step(policies, trace, steps)
+            for (_, seqs), slice_traces in zip(groups, traces):
                 n = len(seqs)
-                self.observer(layer, born[:n], valid[:n], mass[:n], evicted[:n])
-        return logits[: len(seqs)]
+                for layer, born, valid, mass, evicted in slice_traces:
+                    self.observer(layer, born[:n], valid[:n], mass[:n], evicted[:n])
+        return self._real_rows(logits, [len(seqs) for _, seqs in groups], steps)
+
+    def _real_rows(self, padded: torch.Tensor, counts: list[int], steps: tuple[StepInputs, ...]) -> torch.Tensor:
+        """The rows of `padded` (each step's bucket, one after another) that hold a sequence."""
+        if len(steps) == 1:
+            return padded[: counts[0]]
+        offsets = np.cumsum([0] + [step.batch for step in steps])
+        return torch.cat([padded[o : o + n] for o, n in zip(offsets, counts)])
+
+    def positions(self, groups: list[DecodeGroup]) -> torch.Tensor:
+        """The positions the last decode step fed its sequences, on the device: [n], in group order."""
+        rows = [self.state_for(policy).inputs[1, : len(seqs)] for policy, seqs in groups]
+        return rows[0] if len(rows) == 1 else torch.cat(rows)
 
     def replay_forward(self, policy: Policy, tokens: torch.Tensor, positions: torch.Tensor,
                        batch: ReplayBatch, recorders: list[Recorder] = ()) -> torch.Tensor:
@@ -152,15 +172,7 @@ class ModelRunner:
             attend = RecordingAttend(attend, recorders)
         return self.model(tokens, positions, attend, float_logits=False)  # forcing.score_rows upcasts them
 
-    def positions(self, policy: Policy, batch: int) -> torch.Tensor:
-        """The positions the last decode step under `policy` fed, on the device: [batch]."""
-        return self.state_for(policy).inputs[1, :batch]
-
-    @staticmethod
-    def _args(step: StepInputs) -> tuple[torch.Tensor, ...]:
-        return step.tokens, step.positions, step.modes, step.new_slots, step.tables
-
-    def prepare(self, seqs: list[Sequence], policy: Policy) -> StepInputs:
+    def prepare(self, seqs: list[Sequence], policy: Policy, least_rows: int = 1) -> StepInputs:
         """Host bookkeeping for one step: batch rows, the page opens the page owner decided (seq.opening),
         then this step's inputs in the persistent state."""
         state, layers = self.state_for(policy), self.pool.num_layers
@@ -178,42 +190,49 @@ class ModelRunner:
                     state.set_page(layer, row, slot, seq.pages[layer][slot])
         held = max(max(len(p) for p in seq.pages) for seq in seqs)
         slots = max(held, policy.least_slots)
-        return state.step_inputs([s.last_token for s in seqs], [s.num_tokens - 1 for s in seqs], modes, new_slots, slots)
+        return state.step_inputs([s.last_token for s in seqs], [s.num_tokens - 1 for s in seqs], modes, new_slots, slots,
+                                 least_rows)
 
-    def decode_step(self, policy: Policy, trace: bool, tokens: torch.Tensor, positions: torch.Tensor,
-                    modes: torch.Tensor, new_slots: torch.Tensor, tables: torch.Tensor):
-        """The decode step proper: fixed-shape tensors in, logits [B, V] (and, with trace, per-layer
-        (layer, born, valid, mass, evicted)) out. No host sync, no data-dependent Python branch."""
-        attention = DecodeAttention(self.pool, policy, self.ops, self.scale,
-                                    StepInputs(tokens, positions, modes, new_slots, tables), trace)
+    def decode_step(self, policies: tuple[Policy, ...], trace: bool, steps: tuple[StepInputs, ...]):
+        """The decode step proper: fixed-shape tensors in (one StepInputs per row slice, the slice's rows
+        under its policy), logits [rows, V] (and, with trace, per slice the per-layer (layer, born, valid,
+        mass, evicted)) out. No host sync, no data-dependent Python branch."""
+        attention = DecodeAttention(self.pool, policies, self.ops, self.scale, steps, trace)
+        tokens = steps[0].tokens if len(steps) == 1 else torch.cat([step.tokens for step in steps])
+        positions = steps[0].positions if len(steps) == 1 else torch.cat([step.positions for step in steps])
         logits = self.model(tokens, positions, attention, run_layer=call_layer if trace else self.run_layer,
                             run_head=call_head if trace else self.run_head)
         return logits, attention.traces
 
-    def warm_up(self, policy: Policy, batches: list[int] | None = None,
+    def warm_up(self, policies: tuple[Policy, ...], batches: list[int] | None = None,
                 progress: Callable[[int], None] | None = None) -> None:
         """Run one step of every batch bucket (default: all up to max_batch) on padded rows, so a compiled
-        step compiles (or loads from the disk cache) now rather than in the middle of a request. Padded
-        rows write only to the scratch page; no running sequence is touched. On CUDA each bucket's graph
-        is captured here on the policy's own state (the buffers its replays read), so only while no
-        sequence runs under the policy. progress(bucket) after each."""
-        buckets = sorted({batch_bucket(b, self.max_batch) for b in (batches or bucket_sizes(self.max_batch))})
+        step compiles (or loads from the disk cache) now rather than in the middle of a request. Several
+        `policies` warm the step that mixes them (a slice per policy, in this order), at 2 rows a slice:
+        its one graph serves every size. Padded rows write only to the scratch page; no running sequence
+        is touched. On CUDA each bucket's graph is captured here on the policies' own states (the buffers
+        its replays read), so only while no sequence runs under them. progress(bucket) after each."""
+        if len(policies) > 1:
+            buckets = [2]
+        else:
+            buckets = sorted({batch_bucket(b, self.max_batch) for b in (batches or bucket_sizes(self.max_batch))})
         if self._graphs is not None:
-            state = self.state_for(policy)
-            if state.rows:  # its sequences' pages are in the tables: they capture on their first step
-                return
-            graphs = self._graphs.setdefault(policy, CudaGraphs())
-        else:  # a compiled graph binds shapes, not buffers: a scratch state leaves the real one alone
-            state = DecodeState(self.pool.num_layers, self.max_batch, self.max_slots, self.device)
+            states = [self.state_for(policy) for policy in policies]
+            if any(state.rows for state in states):  # their sequences' pages are in the tables: they capture
+                return                                # on their first step
+        else:  # a compiled graph binds shapes, not buffers: scratch states leave the real ones alone
+            states = [DecodeState(self.pool.num_layers, self.max_batch, self.max_slots, self.device) for _ in policies]
         layers = self.pool.num_layers
         with torch.inference_mode():
             for bucket in buckets:
                 modes = np.zeros((layers, bucket), dtype=np.int64)
-                step = state.step_inputs([0] * bucket, [0] * bucket, modes, modes, policy.least_slots)
+                steps = tuple(state.step_inputs([0] * bucket, [0] * bucket, modes, modes, policy.least_slots)
+                              for policy, state in zip(policies, states))
                 if self._graphs is not None:
-                    graphs.run(step.batch, lambda: self.decode_step(policy, False, *self._args(step))[0])
+                    key = tuple((policy, step.batch) for policy, step in zip(policies, steps))
+                    self._graphs.run(key, lambda: self.decode_step(policies, False, steps)[0])
                 else:
-                    self.decode_step(policy, False, *self._args(step))
+                    self.decode_step(policies, False, steps)
                 if progress is not None:
                     progress(bucket)
 

@@ -14,8 +14,9 @@ wait in FIFO order and are admitted while the batch has room and the pool can pr
   Quest's rebuilt cache comes from dense prefill, while its decode-time K/V above layer 0 came from
   sparse attention, so its later tokens may differ from an unpreempted run.
 
-Each step decodes every decoding sequence (one static step per policy; where a sequence's position
-starts a page, the page owner decides per layer between a new slot and an eviction) and prefills
+Each step decodes every decoding sequence in one forward (the rows of each policy a contiguous slice
+with its own page tables; where a sequence's position starts a page, the page owner decides per layer
+between a new slot and an eviction) and prefills
 chunks of the prefilling ones under a token budget, several prompts in one forward, so long prompts
 never stall the running batch.
 """

@@ -178,8 +178,8 @@ def worker_main(rank: int, world: int, port: int, device: torch.device, args: di
             if command[0] == "stop":
                 break
             if command[0] == "decode":
-                _, policy, inputs = command
-                runner.decode_step(policy, False, *inputs)
+                _, policies, steps = command
+                runner.decode_step(policies, False, steps)
             elif command[0] == "prefill":
                 runner.prefill_forward(*command[1])
             elif command[0] == "replay":
