@@ -63,6 +63,95 @@ def test_failing_request_does_not_disturb_the_batch(tiny_dir):
     assert engine.pages.all_free
 
 
+def test_a_request_whose_sampling_or_text_fails_fails_alone(tiny_dir, monkeypatch):
+    """A step where sampling one request raises (a value the sampler cannot take) or where its text
+    cannot be made fails that request only; the others in the same steps go on, token for token."""
+    engine = Engine(tiny_dir, kv_cache_tokens=1024)
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    alone = engine.generate(["The quick brown fox"], params)[0]
+    sampler = engine.sampler
+
+    class Picky:  # the batched sampler raises whenever the batch holds a request with top_k=7
+        def __call__(self, logits, batch_params, *rest):
+            if any(p.top_k == 7 for p in batch_params):
+                raise OverflowError("int too big to convert")
+            return sampler(logits, batch_params, *rest)
+
+        def __getattr__(self, name):
+            return getattr(sampler, name)
+
+    monkeypatch.setattr(engine, "sampler", Picky())
+    bad = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, top_k=7)
+    outs = engine.generate(["The quick brown fox", "Once upon a time", "The quick brown fox"], [params, bad, params])
+    assert [o.finish_reason for o in outs] == ["length", "error", "length"]
+    assert "sampling failed: OverflowError" in outs[1].error
+    assert outs[0].token_ids == outs[2].token_ids == alone.token_ids
+    monkeypatch.setattr(engine, "sampler", sampler)
+
+    ids = engine.generate(["Once upon a time"], params)[0].token_ids
+    detokenizers = []  # the second request's detokenizer breaks on its 5th token
+    new_sequence = engine._new_sequence
+
+    def breaking(*args):
+        seq = new_sequence(*args)
+        detokenizers.append(seq.detok)
+        if len(detokenizers) == 2:
+            add, count = seq.detok.add, iter(range(100))
+            seq.detok.add = lambda token: add(token) if next(count) < 4 else 1 / 0
+        return seq
+
+    monkeypatch.setattr(engine, "_new_sequence", breaking)
+    outs = engine.generate(["The quick brown fox", "Once upon a time"], params)
+    assert outs[0].token_ids == alone.token_ids and outs[1].finish_reason == "error"
+    assert "ZeroDivisionError" in outs[1].error and outs[1].token_ids == ids[:5]
+    assert engine.pages.all_free
+
+
+def test_a_callback_that_steps_its_own_engine_gets_an_error_not_a_deadlock(tiny_dir):
+    import threading
+
+    from lemma import LemmaError
+
+    engine = Engine(tiny_dir, kv_cache_tokens=256)
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    refused = []
+
+    def callback(out):
+        for call in (lambda: engine.generate(["hi"], params), engine.step, lambda: engine.logits("hi")):
+            try:
+                call()
+            except LemmaError as exc:
+                refused.append(str(exc))
+
+    def run():
+        engine.add_request("The quick brown fox", params, on_output=callback)
+        while engine.has_unfinished():
+            engine.step()
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(60)
+    assert not worker.is_alive(), "deadlocked"
+    assert len(refused) == 3 * 4 and all("from inside a step of the same engine" in m for m in refused), refused
+    assert "Engine.step was called" in refused[1] and "Engine.logits" in refused[2]
+    assert engine.pages.all_free and not engine.has_unfinished()
+
+
+def test_max_batch_is_bounded_by_the_pool_and_by_memory(tiny_dir, monkeypatch):
+    from lemma import LemmaError
+    from lemma.engine import options
+
+    engine = Engine(tiny_dir, kv_cache_tokens=256, max_batch=10**9)  # 16 pages: at most 16 requests run
+    assert engine.max_batch == 16
+    outs = engine.generate(["hi"] * 3, SamplingParams(max_tokens=4, ignore_eos=True))
+    assert [o.finish_reason for o in outs] == ["length"] * 3
+    monkeypatch.setattr(options, "free_memory", lambda device: 8 * 2**30)  # page tables may take 2 GiB
+    options.check_step_tables(30, 4096, 2048, torch.device("cpu"))  # 1.9 GiB: a 32K-context model, 4096 rows
+    with pytest.raises(LemmaError, match=r"max_batch=8192 needs 3.8 GiB of page tables per KV policy .* "
+                                         r"use max_batch <= 4369 or a smaller kv_cache_tokens"):
+        options.check_step_tables(30, 8192, 2048, torch.device("cpu"))
+
+
 def test_pages_return_when_the_step_raises(tiny_dir, monkeypatch):
     engine = Engine(tiny_dir, kv_cache_tokens=256)
     calls = {"n": 0}

@@ -156,6 +156,18 @@ def test_memory_stays_flat_under_eviction(tiny_dir):
     assert dense.stats.peak_kv_pages == -(-300 // PAGE)
 
 
+def test_a_huge_budget_costs_a_short_request_only_the_pages_it_holds(tiny_dir):
+    """Page tables are as wide as the step's requests can ever hold, not as the budget: RaaS with a
+    million-token budget on a 20-token request runs 4-slot tables, like Dense."""
+    engine = Engine(tiny_dir, policy=RaaS(budget=2**20), kv_cache_tokens=4096)
+    widths, decode_step = set(), engine.runner.decode_step
+    engine.runner.decode_step = lambda policies, trace, steps: widths.update(s.tables.shape[2] for s in steps) or \
+        decode_step(policies, trace, steps)
+    out = engine.generate(["hi"], SamplingParams(max_tokens=20, ignore_eos=True))[0]
+    assert out.finish_reason == "length" and widths == {4}
+    assert engine.pages.all_free
+
+
 def test_dense_layers_keep_every_page(tiny_dir):
     engine = Engine(tiny_dir, policy=RaaS(budget=32, pin_prompt=False, dense_layers=1), kv_cache_tokens=4096)
     seen = {}

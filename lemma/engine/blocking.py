@@ -34,7 +34,7 @@ class BlockingCalls:
                         pending.discard(out.request_id)
                     yield out
                 if pending:
-                    with self._step_lock:  # another thread's step may have delivered ours meanwhile
+                    with self._stepping("generate (or stream, chat, teacher_force)"):  # another thread's step may have delivered ours meanwhile
                         if not box:
                             self._step()
         finally:
@@ -111,7 +111,7 @@ class BlockingCalls:
         """Next-token logits [T, V] (fp32) at every position of a prompt, through the paged pool."""
         seq = self._new_sequence(None, prompt, SamplingParams(max_tokens=1), Dense())
         seq.uses_prefix_cache = False  # every position is computed here
-        with self._step_lock:
+        with self._stepping("logits"):
             self.pages.reserve(seq, [self.pages.pages_for(seq.num_tokens)] * self.config.num_layers)
             try:
                 chunk, n, logits = self.scheduler.step_tokens, seq.num_tokens, []

@@ -13,7 +13,8 @@ import logging
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,14 +23,14 @@ import torch
 from lemma.engine.blocking import BlockingCalls
 from lemma.engine.pages import PageOwner
 from lemma.engine.forcing import ChunkedReplay
-from lemma.engine.options import check_limits, pool_pages, resolve_compile, resolve_device, resolve_dtype
+from lemma.engine.options import check_limits, check_step_tables, pool_pages, resolve_compile, resolve_device, resolve_dtype
 from lemma.engine.policies import Dense, Policy, check_policy
 from lemma.engine.pool import PAGE_SIZE, KVPool
 from lemma.engine.prompts import Prompt, prompt_ids
 from lemma.engine.runner import ModelRunner
 from lemma.engine.sampler import Sampler, SamplingParams
 from lemma.engine.scheduler import Scheduler, StepPlan
-from lemma.engine.sequence import DECODE, RequestOutput, Sequence
+from lemma.engine.sequence import DECODE, Failed, RequestOutput, Sequence
 from lemma.engine.tensor_parallel import Cluster, check_world, rank_device
 from lemma.engine.tokens import next_tokens
 from lemma.errors import LemmaError
@@ -153,7 +154,6 @@ class Engine(BlockingCalls):
         if not (compile and self.device.type == "cpu"):  # compiled CPU decode streams the plain weights itself
             model.pack_weights()
         self.eos_ids = sorted(set(tokenizer.eos_ids) | set(self.config.eos_token_id))
-        self.max_batch = max_batch
         c = self.config
         kv_heads = c.num_kv_heads if model.shard is None else model.shard.size(c.num_kv_heads)  # this rank's
         page_bytes = KVPool.bytes_per_page(c.num_layers, kv_heads, c.head_dim, self.dtype)
@@ -163,12 +163,16 @@ class Engine(BlockingCalls):
         self.compile = compile
         # a sequence never holds more pages in a layer than the pool has or the model's context spans
         max_slots = min(num_pages, self.pool.pages_for(c.max_position_embeddings))
+        # every running request holds a page in each layer, so no more than num_pages can ever run at once
+        self.max_batch = max_batch = min(max_batch, num_pages)
+        check_step_tables(c.num_layers, max_batch, max_slots, self.device)
         self.runner = ModelRunner(self.model, self.pool, self.attention, max_batch, compile, max_slots)
         self.forcing = ChunkedReplay(self.runner)
         self.pages = PageOwner(c.num_layers, num_pages, self.pool.page_size, prefix_cache)
         self.scheduler = Scheduler(self.pages, max_batch, prefill_chunk)
         self.sampler = Sampler(self.device)
         self._step_lock = threading.Lock()  # one step at a time (not re-entrant: nothing may step mid-step)
+        self._stepper: int | None = None  # the thread inside a step, if any
         self._inbox_lock = threading.Lock()  # guards the inbox, the listeners and the live ids
         self._inbox: list[tuple[str, Any]] = []  # ("add", Sequence) or ("abort", request id), in order
         self._listeners: dict[str, Callable[[RequestOutput], None]] = {}
@@ -193,7 +197,7 @@ class Engine(BlockingCalls):
         distinct = sorted(set(policies), key=repr)  # the order a step puts its slices in (engine._run_plan)
         mixes = [mix for size in range(2, len(distinct) + 1) for mix in itertools.combinations(distinct, size)]
         start = time.perf_counter()
-        with self._step_lock:
+        with self._stepping("warm_up"):
             for policy in policies:
                 report = None if progress is None else (lambda bucket, p=policy: progress(p, bucket))
                 self._compiling(self.runner.warm_up, (policy,), batches, report)
@@ -301,8 +305,22 @@ class Engine(BlockingCalls):
         """Run one engine step: take in new requests and aborts, admit what fits, decode every running
         sequence once and prefill the next prompt chunks. Returns what each request got this step (also
         handed to its `on_output`). One thread steps at a time; others block here, they do not spin."""
-        with self._step_lock:
+        with self._stepping("step"):
             return self._step()
+
+    @contextmanager
+    def _stepping(self, call: str) -> Iterator[None]:
+        """Hold the step lock; a call from inside a step of this engine (an on_output callback) is refused
+        with a clear error instead of waiting forever for the lock its own thread holds."""
+        if self._stepper == threading.get_ident():
+            raise LemmaError(f"Engine.{call} was called from inside a step of the same engine (an on_output callback); "
+                             "it would wait for itself: hand the work to another thread or call it after the step")
+        with self._step_lock:
+            self._stepper = threading.get_ident()
+            try:
+                yield
+            finally:
+                self._stepper = None
 
     def _step(self) -> list[RequestOutput]:
         outputs = self._take_inbox()
@@ -390,7 +408,7 @@ class Engine(BlockingCalls):
         self.runner.forget_policies(keep={s.policy for s in self.scheduler.running})
         return outputs
 
-    def _advance_all(self, seq: Sequence, tokens: list[int | None]) -> RequestOutput:
+    def _advance_all(self, seq: Sequence, tokens: list[int | Failed]) -> RequestOutput:
         """Several tokens of one request in one step, as one output."""
         text, ids = "", []
         for token in tokens:
@@ -400,11 +418,15 @@ class Engine(BlockingCalls):
                 break
         return RequestOutput(seq.request_id, text, ids, out.finish_reason, out.stats, out.error)
 
-    def _advance(self, seq: Sequence, token: int | None) -> RequestOutput:
-        if token is None:
-            return self._finish(seq, "error", f"the model produced non-finite logits (NaN or inf) at position "
-                                              f"{seq.num_tokens - 1}; its weights may be broken")
-        piece = seq.append(token)
+    def _advance(self, seq: Sequence, token: int | Failed) -> RequestOutput:
+        """Give `seq` its token (or fail it alone: what goes wrong here is this request's own)."""
+        if isinstance(token, Failed):
+            return self._finish(seq, "error", token.reason)
+        try:
+            piece = seq.append(token)
+        except Exception as exc:  # noqa: BLE001 - e.g. its detokenizer; the other requests go on
+            log.exception("request %s failed taking token %d", seq.request_id, token)
+            return self._finish(seq, "error", f"the request failed at token {token}: {type(exc).__name__}: {exc}")
         seq.track_peak(self.pool.layer_page_bytes)
         now = time.perf_counter()
         if len(seq.output_ids) == 1:

@@ -21,7 +21,7 @@ from lemma.engine.policies import Dense, Policy
 from lemma.engine.recording import Recorder, Recording
 from lemma.engine.replay import ReplayAttention, ReplayBatch
 from lemma.engine.sampler import SamplingParams
-from lemma.engine.sequence import Forced, Forcing, RequestOutput, Sequence, Stats
+from lemma.engine.sequence import Failed, Forced, Forcing, RequestOutput, Sequence, Stats
 from lemma.errors import LemmaError
 
 if TYPE_CHECKING:
@@ -117,24 +117,24 @@ class ChunkedReplay:
 
 
 # ---- scoring: logits -> the forced tokens ---------------------------------------------------------------
-def score_step(logits: torch.Tensor, seqs: list[Sequence]) -> list[int | None]:
+def score_step(logits: torch.Tensor, seqs: list[Sequence]) -> list[int | Failed]:
     """One decode step's rows [n, V] of teacher-forced sequences (unchunked replay): each emits its next
-    target, recording its log-probability and the argmax; None where the logits are not finite."""
+    target, recording its log-probability and the argmax; Failed where the logits are not finite."""
     targets = [seq.forcing.targets[len(seq.output_ids)] for seq in seqs]
     logprobs = torch.log_softmax(logits.float(), dim=-1)
     chosen = logprobs.gather(1, torch.tensor(targets, device=logits.device)[:, None])[:, 0]
     finite = torch.isfinite(logits).all(-1).tolist()
-    tokens: list[int | None] = []
+    tokens: list[int | Failed] = []
     for seq, target, lp, top, ok in zip(seqs, targets, chosen.tolist(), logprobs.argmax(-1).tolist(), finite):
         seq.forcing.logprobs.append(lp)
         seq.forcing.predicted.append(top)
-        tokens.append(target if ok else None)
+        tokens.append(target if ok else Failed.non_finite(seq.num_tokens - 1))
     return tokens
 
 
-def score_rows(logits: torch.Tensor, seq: Sequence) -> list[int | None]:
+def score_rows(logits: torch.Tensor, seq: Sequence) -> list[int | Failed]:
     """A chunked replay's T forced tokens from its logits [T, V] (any float dtype): records each target's
-    log-probability and the model's argmax; None from the first row whose logits are not finite."""
+    log-probability and the model's argmax; Failed at the first row whose logits are not finite."""
     forcing, done = seq.forcing, len(seq.output_ids)
     targets = forcing.targets[done : done + logits.shape[0]]
     index = torch.tensor(targets, device=logits.device)[:, None]
@@ -147,10 +147,10 @@ def score_rows(logits: torch.Tensor, seq: Sequence) -> list[int | None]:
         top, finite = block.argmax(-1).to(chosen.dtype), torch.isfinite(block.sum(-1)).to(chosen.dtype)
         scored.append(torch.stack([chosen, top, finite]))
     rows = torch.cat(scored, 1).tolist()  # one host transfer
-    tokens: list[int | None] = []
+    tokens: list[int | Failed] = []
     for target, lp, top, ok in zip(targets, *rows):
         if not ok:
-            tokens.append(None)
+            tokens.append(Failed.non_finite(done + len(tokens) + len(seq.prompt_ids) - 1))
             break
         forcing.logprobs.append(lp)
         forcing.predicted.append(int(top))

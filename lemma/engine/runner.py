@@ -189,7 +189,9 @@ class ModelRunner:
                 if mode == NEW_SLOT:
                     state.set_page(layer, row, slot, seq.pages[layer][slot])
         held = max(max(len(p) for p in seq.pages) for seq in seqs)
-        slots = max(held, policy.least_slots)
+        # the policy's narrowest table, but never wider than its sequences can ever hold (a huge budget
+        # on short requests must not cost every step a budget-wide table)
+        slots = max(held, min(policy.least_slots, max(max(seq.capacity) for seq in seqs)))
         return state.step_inputs([s.last_token for s in seqs], [s.num_tokens - 1 for s in seqs], modes, new_slots, slots,
                                  least_rows)
 

@@ -48,6 +48,17 @@ class Output:
 
 
 @dataclass
+class Failed:
+    """No token for a request this step, and why: that request fails, the others in the step go on."""
+
+    reason: str
+
+    @classmethod
+    def non_finite(cls, position: int) -> "Failed":
+        return cls(f"the model produced non-finite logits (NaN or inf) at position {position}; its weights may be broken")
+
+
+@dataclass
 class RequestOutput:
     """What one engine step gave one request: its new tokens and their releasable text. The last
     output of a request carries finish_reason ("stop", "length", "abort" or "error") and stats."""

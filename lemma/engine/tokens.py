@@ -3,21 +3,26 @@ a teacher-forced request, the forced token (engine/forcing.py)."""
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from lemma.engine.forcing import score_step
 from lemma.engine.sampler import Sampler
-from lemma.engine.sequence import Sequence
+from lemma.engine.sequence import Failed, Sequence
+
+log = logging.getLogger("lemma")
 
 
 def next_tokens(sampler: Sampler, logits: torch.Tensor, seqs: list[Sequence],
-                counters: torch.Tensor) -> list[int | None]:
+                counters: torch.Tensor) -> list[int | Failed]:
     """Sampled tokens, or for teacher-forced requests the forced token (engine/forcing.py records what
-    the model gave it); None where the logits are not finite (NaN/inf: broken weights)."""
+    the model gave it); Failed where the logits are not finite (NaN/inf: broken weights) or sampling
+    that request raised."""
     forced = [i for i, s in enumerate(seqs) if s.forcing is not None]
     if not forced:
         return sample(sampler, logits, seqs, counters)
-    tokens: list[int | None] = [0] * len(seqs)
+    tokens: list[int | Failed] = [0] * len(seqs)
     sampled = [i for i, s in enumerate(seqs) if s.forcing is None]
     if sampled:
         rows = torch.tensor(sampled, device=logits.device)
@@ -29,7 +34,18 @@ def next_tokens(sampler: Sampler, logits: torch.Tensor, seqs: list[Sequence],
     return tokens
 
 
-def sample(sampler: Sampler, logits: torch.Tensor, seqs: list[Sequence], counters: torch.Tensor) -> list[int | None]:
+def sample(sampler: Sampler, logits: torch.Tensor, seqs: list[Sequence], counters: torch.Tensor) -> list[int | Failed]:
+    """The batch sampled at once; if that raises, each request alone, so only the one at fault fails."""
+    try:
+        return sample_batch(sampler, logits, seqs, counters)
+    except Exception as exc:  # noqa: BLE001 - a request's own values; the step goes on without it
+        if len(seqs) == 1:
+            log.exception("sampling request %s failed", seqs[0].request_id)
+            return [Failed(f"sampling failed: {type(exc).__name__}: {exc}")]
+    return [token for i in range(len(seqs)) for token in sample(sampler, logits[i : i + 1], seqs[i : i + 1], counters[i : i + 1])]
+
+
+def sample_batch(sampler: Sampler, logits: torch.Tensor, seqs: list[Sequence], counters: torch.Tensor) -> list[int | Failed]:
     params = [s.params for s in seqs]
 
     def padded(rows: list[list[int]]) -> torch.Tensor:
@@ -44,4 +60,4 @@ def sample(sampler: Sampler, logits: torch.Tensor, seqs: list[Sequence], counter
     tokens = sampler(logits, params, [s.seed for s in seqs], counters, history, reply)
     finite = torch.isfinite(logits).all(-1)
     rows = torch.stack([tokens, finite.to(tokens.dtype)]).tolist()  # one host transfer for both
-    return [token if ok else None for token, ok in zip(*rows)]
+    return [token if ok else Failed.non_finite(seq.num_tokens - 1) for token, ok, seq in zip(*rows, seqs)]
