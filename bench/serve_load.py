@@ -86,7 +86,8 @@ def start_server(args: argparse.Namespace, policy: str, port: int, prefix_cache:
     env = dict(os.environ)
     if lemma_src:
         env["PYTHONPATH"] = os.pathsep.join([str(Path(lemma_src).resolve()), env.get("PYTHONPATH", "")])
-    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
+                              cwd=lemma_src)  # `python -c` imports from its working folder first
     deadline = time.time() + 120
     while time.time() < deadline:
         if server.poll() is not None:
