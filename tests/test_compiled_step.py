@@ -232,6 +232,22 @@ def test_cuda_graphs_replay_each_bucket_and_equal_eager(tiny_dir, policy):
     assert engine.pages.all_free
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graphs_of_a_mixed_step_equal_eager(tiny_dir):
+    """On CUDA a step mixing policies is one captured graph per ((policy, bucket), ...) mix: warmed up at
+    2 rows a slice, captured on first use for other sizes, and the same greedy tokens as eager."""
+    kwargs = dict(kv_cache_tokens=4096, max_batch=4, device="cuda", dtype="float32")
+    requests = [(PROMPTS[i % 3], MIXED[i % 2], SamplingParams(temperature=0, max_tokens=60, ignore_eos=True))
+                for i in range(5)]
+    expected = run_requests(Engine(tiny_dir, compile=False, **kwargs), requests)
+    engine = Engine(tiny_dir, compile=True, warm_up=False, **kwargs)
+    engine.warm_up(policies=MIXED[:2])
+    assert tuple(sorted(MIXED[:2], key=repr)) in {tuple(p for p, _ in key) for key in engine.runner._graphs.graphs}
+    assert run_requests(engine, requests) == expected
+    assert engine.pages.all_free
+
+
 def test_compiled_step_calls_the_triton_kernels_as_custom_ops(tiny_dir):
     """attention="triton" (interpreted here): the compiled step traces the kernels as opaque custom ops,
     with no graph break, and gives the eager Triton path's tokens."""
