@@ -137,12 +137,13 @@ def test_a_callback_that_steps_its_own_engine_gets_an_error_not_a_deadlock(tiny_
     assert engine.pages.all_free and not engine.has_unfinished()
 
 
-def test_max_batch_is_bounded_by_the_pool_and_by_memory(tiny_dir, monkeypatch):
+def test_max_batch_and_prefill_chunk_are_bounded_by_the_pool_the_model_and_memory(tiny_dir, monkeypatch):
     from lemma import LemmaError
     from lemma.engine import options
 
-    engine = Engine(tiny_dir, kv_cache_tokens=256, max_batch=10**9)  # 16 pages: at most 16 requests run
-    assert engine.max_batch == 16
+    engine = Engine(tiny_dir, kv_cache_tokens=256, max_batch=10**9, prefill_chunk=10**12)
+    assert engine.max_batch == 16  # 16 pages: at most 16 requests run
+    assert engine.scheduler.step_tokens == engine.config.max_position_embeddings  # one context a step
     outs = engine.generate(["hi"] * 3, SamplingParams(max_tokens=4, ignore_eos=True))
     assert [o.finish_reason for o in outs] == ["length"] * 3
     monkeypatch.setattr(options, "free_memory", lambda device: 8 * 2**30)  # page tables may take 2 GiB

@@ -169,7 +169,8 @@ class Engine(BlockingCalls):
         self.runner = ModelRunner(self.model, self.pool, self.attention, max_batch, compile, max_slots)
         self.forcing = ChunkedReplay(self.runner)
         self.pages = PageOwner(c.num_layers, num_pages, self.pool.page_size, prefix_cache)
-        self.scheduler = Scheduler(self.pages, max_batch, prefill_chunk)
+        # a step's prompt tokens: no more than one full context (the forward's activations grow with it)
+        self.scheduler = Scheduler(self.pages, max_batch, min(prefill_chunk, c.max_position_embeddings))
         self.sampler = Sampler(self.device)
         self._step_lock = threading.Lock()  # one step at a time (not re-entrant: nothing may step mid-step)
         self._stepper: int | None = None  # the thread inside a step, if any
