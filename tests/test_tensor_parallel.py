@@ -46,6 +46,21 @@ class TestSameAsOneProcess:  # one pair of engines per model (one tensor-paralle
             assert all(o.stats.pages_evicted > 0 for o in got)
         assert tp.pages.all_free
 
+    def test_a_step_mixing_policies_equals_one_process(self, engines):
+        """Requests under three policies share each step (a row slice per policy) on every rank."""
+        def run(engine):
+            ids = [engine.add_request(prompt, GREEDY, policy=policy) for prompt, policy in
+                   zip(PROMPTS, [Dense(), RaaS(budget=48), Quest(budget=48)])]
+            tokens = {i: [] for i in ids}
+            while engine.has_unfinished():
+                for out in engine.step():
+                    tokens[out.request_id] += out.token_ids
+            return [tokens[i] for i in ids]
+
+        single, tp = engines
+        assert run(tp) == run(single)
+        assert tp.pages.all_free
+
     @pytest.mark.parametrize("policy", [RaaS(budget=48), Quest(budget=48)], ids=lambda p: p.describe())
     def test_chunked_replay_equals_one_process(self, engines, policy):
         single, tp = engines
