@@ -121,12 +121,25 @@ def test_stop_string_spanning_two_tokens(tiny_dir):
 @pytest.mark.parametrize("kwargs, message", [
     ({"max_tokens": 0}, "max_tokens must be a positive integer, got 0"),
     ({"max_tokens": -3}, "max_tokens must be a positive integer, got -3"),
-    ({"temperature": -0.1}, "temperature must be >= 0, got -0.1"),
+    ({"temperature": -0.1}, "temperature must be in [0, 100], got -0.1"),
+    ({"temperature": 1e300}, "temperature must be in [0, 100], got 1e+300"),
+    ({"temperature": True}, "temperature must be in [0, 100], got True"),
     ({"top_p": 0.0}, "top_p must be in (0, 1], got 0.0"),
     ({"top_p": 1.5}, "top_p must be in (0, 1], got 1.5"),
-    ({"top_k": -1}, "top_k must be an integer >= 0 (0 = off), got -1"),
+    ({"top_k": -1}, "top_k must be an integer >= 0 (0 = off) that fits in 64 bits, got -1"),
+    ({"top_k": 2**63}, "top_k must be an integer >= 0 (0 = off) that fits in 64 bits, got 9223372036854775808"),
+    ({"top_k": 10**30}, "top_k must be an integer >= 0 (0 = off) that fits in 64 bits, got 10000000000"),
+    ({"top_k": True}, "top_k must be an integer >= 0 (0 = off) that fits in 64 bits, got True"),
+    ({"top_k": 5.0}, "top_k must be an integer >= 0 (0 = off) that fits in 64 bits, got 5.0"),
+    ({"max_tokens": True}, "max_tokens must be a positive integer, got True"),
+    ({"max_tokens": 2**64}, "max_tokens must be a positive integer, got 18446744073709551616"),
+    ({"seed": True}, "seed must be an integer that fits in 64 bits, got True"),
+    ({"seed": 2**64}, "seed must be an integer that fits in 64 bits, got 18446744073709551616"),
     ({"min_p": 2.0}, "min_p must be in [0, 1], got 2.0"),
-    ({"repetition_penalty": 0.0}, "repetition_penalty must be > 0, got 0.0"),
+    ({"repetition_penalty": 0.0}, "repetition_penalty must be in [0.01, 100], got 0.0"),
+    ({"repetition_penalty": 1e-40}, "repetition_penalty must be in [0.01, 100], got 1e-40"),
+    ({"repetition_penalty": 1e300}, "repetition_penalty must be in [0.01, 100], got 1e+300"),
+    ({"min_p": float("nan")}, "min_p must be in [0, 1], got nan"),
     ({"stop": [""]}, "stop strings must be non-empty strings"),
     ({"presence_penalty": 2.5}, "presence_penalty must be in [-2, 2], got 2.5"),
     ({"frequency_penalty": -3}, "frequency_penalty must be in [-2, 2], got -3"),
@@ -138,3 +151,19 @@ def test_bad_sampling_params(kwargs, message):
         SamplingParams(**kwargs)
     assert message in str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_sampling_at_the_limits_runs_in_one_batch(tiny_dir):
+    """Values at the edge of each range sample side by side: a top_k past the vocabulary keeps every
+    token, a temperature below GREEDY_BELOW is greedy, extreme penalties stay finite in float32."""
+    from lemma.engine.sampler import GREEDY_BELOW, INT64_MAX
+
+    engine = Engine(tiny_dir, kv_cache_tokens=512, max_batch=4)
+    edge = [SamplingParams(max_tokens=4, top_k=INT64_MAX, seed=2**64 - 1, ignore_eos=True),
+            SamplingParams(max_tokens=4, temperature=GREEDY_BELOW / 10, ignore_eos=True),
+            SamplingParams(max_tokens=4, temperature=100, repetition_penalty=100, seed=-(2**63), ignore_eos=True),
+            SamplingParams(max_tokens=4, repetition_penalty=0.01, presence_penalty=-2, frequency_penalty=2, ignore_eos=True)]
+    outs = engine.generate(["Tell me a story"] * 4, edge)
+    assert [o.finish_reason for o in outs] == ["length"] * 4, [o.error for o in outs]
+    greedy = engine.generate(["Tell me a story"], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))[0]
+    assert outs[1].token_ids == greedy.token_ids and engine.pages.all_free

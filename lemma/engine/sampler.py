@@ -27,11 +27,20 @@ def check_number(name: str, value: object, rule: str, low: float | None = None, 
         raise LemmaError(f"{name} must be {rule}, got {value!r}")
 
 
+INT64_MAX = 2**63 - 1  # top_k and the seeds travel as int64 tensors
+GREEDY_BELOW = 1e-5  # a temperature below this samples greedily (as vLLM): 1 / T would overflow float32 logits
+MAX_TEMPERATURE = 100.0  # far above it every distribution is uniform; float32 keeps its precision up to it
+REPETITION_PENALTY = (0.01, 100.0)  # logits are divided or multiplied by it in float32
+
+
 @dataclass
 class SamplingParams:
+    """How one request samples. Every field is checked here against the limits of the batched sampler
+    (float32 and int64 tensors), so a bad value is a LemmaError naming it, never a failing step."""
+
     max_tokens: int = 256
-    temperature: float = 1.0
-    top_k: int = 0  # 0 = off
+    temperature: float = 1.0  # 0 (or below GREEDY_BELOW) = greedy
+    top_k: int = 0  # 0 = off; more than the vocabulary keeps every token
     top_p: float = 1.0
     min_p: float = 0.0
     repetition_penalty: float = 1.0  # on every token seen (prompt and reply), as transformers
@@ -44,12 +53,14 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        check_number("max_tokens", self.max_tokens, "a positive integer", low=1, integer=True)
-        check_number("temperature", self.temperature, ">= 0", low=0)
-        check_number("top_k", self.top_k, "an integer >= 0 (0 = off)", low=0, integer=True)
+        check_number("max_tokens", self.max_tokens, "a positive integer", low=1, high=INT64_MAX, integer=True)
+        check_number("temperature", self.temperature, f"in [0, {MAX_TEMPERATURE:g}]", low=0, high=MAX_TEMPERATURE)
+        check_number("top_k", self.top_k, "an integer >= 0 (0 = off) that fits in 64 bits", low=0, high=INT64_MAX,
+                     integer=True)
         check_number("top_p", self.top_p, "in (0, 1]", low=0, high=1, low_open=True)
         check_number("min_p", self.min_p, "in [0, 1]", low=0, high=1)
-        check_number("repetition_penalty", self.repetition_penalty, "> 0", low=0, low_open=True)
+        low, high = REPETITION_PENALTY
+        check_number("repetition_penalty", self.repetition_penalty, f"in [{low:g}, {high:g}]", low=low, high=high)
         check_number("presence_penalty", self.presence_penalty, "in [-2, 2]", low=-2, high=2)
         check_number("frequency_penalty", self.frequency_penalty, "in [-2, 2]", low=-2, high=2)
         if self.seed is not None:
@@ -62,7 +73,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW
 
 
 def apply_repetition_penalty(logits: torch.Tensor, history: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
@@ -137,7 +148,7 @@ class BatchParams:
         self.reply_penalised = any(p.presence_penalty or p.frequency_penalty for p in params)
         self.frequency = as_tensor([p.frequency_penalty for p in params], torch.float32)
         self.presence = as_tensor([p.presence_penalty for p in params], torch.float32)
-        self.temperature = as_tensor([p.temperature if p.temperature > 0 else 1.0 for p in params], torch.float32)
+        self.temperature = as_tensor([1.0 if p.greedy else p.temperature for p in params], torch.float32)
         self.top_k = as_tensor([p.top_k for p in params], torch.int64)
         self.top_p = as_tensor([p.top_p for p in params], torch.float32)
         self.min_p = as_tensor([p.min_p for p in params], torch.float32)
