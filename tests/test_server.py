@@ -1,6 +1,7 @@
 """`lemma serve` on 127.0.0.1 with the demo model, driven by the real `openai` client: chat and
 completions (streamed and whole), 16 concurrent seeded clients, a client leaving mid-stream, bad
-requests, per-request KV policies, the API key, reasoning_content."""
+requests, per-request KV policies, the API key, reasoning_content; and over the tiny model, every
+numeric field checked at its real limit and the key checked before the body."""
 
 import json
 import time
@@ -14,7 +15,7 @@ import pytest
 from fastapi.testclient import TestClient
 from serving import serving
 
-from lemma import Engine, SamplingParams
+from lemma import Engine, LemmaError, SamplingParams
 from lemma.engine.async_engine import AsyncEngine
 from lemma.engine.sequence import RequestOutput, Stats
 from lemma.models.store import pull
@@ -97,7 +98,13 @@ def test_sixteen_concurrent_seeded_clients_equal_each_alone(served):
     engine, client = served.engine, served.client
     batches: list[int] = []
     decode = engine.runner.decode
-    engine.runner.decode = lambda seqs, policy: batches.append(len(seqs)) or decode(seqs, policy)
+
+    def counting(*args, **kwargs):  # rows decoded together, whatever the runner's signature
+        logits = decode(*args, **kwargs)
+        batches.append(logits.shape[0])
+        return logits
+
+    engine.runner.decode = counting
 
     def ask(i: int) -> str:
         messages = [{"role": "user", "content": f"Tell me a fact about the number {i}."}]
@@ -251,3 +258,109 @@ def test_api_key_and_reasoning_content(tiny_dir):
         assert client.get("/health").status_code == 200  # no key needed
     assert split_reasoning("no thinking here") == (None, "no thinking here")
     assert split_reasoning("still thinking</think>done", thinking=True) == ("still thinking", "done")
+
+
+# ---- every field checked at the boundary; the key checked before the body -----------------------------
+
+@pytest.fixture(scope="module")
+def tiny_app(tiny_dir):
+    """The app over the tiny model (no server process); `added` counts requests that reached the engine."""
+    engine = Engine(tiny_dir, kv_cache_tokens=1024, max_batch=4)
+    added, add = [], engine.add_request
+    engine.add_request = lambda *a, **k: added.append(1) or add(*a, **k)
+    async_engine = AsyncEngine(engine)
+    with TestClient(build_app(async_engine, "tiny")) as client:
+        yield SimpleNamespace(client=client, engine=engine, added=added)
+
+
+PROMPT = {"prompt": "Tell me a story", "max_tokens": 2}
+
+
+@pytest.mark.parametrize("fields, param", [
+    ({"top_k": 2**63}, "top_k"), ({"top_k": 10**30}, "top_k"), ({"top_k": True}, "top_k"), ({"top_k": 1.5}, "top_k"),
+    ({"max_tokens": True}, "max_tokens"), ({"max_tokens": 2.0}, "max_tokens"), ({"max_tokens": "2"}, "max_tokens"),
+    ({"seed": True}, "seed"), ({"seed": 2**64}, "seed"), ({"seed": -(2**63) - 1}, "seed"),
+    ({"n": True}, "n"), ({"temperature": True}, "temperature"), ({"temperature": "0.5"}, "temperature"),
+    ({"top_p": False}, "top_p"), ({"repetition_penalty": 1e300}, "repetition_penalty"),
+    ({"repetition_penalty": 1e-40}, "repetition_penalty"), ({"presence_penalty": True}, "presence_penalty"),
+    ({"prompt": [True, 2]}, "prompt"), ({"prompt": [1, 2**63]}, "prompt"), ({"prompt": [1, -1]}, "prompt"),
+    ({"ignore_eos": 1}, "ignore_eos"), ({"stream": "yes"}, "stream"),
+])
+def test_a_bad_number_is_400_naming_the_field_and_never_reaches_the_engine(tiny_app, fields, param):
+    response = tiny_app.client.post("/v1/completions", json={**PROMPT, **fields})
+    error = response.json()["error"]
+    assert response.status_code == 400 and error["param"].split(".")[0] == param, error
+    assert error["message"].startswith(param) and "\n" not in error["message"]
+    assert not tiny_app.added
+
+
+def test_not_a_number_is_400(tiny_app):
+    for literal in ("NaN", "Infinity", "-Infinity"):
+        body = json.dumps(PROMPT)[:-1] + f', "temperature": {literal}}}'
+        response = tiny_app.client.post("/v1/completions", content=body, headers={"content-type": "application/json"})
+        assert response.status_code == 400 and response.json()["error"]["param"] == "temperature"
+    assert not tiny_app.added
+
+
+def test_numbers_at_their_limits_are_served_next_to_an_ordinary_request(tiny_app):
+    """A top_k past the vocabulary and seeds at both ends of 64 bits (n = 2 wraps seed + 1) sample in the
+    same steps as an ordinary request, and every one of them ends well."""
+    bodies = [{**PROMPT, "top_k": 2**63 - 1, "seed": 2**64 - 1, "n": 2, "ignore_eos": True},
+              {**PROMPT, "seed": -(2**63), "temperature": 2, "repetition_penalty": 100, "ignore_eos": True},
+              {**PROMPT, "temperature": 0, "ignore_eos": True}]
+    with ThreadPoolExecutor(3) as pool:
+        replies = list(pool.map(lambda body: tiny_app.client.post("/v1/completions", json=body), bodies))
+    assert [r.status_code for r in replies] == [200, 200, 200], [r.text for r in replies]
+    assert [c["finish_reason"] for r in replies for c in r.json()["choices"]] == ["length"] * 4
+    tiny_app.added.clear()
+    wait_idle(tiny_app.engine)
+
+
+def asgi_call(app, headers: list[tuple[bytes, bytes]], path: str = "/v1/completions", body: bytes = b"{not json"):
+    """One POST straight through the ASGI app. -> (status, JSON answer, how often the app read the body)."""
+    import asyncio
+
+    reads, sent = [], []
+
+    async def receive():
+        reads.append(1)
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
+             "headers": [(b"content-type", b"application/json"), *headers], "client": ("127.0.0.1", 1),
+             "server": ("127.0.0.1", 80)}
+    asyncio.run(app(scope, receive, send))
+    status = next(m["status"] for m in sent if m["type"] == "http.response.start")
+    answer = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    return status, json.loads(answer), len(reads)
+
+
+def test_the_key_is_checked_before_the_body_is_read(tiny_dir):
+    engine = Engine(tiny_dir, kv_cache_tokens=256)
+    async_engine = AsyncEngine(engine)
+    key = "clé-🙂-secret"
+    app = build_app(async_engine, "tiny", api_key=key)
+    try:
+        for headers in ([], [(b"authorization", b"Bearer wrong")], [(b"authorization", b"Bearer " + key.encode()[:-1])],
+                        [(b"authorization", key.encode())], [(b"authorization", b"Basic " + key.encode())]):
+            status, answer, reads = asgi_call(app, headers)
+            assert (status, answer["error"]["code"], reads) == (401, "invalid_api_key", 0), headers
+        for path in ("/stats", "/v1/models", "/v1/chat/completions", "/nowhere"):
+            assert asgi_call(app, [], path)[:1] == (401,)
+        good = [(b"authorization", b"Bearer " + key.encode("utf-8"))]  # a non-ASCII key, sent as UTF-8
+        status, answer, reads = asgi_call(app, good)
+        assert status == 400 and "not valid JSON" in answer["error"]["message"] and reads == 1
+        status, _, _ = asgi_call(app, [(b"authorization", b"bearer  " + key.encode("utf-8"))])
+        assert status == 400  # the scheme is case-insensitive (RFC 9110)
+    finally:
+        async_engine.close()
+    with TestClient(build_app(AsyncEngine(Engine(tiny_dir, kv_cache_tokens=256)), "tiny", api_key=key)) as client:
+        reply = client.get("/v1/models", headers={"authorization": f"Bearer {key}".encode()})
+        assert reply.status_code == 200 and client.get("/health").status_code == 200
+        assert client.get("/v1/models").headers["www-authenticate"] == "Bearer"
+    with pytest.raises(LemmaError, match="api_key is empty"):
+        build_app(async_engine, "tiny", api_key=" ")

@@ -1,7 +1,8 @@
 """`lemma serve`: an OpenAI-compatible HTTP front (FastAPI) on an AsyncEngine.
 
 /v1/chat/completions and /v1/completions (streamed as server-sent events or whole), /v1/models,
-/health. Malformed requests get an OpenAI-style JSON error with status 400 before anything reaches
+/health. With an API key, every route but /health checks it first (APIKeyCheck), before a byte of the
+body is read. Malformed requests get an OpenAI-style JSON error with status 400 before anything reaches
 the engine; a client that goes away aborts its request, so its pages return to the pool.
 """
 
@@ -13,11 +14,13 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from lemma.engine.async_engine import AsyncEngine
 from lemma.engine.policies import Policy, policy_from_spec
@@ -27,6 +30,34 @@ from lemma.reasoning import ThinkSplitter, opens_thinking, split_reasoning
 from lemma.server.protocol import (APIError, ChatCompletionRequest, CompletionRequest, GenerationRequest,
                                    lemma_stats, now, usage)
 from lemma.server.streams import Outputs, Reply, collect, event_stream
+
+OPEN_PATHS = ("/health",)  # the only routes a client without the key may use
+
+
+class APIKeyCheck:
+    """ASGI middleware: with a key, an HTTP request to any route but OPEN_PATHS needs `Authorization:
+    Bearer <key>`, checked before the route runs, so a stranger's body is never read or parsed. The
+    header's bytes are compared with the key's UTF-8 bytes in constant time (a non-ASCII key matches
+    what a client sends as UTF-8)."""
+
+    def __init__(self, app: ASGIApp, api_key: str | None):
+        self.app = app
+        self.expected = None if api_key is None else api_key.encode("utf-8")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.expected is None or scope["type"] != "http" or scope["path"] in OPEN_PATHS or self.admits(scope):
+            await self.app(scope, receive, send)
+            return
+        error = APIError(401, "missing or wrong API key (send Authorization: Bearer <key>)",
+                         kind="authentication_error", code="invalid_api_key")
+        response = JSONResponse(error.body(), status_code=401, headers={"www-authenticate": "Bearer"})
+        await response(scope, receive, send)
+
+    def admits(self, scope: Scope) -> bool:
+        raw = Headers(scope=scope).get("authorization", "").encode("latin-1")  # the header's bytes as sent
+        scheme, _, token = raw.strip().partition(b" ")
+        return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.expected)
+
 
 class Server:
     """What the routes share: the engine, the served model's name, the key, the reasoning switch."""
@@ -109,6 +140,8 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
     """The app over a running AsyncEngine (closed when the app shuts down). reasoning: None = on when
     the tokenizer knows <think>. default_max_tokens caps requests that give none (default: the rest of
     the model's context, within the pool for layers that keep every page)."""
+    if api_key is not None and not api_key.strip():
+        raise LemmaError("api_key is empty: give a key, or None to serve without one")
     server = Server(engine, model_name, api_key, reasoning, default_max_tokens)
 
     @asynccontextmanager
@@ -119,6 +152,7 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
 
     app = FastAPI(title="lemma", lifespan=lifespan)
     app.state.server = server
+    app.add_middleware(APIKeyCheck, api_key=api_key)
 
     @app.exception_handler(APIError)
     async def api_error(_: Request, exc: APIError) -> JSONResponse:
@@ -141,17 +175,11 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         return JSONResponse(APIError(exc.status_code, str(exc.detail)).body(), status_code=exc.status_code)
 
-    async def authorized(request: Request) -> None:
-        given = request.headers.get("authorization", "").encode()
-        if api_key is not None and not hmac.compare_digest(given, f"Bearer {api_key}".encode()):
-            raise APIError(401, "missing or wrong API key (send Authorization: Bearer <key>)",
-                           kind="authentication_error", code="invalid_api_key")
-
     @app.get("/health")
     async def health() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/stats", dependencies=[Depends(authorized)])
+    @app.get("/stats")
     async def stats() -> dict[str, Any]:
         """The engine's queue, pool and prefix cache right now (for load tests and dashboards)."""
         scheduler, pages = engine.engine.scheduler, engine.engine.pages
@@ -161,11 +189,11 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
                 "kv_pages": pages.num_pages, "kv_pages_free": min(map(pages.available, range(pages.num_layers))),
                 "prefix_cache": engine.engine.prefix_cache_stats()}
 
-    @app.get("/v1/models", dependencies=[Depends(authorized)])
+    @app.get("/v1/models")
     async def models() -> dict[str, Any]:
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "lemma"}]}
 
-    @app.post("/v1/chat/completions", dependencies=[Depends(authorized)])
+    @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatCompletionRequest, http: Request) -> Response:
         server.check_model(req)
         tokenizer = engine.engine.tokenizer
@@ -225,7 +253,7 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
         opening = [chunk(i, {"role": "assistant", "content": ""}) for i in range(len(outputs))]
         return event_stream(outputs, opening, render, usage_event)
 
-    @app.post("/v1/completions", dependencies=[Depends(authorized)])
+    @app.post("/v1/completions")
     async def completions(req: CompletionRequest, http: Request) -> Response:
         server.check_model(req)
         if isinstance(req.prompt, str):

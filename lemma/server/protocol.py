@@ -7,15 +7,18 @@ tools) are rejected with a 400 that names them rather than silently dropped.
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AllowInfNan, BaseModel, ConfigDict, Field, Strict, StrictBool, StrictInt, model_validator
 
-from lemma.engine.sampler import SamplingParams
+from lemma.engine.sampler import INT64_MAX, REPETITION_PENALTY, SamplingParams
 from lemma.engine.sequence import Stats
 
-
 MAX_CHOICES = 16
+# JSON numbers as they are: true, "1" and 1.0 are no integer, true and "0.5" no number, NaN and Infinity
+# neither; every bound is the sampler's real limit (engine/sampler.py), so nothing out of range gets a step.
+Number = Annotated[float, Strict(), AllowInfNan(False)]
+TokenId = Annotated[int, Strict(), Field(ge=0, le=INT64_MAX)]
 
 
 class APIError(Exception):
@@ -31,28 +34,28 @@ class APIError(Exception):
 
 
 class StreamOptions(BaseModel):
-    include_usage: bool = False
+    include_usage: StrictBool = False
 
 
 class GenerationRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str | None = None
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(0, ge=-1)  # -1 or 0: off
-    min_p: float = Field(0.0, ge=0, le=1)
-    presence_penalty: float = Field(0.0, ge=-2, le=2)
-    frequency_penalty: float = Field(0.0, ge=-2, le=2)
-    repetition_penalty: float = Field(1.0, gt=0)
+    max_tokens: StrictInt | None = Field(None, ge=1, le=INT64_MAX)
+    temperature: Number = Field(1.0, ge=0, le=2)  # OpenAI's range, inside SamplingParams'
+    top_p: Number = Field(1.0, gt=0, le=1)
+    top_k: StrictInt = Field(0, ge=-1, le=INT64_MAX)  # -1 or 0: off; more than the vocabulary keeps every token
+    min_p: Number = Field(0.0, ge=0, le=1)
+    presence_penalty: Number = Field(0.0, ge=-2, le=2)
+    frequency_penalty: Number = Field(0.0, ge=-2, le=2)
+    repetition_penalty: Number = Field(1.0, ge=REPETITION_PENALTY[0], le=REPETITION_PENALTY[1])
     stop: str | list[str] | None = None
-    seed: int | None = None
-    n: int = Field(1, ge=1, le=MAX_CHOICES)  # choices, sharing the prompt's pages
+    seed: StrictInt | None = Field(None, ge=-(2**63), le=2**64 - 1)  # choice i samples with seed + i (wrapped)
+    n: StrictInt = Field(1, ge=1, le=MAX_CHOICES)  # choices, sharing the prompt's pages
     logprobs: Any = None
-    stream: bool = False
+    stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    ignore_eos: bool = False  # lemma/vLLM extra: generate all max_tokens
+    ignore_eos: StrictBool = False  # lemma/vLLM extra: generate all max_tokens
     kv_policy: dict[str, Any] | str | None = None  # lemma extra: {"name": "raas", "budget": 512, ...} or "raas:budget=512"
     tools: Any = None
     tool_choice: Any = None
@@ -76,7 +79,7 @@ class GenerationRequest(BaseModel):
 
     def sampling(self, max_tokens: int, choice: int = 0) -> SamplingParams:
         """Choice `choice`'s sampling: with a seed, seed + choice, so n choices differ and repeat."""
-        seed = None if self.seed is None else self.seed + choice
+        seed = None if self.seed is None else (self.seed + choice + 2**63) % 2**64 - 2**63  # stays in 64 bits
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return SamplingParams(max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
                               top_k=max(self.top_k, 0), min_p=self.min_p, presence_penalty=self.presence_penalty,
@@ -102,7 +105,7 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(GenerationRequest):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: StrictInt | None = Field(None, ge=1, le=INT64_MAX)
 
     @property
     def requested_max_tokens(self) -> int | None:
@@ -110,9 +113,9 @@ class ChatCompletionRequest(GenerationRequest):
 
 
 class CompletionRequest(GenerationRequest):
-    prompt: str | list[int] | list[str]
-    echo: bool = False
-    best_of: int | None = None
+    prompt: str | list[TokenId] | list[str]
+    echo: StrictBool = False
+    best_of: StrictInt | None = None
     suffix: str | None = None
 
     @model_validator(mode="after")
