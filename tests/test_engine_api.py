@@ -288,3 +288,33 @@ def test_async_engine_streams_and_aborts(tiny_dir):
         engine.step = step
     finally:
         async_engine.close()
+
+
+def test_async_engine_takes_int_request_ids_and_nothing_after_close(tiny_dir):
+    """A request id given as an int is str(id) everywhere (submit, its outputs, abort); submit after close
+    raises; closing twice is fine."""
+    engine = Engine(tiny_dir, kv_cache_tokens=1024)
+    async_engine = AsyncEngine(engine)
+
+    async def main():
+        outputs = [o async for o in async_engine.submit("hello", SamplingParams(max_tokens=3, ignore_eos=True), request_id=7)]
+        stream = async_engine.submit("hello", SamplingParams(max_tokens=500, ignore_eos=True), request_id=8)
+        first = await stream.__anext__()
+        async_engine.abort(8)
+        rest = [o async for o in stream]
+        return outputs, first, rest
+
+    try:
+        outputs, first, rest = asyncio.run(asyncio.wait_for(main(), 60))
+        assert {o.request_id for o in outputs} == {"7"} and outputs[-1].finish_reason == "length"
+        assert first.request_id == "8" and rest[-1].finish_reason == "abort"
+    finally:
+        async_engine.close()
+    async_engine.close()  # again: nothing happens
+
+    async def late():
+        async_engine.submit("hello", SamplingParams(max_tokens=3))
+
+    with pytest.raises(LemmaError, match="^this AsyncEngine is closed; it takes no more requests$"):
+        asyncio.run(late())
+    assert engine.pages.all_free and not engine.has_unfinished()

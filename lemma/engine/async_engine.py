@@ -18,6 +18,7 @@ from lemma.engine.policies import Policy
 from lemma.engine.prompts import Prompt
 from lemma.engine.sampler import SamplingParams
 from lemma.engine.sequence import RequestOutput
+from lemma.errors import LemmaError
 
 log = logging.getLogger("lemma")
 IDLE_WAIT_SECONDS = 1.0  # the loop rechecks for work at least this often, even without a wake-up
@@ -28,6 +29,7 @@ class AsyncEngine:
         self.engine = engine
         self._wake = threading.Event()
         self._closing = False
+        self._lifecycle = threading.Lock()  # a submit sees the engine open or closed, never half closed
         self._thread = threading.Thread(target=self._loop, name="lemma-engine", daemon=True)
         self._thread.start()
 
@@ -46,7 +48,9 @@ class AsyncEngine:
                request_id: str | None = None) -> AsyncIterator[RequestOutput]:
         """Queue a request and return its outputs as an async iterator; call from the event loop. Bad
         requests raise LemmaError here, before anything is queued. Leaving the iterator before the last
-        output (a closed connection, a cancelled task), or dropping it unread, aborts the request."""
+        output (a closed connection, a cancelled task), or dropping it unread, aborts the request. A
+        request id may be any value; it is used as str(request_id), as Engine does. After close(), raises
+        LemmaError."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
 
@@ -54,7 +58,11 @@ class AsyncEngine:
             if not loop.is_closed():
                 loop.call_soon_threadsafe(queue.put_nowait, out)
 
-        request_id = self.engine.add_request(prompt, params, policy, request_id, on_output=post)
+        with self._lifecycle:
+            if self._closing:
+                raise LemmaError("this AsyncEngine is closed; it takes no more requests")
+            request_id = self.engine.add_request(prompt, params, policy, None if request_id is None else str(request_id),
+                                                 on_output=post)
         self._wake.set()
         finished = [False]
         outputs = self._outputs(request_id, queue, finished)
@@ -77,13 +85,17 @@ class AsyncEngine:
             self.abort(request_id)
 
     def abort(self, request_id: str) -> None:
-        self.engine.abort(request_id)
+        self.engine.abort(str(request_id))
         self._wake.set()
 
     def close(self) -> None:
-        """Stop the loop thread (requests still running are aborted and their pages returned)."""
-        self.engine.abort_all()
-        self._closing = True
+        """Stop the loop thread (requests still running are aborted and their pages returned). Closing
+        again does nothing; submit() after close raises."""
+        with self._lifecycle:
+            if self._closing:
+                return
+            self._closing = True
+            self.engine.abort_all()
         self._wake.set()
         self._thread.join()
         self.engine.step()  # apply the aborts
