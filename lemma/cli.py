@@ -97,11 +97,19 @@ def compile_default(compile: Optional[bool]) -> bool:
     return os.environ.get("LEMMA_COMPILE", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
+def check_model_option(model: Optional[str]) -> None:
+    """--model is left out (the default model) or names something: an empty one is an error, not the default."""
+    if model is not None and not model.strip():
+        raise LemmaError("--model is empty; give a catalog name (see `lemma pull --list`) or a model folder, "
+                         "or leave it out for the default model")
+
+
 def _engine(model: Optional[str], device: Optional[str], dtype: Optional[str], quiet: bool = False, policy=None,
             compile: Optional[bool] = False, **options: Any):
     from lemma import Engine
     from lemma.models.store import resolve_model
 
+    check_model_option(model)
     if compile is None:  # the default; not under tensor parallelism yet
         compile = compile_default(None) and options.get("tensor_parallel", 1) == 1
     engine = Engine(resolve_model(model, quiet=quiet), policy=policy, device=device, dtype=dtype, compile=compile,
@@ -203,6 +211,7 @@ def run(
 
     Example: lemma run "What is 17*23? Think step by step." --policy raas --budget 512 --max-tokens 2048
     """
+    check_model_option(model)
     params = _params(max_tokens, temperature, top_p, top_k, seed)
     params.ignore_eos = ignore_eos
     kv_policy = _policy(policy, budget, pin_prompt, dense_layers)
@@ -213,7 +222,22 @@ def run(
         _run(engine, prompt, system, params, as_json, think)
 
 
+def check_fits_context(engine: Any, messages: list[dict[str, str]], max_tokens: int) -> None:
+    """The user's own text (no template), with max_tokens, must fit the model's context: a message too long
+    is refused here in one line, before the chat template renders it or a token is prefilled. (The engine
+    refuses the templated prompt the same way; this says it about the message, not the template.)"""
+    context = engine.config.max_position_embeddings
+    budget = context - max_tokens
+    if sum(len(m["content"].encode("utf-8", "surrogatepass")) + 1 for m in messages) <= budget:
+        return  # a token holds at least one byte (one more for a prefix space): it fits without tokenizing
+    tokens = sum(len(engine.tokenizer.encode(m["content"])) for m in messages)
+    if tokens + max_tokens > context:
+        raise LemmaError(f"the message is {tokens} tokens; with max_tokens {max_tokens} that exceeds the model's context "
+                         f"of {context} tokens (max_position_embeddings); shorten it or lower --max-tokens")
+
+
 def _run(engine: Any, prompt: str, system: Optional[str], params: Any, as_json: bool, think: bool) -> None:
+    check_fits_context(engine, _messages(system, prompt), params.max_tokens)
     ids = engine.chat_prompt(_messages(system, prompt)) if engine.tokenizer.chat_template else engine.tokenizer.encode(prompt, True)
     if as_json:
         out = engine.generate([ids], params)[0]
@@ -256,6 +280,7 @@ def chat(
     goes on); Ctrl-D exits.
     Example: lemma chat --system "Be brief." --policy raas --budget 512
     """
+    check_model_option(model)
     params = _params(max_tokens, temperature, top_p, 0, seed)
     with _engine(model, device, dtype, policy=_policy(policy, budget, pin_prompt, dense_layers), compile=compile,
                  max_batch=1, tensor_parallel=tp, quantize=quantize, prefix_cache=prefix_cache) as engine:
@@ -308,6 +333,7 @@ def _chat_loop(engine: Any, system: Optional[str], params: Any, think: bool, mak
             continue
         messages.append({"role": "user", "content": line})
         try:
+            check_fits_context(engine, messages[-1:], params.max_tokens)
             ids = engine.chat_prompt(messages)
             text, stats, _ = _stream_reply(engine, ids, params, think)
         except LemmaError as exc:  # e.g. the conversation outgrew the pool: say so, keep the REPL

@@ -8,7 +8,8 @@ from typing import Any, Optional
 
 import typer
 
-from lemma.cli import CompileOpt, DeviceOpt, DtypeOpt, ModelOpt, QuantizeOpt, _engine, compile_default, friendly_errors
+from lemma.cli import (CompileOpt, DeviceOpt, DtypeOpt, ModelOpt, QuantizeOpt, _engine, check_model_option, compile_default,
+                       friendly_errors)
 from lemma.errors import LemmaError
 from lemma.evaluation import outputs
 
@@ -74,7 +75,9 @@ def bench(
     Example: lemma bench --context 1024,4096 --policies dense,raas --vs-transformers
     """
     from lemma.evaluation import plots, speed
+    from lemma.models.staging import replace_file
 
+    check_model_option(model)
     contexts = _ints(context, "--context")
     if not contexts:
         raise LemmaError("--context names no length")
@@ -122,9 +125,9 @@ def bench(
     for row in rows:
         if "error" in row:
             typer.echo(f"{row['policy']} at context {row['context']} failed: {row['error']}")
-    with outputs.writing(out, "--out"):
-        out.write_text(json.dumps({"model": engine.model_dir.name, "device": str(engine.device), "budget": budget,
-                                   "copy_gb_per_s": peak / 1e9, "rows": rows}, indent=2))
+    with outputs.writing(out, "--out"):  # whole or not at all: a full disk leaves the earlier results
+        replace_file(out, json.dumps({"model": engine.model_dir.name, "device": str(engine.device), "budget": budget,
+                                      "copy_gb_per_s": peak / 1e9, "rows": rows}, indent=2).encode())
     plots.bench_plot([dict(r, policy=r["policy_name"]) for r in rows if "ms_per_token" in r], png,
                      f"{engine.model_dir.name}: decode cost and KV memory vs context (budget {budget})")
     typer.echo(f"wrote {out} and {png}")
@@ -176,6 +179,7 @@ def evaluate(
     from lemma.evaluation.datasets import load_problems
     from lemma.evaluation.results import ResultsFile
 
+    check_model_option(model)
     _at_least(limit, 1, "--limit")
     _at_least(max_tokens, 1, "--max-tokens")
     _at_least(batch, 1, "--batch")
@@ -343,6 +347,7 @@ def trace(
     from lemma.evaluation import plots
     from lemma.evaluation.trace import record_trace
 
+    check_model_option(model)
     _at_least(max_tokens, 1, "--max-tokens")
     outputs.check_png(out, "--out")
     engine = _engine(model, device, dtype, policy=RaaS(budget=budget))

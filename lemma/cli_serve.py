@@ -8,7 +8,7 @@ import typer
 
 from lemma.cli import (BudgetOpt, CompileOpt, DenseLayersOpt, DeviceOpt, DtypeOpt, ModelOpt, PinOpt, PolicyOpt, PrefixCacheOpt,
                        QuantizeOpt, TpOpt,
-                       _engine, _policy, friendly_errors)
+                       _engine, _policy, check_model_option, friendly_errors)
 from lemma.errors import LemmaError
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -45,6 +45,9 @@ def serve(
     Example: lemma serve --policy raas --budget 512 --port 8000, then point any OpenAI client at
     http://127.0.0.1:8000/v1. A request may pick its own KV policy: "kv_policy": {"name": "raas", "budget": 512}.
     """
+    check_model_option(model)
+    if api_key is not None and not api_key.strip():
+        raise LemmaError("--api-key (or LEMMA_API_KEY) is empty; give a key, or leave it out to serve without one")
     if reasoning not in ("auto", "think", "none"):
         raise LemmaError(f"--reasoning-parser must be auto, think or none, got {reasoning!r}")
     if default_max_tokens is not None and default_max_tokens < 1:

@@ -84,3 +84,11 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def tiny_dir(tiny_models) -> Path:
     return tiny_models["llama"]
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tiny_dir, tmp_path_factory) -> Path:
+    """The tiny llama written as a GGUF file (tests/ggufs.py)."""
+    from ggufs import write_gguf
+
+    return write_gguf(tiny_dir, tmp_path_factory.mktemp("gguf") / "m.gguf")

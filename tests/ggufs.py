@@ -90,3 +90,8 @@ def dequantized_state(model_dir: Path, quant: gguf.GGMLQuantizationType) -> dict
             array = gguf.quants.dequantize(gguf.quants.quantize(array, quant), quant).reshape(array.shape)
         out[name] = torch.from_numpy(np.array(array))
     return out
+
+
+def tree(folder: Path) -> dict[str, bytes | None]:
+    """Every path under `folder` with a file's bytes (None for a folder)."""
+    return {str(p.relative_to(folder)): None if p.is_dir() else p.read_bytes() for p in sorted(folder.rglob("*"))}

@@ -15,6 +15,8 @@ from lemma.errors import LemmaError
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+SUPPORTED_ACTIVATIONS = ("silu", "swish")  # the same function; the decoder's MLP is SwiGLU
+KNOWN_DTYPES = ("float32", "bfloat16", "float16", "float64")  # what checkpoints say they were saved in
 REQUIRED = object()  # default of a field that must be present
 
 
@@ -82,6 +84,13 @@ class CheckedFields:
         value = self.raw.get(key)
         if value is not None and not isinstance(value, str):
             raise self.error(key, f"must be a string, got {shown(value)}")
+        return value
+
+    def optional_choice(self, key: str, choices: tuple[str, ...], what: str) -> str | None:
+        """Absent or null gives None; else one of `choices` (`what` names the kind in the message)."""
+        value = self.raw.get(key)
+        if value is not None and (not isinstance(value, str) or value not in choices):
+            raise self.error(key, f"unsupported {what} {shown(value)}; supported: {', '.join(choices)}")
         return value
 
     def optional_object(self, key: str) -> dict[str, Any] | None:
@@ -153,6 +162,8 @@ class ModelConfig:
         num_heads, num_kv_heads, head_dim = _attention_shape(fields, hidden_size)
         rope_theta, rope_scaling = _rope(fields)
         attention_bias = fields.flag("attention_bias")
+        fields.optional_choice("hidden_act", SUPPORTED_ACTIVATIONS, "activation")
+        dtypes = [fields.optional_choice(key, KNOWN_DTYPES, "dtype") for key in ("dtype", "torch_dtype")]
         vocab_size = fields.positive_int("vocab_size")
         eos_ids = fields.token_ids("eos_token_id")
         if any(i >= vocab_size for i in eos_ids):  # an EOS the model can never produce: replies never stop
@@ -176,7 +187,7 @@ class ModelConfig:
             mlp_bias=fields.flag("mlp_bias"),
             qk_norm=model_type == "qwen3",
             max_position_embeddings=fields.positive_int("max_position_embeddings", 4096),
-            torch_dtype=fields.optional_str("dtype") or fields.optional_str("torch_dtype"),
+            torch_dtype=dtypes[0] or dtypes[1],
             eos_token_id=eos_ids,
             bos_token_id=fields.optional_token_id("bos_token_id"),
         )
@@ -218,16 +229,19 @@ def _attention_shape(fields: CheckedFields, hidden_size: int) -> tuple[int, int,
 
 def _rope(fields: CheckedFields) -> tuple[float, dict[str, Any]]:
     """-> (rope_theta, the scaling dict with a checked rope_type and the numbers that type needs)."""
-    # transformers 5.x folds rope_theta and rope_scaling into rope_parameters.
-    key = "rope_parameters" if fields.optional_object("rope_parameters") else "rope_scaling"
-    rope = dict(fields.optional_object(key) or {})
+    # transformers 5.x folds rope_theta and rope_scaling into rope_parameters; a file may hold both.
+    given = {key: fields.optional_object(key) for key in ("rope_parameters", "rope_scaling")}
+    key = "rope_parameters" if given["rope_parameters"] else "rope_scaling"
+    rope = dict(given[key] or {})
     nested = CheckedFields(rope, fields.source, prefix=f"{key}.")
     rope_theta = nested.positive_number("rope_theta") if "rope_theta" in rope else fields.positive_number("rope_theta", 10000.0)
     rope.pop("rope_theta", None)
-    type_key = "rope_type" if "rope_type" in rope else "type"
-    rope_type = rope.get(type_key, "default")
-    if not isinstance(rope_type, str) or rope_type not in SUPPORTED_ROPE_TYPES:
-        raise nested.error(type_key, f"unsupported rope type {shown(rope_type)}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
+    rope_type = _rope_type(nested)
+    if given["rope_parameters"] and given["rope_scaling"]:
+        other = _rope_type(CheckedFields(given["rope_scaling"], fields.source, prefix="rope_scaling."))
+        if other != rope_type:
+            raise fields.error("rope_scaling", f"says rope type {other!r} but rope_parameters says {rope_type!r}")
+    rope.pop("type", None)
     rope["rope_type"] = rope_type
     if rope_type in ("linear", "llama3"):
         rope["factor"] = nested.positive_number("factor")
@@ -238,3 +252,15 @@ def _rope(fields: CheckedFields) -> tuple[float, dict[str, Any]]:
             raise nested.error("high_freq_factor", f"must be more than low_freq_factor {low}, got {high}")
         rope.update(low_freq_factor=low, high_freq_factor=high)
     return rope_theta, rope
+
+
+def _rope_type(rope: CheckedFields) -> str:
+    """The rope type of a rope_scaling/rope_parameters object: "rope_type" (or the older "type"; both
+    must agree when both are given), "default" when neither is."""
+    types = {key: rope.raw[key] for key in ("rope_type", "type") if key in rope.raw}
+    for key, value in types.items():
+        if not isinstance(value, str) or value not in SUPPORTED_ROPE_TYPES:
+            raise rope.error(key, f"unsupported rope type {shown(value)}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
+    if len(set(types.values())) > 1:
+        raise rope.error("type", f"{types['type']!r} disagrees with rope_type {types['rope_type']!r}")
+    return next(iter(types.values()), "default")

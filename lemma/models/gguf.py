@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ import torch
 from lemma.errors import LemmaError
 from lemma.models.config import CheckedFields, ModelConfig, shown
 from lemma.models.gguf_quant import repack
-from lemma.models.staging import check_new_folder, write_new_folder
+from lemma.models.staging import check_new_folder, os_error_of, write_new_folder
 
 SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3")
 
@@ -263,10 +264,26 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, dtype: torch.dtype 
     def write(folder: Path) -> None:
         from safetensors.torch import save_file
 
-        save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
-        tokenizer.save(str(folder / "tokenizer.json"))
+        with _io_errors_as_oserror():  # a full disk inside safetensors or tokenizers is an OSError too
+            save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+            tokenizer.save(str(folder / "tokenizer.json"))
         (folder / "config.json").write_text(json.dumps(config, indent=2))
         (folder / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2, ensure_ascii=False))
         (folder / "generation_config.json").write_text(json.dumps(generation, indent=2))
 
     return write_new_folder(out_dir, write)
+
+
+@contextmanager
+def _io_errors_as_oserror() -> Iterator[None]:
+    """safetensors and tokenizers report a failed write (ENOSPC, EIO, ...) as their own exception types;
+    raise it as the OSError it is, so the caller's one-line message and clean-up apply."""
+    try:
+        yield
+    except OSError:
+        raise
+    except Exception as exc:
+        error = os_error_of(exc)
+        if error is None:
+            raise
+        raise error from None

@@ -9,7 +9,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from lemma.errors import LemmaError
-from lemma.models.config import ModelConfig
+from lemma.models.config import ModelConfig, shown
 from lemma.models.llama import CausalLM, rope_inv_freq
 from lemma.models.quantized import QUANT_SUFFIXES, QuantLinear, check_quantize, fuse_projections, quantize_model
 from lemma.models.shard import Shard
@@ -21,11 +21,7 @@ IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 def safetensors_files(model_dir: Path) -> list[Path]:
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError):
-            raise LemmaError(f"{index}: not a valid safetensors index (needs a 'weight_map')") from None
-        files = sorted({model_dir / name for name in weight_map.values()})
+        files = sorted({model_dir / name for name in _weight_map(index).values()})
         for f in files:
             if not f.is_file():
                 raise LemmaError(f"{index}: names shard {f.name}, which is missing")
@@ -34,6 +30,28 @@ def safetensors_files(model_dir: Path) -> list[Path]:
     if not files:
         raise LemmaError(f"{model_dir}: no *.safetensors weights found (only safetensors checkpoints are supported)")
     return files
+
+
+def _weight_map(index: Path) -> dict[str, str]:
+    """The index's weight_map (tensor name -> shard file name), checked: a non-empty object of names, each
+    shard a plain *.safetensors file name in the model folder."""
+    try:
+        raw = json.loads(index.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise LemmaError(f"{index}: not valid JSON ({getattr(exc, 'msg', exc)})") from None
+    except OSError as exc:
+        raise LemmaError(f"{index}: cannot read ({exc.strerror or exc})") from None
+    if not isinstance(raw, dict) or "weight_map" not in raw:
+        raise LemmaError(f"{index}: not a valid safetensors index (needs a 'weight_map')")
+    weight_map = raw["weight_map"]
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise LemmaError(f"{index}: weight_map: must be a non-empty object of tensor name -> shard file, "
+                         f"got {shown(weight_map)}")
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str) or Path(shard).name != shard or not shard.endswith(".safetensors"):
+            raise LemmaError(f"{index}: weight_map: {name} must name a .safetensors file in the model folder, "
+                             f"got {shown(shard)}")
+    return weight_map
 
 
 def shard_slice(name: str, config: ModelConfig, shard: Shard | None) -> tuple[int, tuple[int, int]] | None:

@@ -1,5 +1,6 @@
-"""Writing model folders so that they appear whole or not at all: each is built in a `.NAME.partial-*`
-folder next to where it goes and renamed into place; a failure is one LemmaError naming the folder."""
+"""Writing model folders and output files so that they appear whole or not at all: a folder is built in a
+`.NAME.partial-*` folder next to where it goes, a file in a temporary file beside it, and renamed into
+place; a failure (a full disk among them) is one LemmaError naming what was being written."""
 
 from __future__ import annotations
 
@@ -15,6 +16,23 @@ from lemma.errors import LemmaError
 
 def describe(exc: OSError) -> str:
     return exc.strerror or str(exc)
+
+
+class WriteFailed(LemmaError):
+    """Writing a new folder failed (`reason`: the OS's words, e.g. "No space left on device")."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+def os_error_of(exc: Exception) -> OSError | None:
+    """The OSError behind an I/O failure of a Rust-backed library (safetensors, tokenizers), which raise
+    their own exception types with "... (os error N) ..." in the message; None when it is no I/O error."""
+    if isinstance(exc, OSError):
+        return exc
+    found = re.search(r"\(os error (\d+)\)", str(exc))
+    return None if found is None else OSError(int(found[1]), os.strerror(int(found[1])))
 
 
 def partial_prefix(name: str) -> str:
@@ -80,5 +98,23 @@ def write_new_folder(target: Path, write: Callable[[Path], None]) -> Path:
                 target.rmdir()  # empty (checked above); rmdir refuses otherwise, so nothing of the user's goes
             os.rename(folder, target)  # fails rather than overwrites if a file appeared there meanwhile
     except OSError as exc:
-        raise LemmaError(f"{target}: cannot write ({describe(exc)})") from None
+        raise WriteFailed(f"{target}: cannot write ({describe(exc)})", describe(exc)) from None
     return target
+
+
+def replace_file(path: Path, data: bytes) -> None:
+    """Write `data` to `path` whole or not at all: into a temporary file in the same folder, flushed to
+    disk, then renamed over `path`. On an OSError (ENOSPC included) the temporary file is removed and
+    `path` is as it was; the caller names the file in its message."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(name, path.stat().st_mode & 0o7777 if path.exists() else 0o644)
+        os.replace(name, path)
+    except BaseException:
+        Path(name).unlink(missing_ok=True)
+        raise

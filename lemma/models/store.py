@@ -19,7 +19,7 @@ import torch
 
 from lemma.errors import LemmaError
 from lemma.models.gguf import convert_gguf
-from lemma.models.staging import describe, ensure_writable_dir, partial_folders, staging_dir
+from lemma.models.staging import WriteFailed, describe, ensure_writable_dir, partial_folders, staging_dir
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 MARKER = "lemma-import.json"  # written last: a folder without it is not a finished import
@@ -52,8 +52,11 @@ def is_pulled(name: str) -> bool:
 
 
 def resolve_model(model: str | None, pull_missing: bool = True, quiet: bool = False) -> Path:
-    """A model folder path, or a catalog name (pulled on first use)."""
-    model = model or DEFAULT_MODEL
+    """A model folder path, or a catalog name (pulled on first use); None is the default model."""
+    if model is None:
+        model = DEFAULT_MODEL
+    if not isinstance(model, (str, os.PathLike)) or not str(model).strip():
+        raise LemmaError(f"model must be a catalog name or a model folder, got {model!r}")
     known = catalog()
     if model in known:
         if not is_pulled(model):
@@ -147,8 +150,9 @@ def pull(name: str, force: bool = False, quiet: bool = False, keep_gguf: bool = 
             with staging_dir(store, name) as staging:
                 folder = _import(name, entry, staging, quiet, keep_gguf, keep_quantized)
                 _move_into_place(folder, target, staging)
-    except OSError as exc:
-        raise LemmaError(f"{store}: cannot pull {name} into the model store ({describe(exc)})") from None
+    except (OSError, WriteFailed) as exc:  # WriteFailed: the import's folder (in staging) could not be written
+        reason = exc.reason if isinstance(exc, WriteFailed) else describe(exc)
+        raise LemmaError(f"{store}: cannot pull {name} into the model store ({reason})") from None
     _say(f"{name} ready in {target}", quiet)
     return target
 

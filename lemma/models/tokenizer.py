@@ -14,15 +14,37 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
 
 from lemma.errors import LemmaError
+from lemma.models.config import CheckedFields, shown
 
 
 def _read_json(path: Path) -> dict[str, Any]:
+    """A JSON object file; {} when the file is absent."""
     if not path.is_file():
         return {}
     try:
-        return json.loads(path.read_text())
+        raw = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise LemmaError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise LemmaError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(raw, dict):
+        raise LemmaError(f"{path}: must be a JSON object, got {type(raw).__name__}")
+    return raw
+
+
+def _chat_template(config: dict[str, Any], source: Path) -> str | None:
+    """tokenizer_config.json's chat_template: a string, or a list of {"name", "template"} (the "default"
+    one, else the first); anything else is refused, naming the file."""
+    value = config.get("chat_template")
+    if isinstance(value, list):
+        if not all(isinstance(t, dict) and isinstance(t.get("template"), str) for t in value):
+            raise LemmaError(f"{source}: chat_template: a list must hold {{'name', 'template'}} objects with string "
+                             f"templates, got {shown(value)}")
+        named = {t.get("name"): t["template"] for t in value}
+        value = named.get("default") or next(iter(named.values()), None)
+    if value is not None and not isinstance(value, str):
+        raise LemmaError(f"{source}: chat_template: must be a string, got {shown(value)}")
+    return value
 
 
 def _token_text(value: Any) -> str | None:
@@ -43,13 +65,13 @@ class Tokenizer:
         except Exception as exc:  # tokenizers raises a bare Exception on malformed files
             raise LemmaError(f"{path}: cannot load tokenizer ({str(exc).splitlines()[0]})") from None
         config = _read_json(model_dir / "tokenizer_config.json")
-        self.chat_template: str | None = config.get("chat_template")
-        if isinstance(self.chat_template, list):  # [{"name": "default", "template": ...}, ...]
-            named = {t.get("name"): t.get("template") for t in self.chat_template}
-            self.chat_template = named.get("default") or next(iter(named.values()), None)
+        self.chat_template = _chat_template(config, model_dir / "tokenizer_config.json")
         template_file = model_dir / "chat_template.jinja"
         if self.chat_template is None and template_file.is_file():
-            self.chat_template = template_file.read_text()
+            try:
+                self.chat_template = template_file.read_text()
+            except (OSError, UnicodeDecodeError) as exc:
+                raise LemmaError(f"{template_file}: cannot read the chat template ({exc})") from None
         self.bos_token = _token_text(config.get("bos_token"))
         self.eos_token = _token_text(config.get("eos_token"))
         self.add_bos = bool(config.get("add_bos_token", False)) and self.bos_token is not None
@@ -58,8 +80,8 @@ class Tokenizer:
     def _gather_eos_ids(self, model_dir: Path) -> list[int]:
         ids: list[int] = []
         for name in ("generation_config.json", "config.json"):
-            value = _read_json(model_dir / name).get("eos_token_id")
-            ids += [value] if isinstance(value, int) else list(value or [])
+            path = model_dir / name
+            ids += CheckedFields(_read_json(path), str(path)).token_ids("eos_token_id")
         if self.eos_token is not None and (tid := self.hf.token_to_id(self.eos_token)) is not None:
             ids.append(tid)
         return sorted(set(ids))
@@ -90,6 +112,8 @@ class Tokenizer:
     def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **extra: Any) -> str:
         if not self.chat_template:
             raise LemmaError("this model's tokenizer_config.json has no chat_template; pass a plain prompt instead")
+        if not isinstance(self.chat_template, str):
+            raise LemmaError(f"chat_template must be a string, got {type(self.chat_template).__name__}")
         for i, message in enumerate(messages):
             if not isinstance(message, dict) or "role" not in message or "content" not in message:
                 raise LemmaError(f"messages[{i}] must be a dict with 'role' and 'content', got {message!r}")
