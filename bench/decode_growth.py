@@ -36,11 +36,11 @@ def run_policy(engine: Engine, name: str, budget: int, prompt_ids: list[int], to
     kv_bytes: list[int] = []
     decode = engine.runner.decode
 
-    def timed(seqs, policy):
+    def timed(groups):
         start = time.perf_counter()
-        logits = decode(seqs, policy)
+        logits = decode(groups)
         times.append(time.perf_counter() - start)
-        kv_bytes.append(sum(len(p) for p in seqs[0].pages) * engine.pool.layer_page_bytes)
+        kv_bytes.append(sum(len(p) for p in groups[0][1][0].pages) * engine.pool.layer_page_bytes)
         return logits
 
     engine.runner.decode = timed

@@ -27,9 +27,9 @@ def run(model_dir: Path, tp: int, threads: int, prompt_tokens: int, steps: int, 
         times = []
         decode = engine.runner.decode
 
-        def timed(seqs, pol):
+        def timed(groups):
             start = time.perf_counter()
-            out = decode(seqs, pol)
+            out = decode(groups)
             times.append(time.perf_counter() - start)
             return out
 

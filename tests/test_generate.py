@@ -153,6 +153,15 @@ def test_max_batch_and_prefill_chunk_are_bounded_by_the_pool_the_model_and_memor
         options.check_step_tables(30, 8192, 2048, torch.device("cpu"))
 
 
+def test_an_int_request_id_is_its_text_in_add_request_and_abort(tiny_dir):
+    engine = Engine(tiny_dir, kv_cache_tokens=1024)
+    assert engine.add_request("hello", SamplingParams(max_tokens=500, ignore_eos=True), request_id=5) == "5"
+    engine.step()
+    engine.abort(5)
+    (out,) = engine.step()
+    assert out.request_id == "5" and out.finish_reason == "abort" and engine.pages.all_free
+
+
 def test_pages_return_when_the_step_raises(tiny_dir, monkeypatch):
     engine = Engine(tiny_dir, kv_cache_tokens=256)
     calls = {"n": 0}

@@ -289,7 +289,7 @@ class Engine(BlockingCalls):
         """Stop a request (waiting or running) at the next step; its pages go back to the pool and its
         last output has finish_reason "abort". Unknown or finished ids are ignored. Safe from any thread."""
         with self._inbox_lock:
-            self._inbox.append(("abort", request_id))
+            self._inbox.append(("abort", str(request_id)))  # ids are kept as text (add_request)
 
     def abort_all(self) -> None:
         """Abort every request submitted and not finished yet."""

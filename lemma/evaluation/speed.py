@@ -120,10 +120,10 @@ def bench_policy(engine: Engine, policy: Policy, prompt_ids: list[int], steps: i
     resident: list[int] = []
     decode = engine.runner.decode
 
-    def timed(seqs, pol):
-        logits, seconds = synchronized_seconds(engine.device, decode, seqs, pol)
+    def timed(groups):
+        logits, seconds = synchronized_seconds(engine.device, decode, groups)
         times.append(seconds)
-        resident.append(sum(len(p) for p in seqs[0].pages) * engine.pool.layer_page_bytes)
+        resident.append(sum(len(p) for p in groups[0][1][0].pages) * engine.pool.layer_page_bytes)
         return logits
 
     engine.runner.decode = timed
@@ -175,15 +175,15 @@ def decode_step_ms(engine: Engine, policy: Policy, prompts: list[list[int]], ste
     fresh = {"new": True}
     times: list[float] = []
 
-    def spy_prepare(seqs, pol):
-        step = prepare(seqs, pol)
+    def spy_prepare(seqs, pol, *rest):
+        step = prepare(seqs, pol, *rest)
         fresh["new"] = step.batch not in seen
         seen.add(step.batch)
         return step
 
-    def timed(seqs, pol):
-        logits, seconds = synchronized_seconds(engine.device, decode, seqs, pol)
-        if not fresh["new"] and len(seqs) == len(prompts):
+    def timed(groups):
+        logits, seconds = synchronized_seconds(engine.device, decode, groups)
+        if not fresh["new"] and sum(len(seqs) for _, seqs in groups) == len(prompts):
             times.append(seconds)
         return logits
 
