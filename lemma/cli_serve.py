@@ -39,6 +39,9 @@ def serve(
     quantize: Optional[str] = QuantizeOpt,
     prefix_cache: bool = PrefixCacheOpt,
     tp: int = TpOpt,
+    warm_policy: Optional[list[str]] = typer.Option(
+        None, "--warm-policy", help="A policy clients will ask for in kv_policy (repeatable, e.g. raas:budget=512): "
+                                    "compile it, and its mixes with the others, at start instead of on first use."),
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (chat/completions, completions, models).
 
@@ -59,9 +62,14 @@ def serve(
     from lemma.engine.async_engine import AsyncEngine
     from lemma.server.app import build_app
 
-    engine = _engine(model, device, dtype, policy=_policy(policy, budget, pin_prompt, dense_layers), compile=compile,
+    served_policy = _policy(policy, budget, pin_prompt, dense_layers)
+    warm = [_policy(spec, budget, pin_prompt, dense_layers) for spec in warm_policy or []]
+    engine = _engine(model, device, dtype, policy=served_policy, compile=compile,
                      max_batch=max_batch, kv_cache_tokens=kv_cache_tokens, prefill_chunk=prefill_chunk, tensor_parallel=tp,
                      quantize=quantize, prefix_cache=prefix_cache)
+    if warm and engine.compile:  # requests under different policies share a step: their mixes compile too
+        seconds = engine.warm_up(policies=[engine.policy, *warm])
+        typer.echo(f"(decode steps of {', '.join(p.describe() for p in warm)} and their mixes ready in {seconds:.1f} s)", err=True)
     name = served_name or engine.model_dir.name
     app = build_app(AsyncEngine(engine), name, api_key, {"auto": None, "think": True, "none": False}[reasoning],
                     default_max_tokens)

@@ -288,6 +288,7 @@ def test_serve_bad_inputs(tiny_dir):
     assert_one_line_error(invoke("serve", "--model", tiny_dir, "--reasoning-parser", "maybe"), "--reasoning-parser")
     assert_one_line_error(invoke("serve", "--model", tiny_dir, "--port", "70000"), "--port")
     assert_one_line_error(invoke("serve", "--model", tiny_dir, "--policy", "raas", "--budget", "20"), "budget")
+    assert_one_line_error(invoke("serve", "--model", tiny_dir, "--warm-policy", "lru:budget=64"), "unknown policy 'lru'")
 
 
 def test_serve_starts_answers_and_stops(tiny_dir):
