@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import typer
 
@@ -36,15 +36,6 @@ def _names(text: str) -> list[str]:
 def _at_least(value: int | None, minimum: int, flag: str) -> None:
     if value is not None and value < minimum:
         raise LemmaError(f"{flag} must be at least {minimum}, got {value}")
-
-
-def table(rows: list[dict[str, Any]], columns: list[tuple[str, str, str]]) -> str:
-    """A markdown table: columns are (key, header, format)."""
-    lines = ["| " + " | ".join(h for _, h, _ in columns) + " |", "|" + "---|" * len(columns)]
-    for r in rows:
-        cells = [format(r[k], f) if r.get(k) is not None else "n/a" for k, _, f in columns]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
 
 
 def _progress(total: int, label: str):
@@ -121,7 +112,7 @@ def bench(
         columns += [("transformers_ms_per_token", "transformers ms/token", ".1f"), ("speedup_vs_transformers", "transformers ÷ lemma", ".2f")]
     typer.echo(f"model {engine.model_dir.name} on {engine.device} ({str(engine.dtype)[6:]}), budget {budget}, "
                f"copy bandwidth {peak / 1e9:.1f} GB/s")
-    typer.echo(table(rows, columns))
+    typer.echo(outputs.table(rows, columns))
     for row in rows:
         if "error" in row:
             typer.echo(f"{row['policy']} at context {row['context']} failed: {row['error']}")
@@ -233,7 +224,7 @@ def evaluate(
                    ("peak_kv_mib", "peak KV MiB", ".1f"), ("errors", "errors", "d")]
         metrics = [("accuracy", "accuracy")]
     typer.echo(f"{data.name}, {len(problems)} problems, model {engine.model_dir.name}, max {max_tokens} tokens")
-    typer.echo(table(rows, columns))
+    typer.echo(outputs.table(rows, columns))
     plots.metric_vs_budget(rows, metrics, png, f"{engine.model_dir.name} on {data.stem}")
     typer.echo(f"results in {out}, plot in {png}")
 
@@ -307,7 +298,7 @@ def _evaluate_traces(path: Path, model: str | None, policies: str, budgets: str,
     tokens = sum(len(r["tokens"]) for r in results.of("trace") if r["id"] in ids and "tokens" in r)
     typer.echo(f"{path.name}, {len(traces)} traces ({tokens} tokens, cut at {max_trace_tokens}), "
                f"model {engine.model_dir.name}")
-    typer.echo(table(rows, columns))
+    typer.echo(outputs.table(rows, columns))
     title = f"{engine.model_dir.name} on {path.stem}"
     plots.metric_vs_budget(rows, [("nll_increase", "NLL increase per token"), ("agreement", "top-1 agreement with Dense")],
                            png, title)

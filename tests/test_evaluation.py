@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from conftest import SHARED_DATA
 from lemma import Dense, Engine, RaaS, StreamingLLM
-from lemma.cli_measure import table
+from lemma.evaluation.outputs import table
 from lemma.errors import LemmaError
 from lemma.evaluation import plots, runs
 from lemma.evaluation.answers import equivalent, extract_answer, gsm8k_gold, last_boxed, normalize
@@ -393,6 +393,23 @@ def test_a_dense_row_without_a_value_is_named_in_the_legend_not_drawn_at_zero(tm
     out = tmp_path / "p.png"
     plots.metric_vs_budget(rows, [("accuracy", "accuracy")], out, "all failed")
     assert out.read_bytes().startswith(PNG_SIGNATURE)
+
+
+def test_a_full_disk_while_plotting_is_one_line_and_keeps_the_old_plot(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    rows = runs.summarize_accuracy([{**ACC_FAILED, "config": "dense", "policy": "dense", "budget": None}, ACC_FAILED])
+    out = tmp_path / "p.png"
+    out.write_bytes(b"the old plot")
+
+    def disk_full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(LemmaError, match=r"cannot write plot .*p\.png: No space left on device"):
+        plots.metric_vs_budget(rows, [("accuracy", "accuracy")], out, "all failed")
+    assert out.read_bytes() == b"the old plot" and [p.name for p in tmp_path.iterdir()] == ["p.png"]
 
 
 # ---- eval data -----------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from lemma.errors import LemmaError
 
@@ -87,3 +88,12 @@ def _is_png(path: Path) -> bool:
             return f.read(len(PNG_SIGNATURE)) == PNG_SIGNATURE
     except OSError:
         return False
+
+
+def table(rows: list[dict[str, Any]], columns: list[tuple[str, str, str]]) -> str:
+    """A markdown table: columns are (key, header, format)."""
+    lines = ["| " + " | ".join(h for _, h, _ in columns) + " |", "|" + "---|" * len(columns)]
+    for r in rows:
+        cells = [format(r[k], f) if r.get(k) is not None else "n/a" for k, _, f in columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -51,10 +52,13 @@ def _policy_lines(ax, rows: list[dict[str, Any]], x: str, metric: str, xlabel: s
 def _save(plt, fig, title: str, out: str | Path) -> None:
     fig.suptitle(title)
     fig.tight_layout()
-    out = Path(out)
-    with writing(out, "plot"):
-        fig.savefig(out, dpi=120, format="png")  # an explicit format: matplotlib would add .png to a bare name
+    from lemma.models.staging import replace_file  # (lemma.models imports the CLI's measure commands)
+
+    out, png = Path(out), io.BytesIO()
+    fig.savefig(png, dpi=120, format="png")
     plt.close(fig)
+    with writing(out, "plot"):
+        replace_file(out, png.getvalue())  # whole or not at all: a full disk leaves the old plot (or none)
 
 
 def metric_vs_budget(rows: list[dict[str, Any]], metrics: list[tuple[str, str]], out: str | Path, title: str) -> None:
