@@ -339,6 +339,24 @@ def asgi_call(app, headers: list[tuple[bytes, bytes]], path: str = "/v1/completi
     return status, json.loads(answer), len(reads)
 
 
+def test_a_body_over_the_limit_is_413_and_a_strangers_is_401(tiny_dir):
+    async_engine = AsyncEngine(Engine(tiny_dir, kv_cache_tokens=256))
+    app = build_app(async_engine, "tiny", api_key="k", max_body_bytes=1000)
+    key = [(b"authorization", b"Bearer k")]
+    big = json.dumps({"prompt": "x" * 2000, "max_tokens": 1}).encode()
+    try:
+        status, answer, reads = asgi_call(app, key + [(b"content-length", str(len(big)).encode())], body=big)
+        assert (status, reads) == (413, 0) and "over 1000 bytes" in answer["error"]["message"]  # by its header
+        status, answer, reads = asgi_call(app, key, body=big)  # no length given: counted as it is read
+        assert (status, reads) == (413, 1) and "over 1000 bytes" in answer["error"]["message"]
+        assert asgi_call(app, [(b"content-length", str(len(big)).encode())], body=big)[:1] == (401,)
+        small = json.dumps({"prompt": "hello", "max_tokens": 2, "ignore_eos": True}).encode()
+        status, answer, _ = asgi_call(app, key, body=small)
+        assert status == 200 and answer["usage"]["completion_tokens"] == 2
+    finally:
+        async_engine.close()
+
+
 def test_the_key_is_checked_before_the_body_is_read(tiny_dir):
     engine = Engine(tiny_dir, kv_cache_tokens=256)
     async_engine = AsyncEngine(engine)

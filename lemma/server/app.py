@@ -2,7 +2,7 @@
 
 /v1/chat/completions and /v1/completions (streamed as server-sent events or whole), /v1/models,
 /health. With an API key, every route but /health checks it first (APIKeyCheck), before a byte of the
-body is read. Malformed requests get an OpenAI-style JSON error with status 400 before anything reaches
+body is read; a body over 32 MiB is refused with 413 (BodyLimit). Malformed requests get an OpenAI-style JSON error with status 400 before anything reaches
 the engine; a client that goes away aborts its request, so its pages return to the pool.
 """
 
@@ -57,6 +57,44 @@ class APIKeyCheck:
         raw = Headers(scope=scope).get("authorization", "").encode("latin-1")  # the header's bytes as sent
         scheme, _, token = raw.strip().partition(b" ")
         return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.expected)
+
+
+MAX_BODY_BYTES = 32 * 2**20  # far above any prompt a model's context can take, as JSON
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over `max_bytes` is refused with 413, by its Content-Length before
+    a byte is read, or as soon as a chunked body passes the limit (nothing more of it is read)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = Headers(scope=scope).get("content-length", "")
+        if length.isdigit() and int(length) > self.max_bytes:
+            await self.too_large()(scope, receive, send)
+            return
+        seen = 0
+
+        async def counted() -> dict:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
+                raise StarletteHTTPException(413, self.too_large_message)
+            return message
+
+        await self.app(scope, counted, send)
+
+    @property
+    def too_large_message(self) -> str:
+        return f"request body over {self.max_bytes} bytes"
+
+    def too_large(self) -> JSONResponse:
+        return JSONResponse(APIError(413, self.too_large_message).body(), status_code=413)
 
 
 class Server:
@@ -136,7 +174,8 @@ def finish_reason(out: RequestOutput) -> str:
 
 
 def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
-              reasoning: bool | None = None, default_max_tokens: int | None = None) -> FastAPI:
+              reasoning: bool | None = None, default_max_tokens: int | None = None,
+              max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
     """The app over a running AsyncEngine (closed when the app shuts down). reasoning: None = on when
     the tokenizer knows <think>. default_max_tokens caps requests that give none (default: the rest of
     the model's context, within the pool for layers that keep every page)."""
@@ -152,7 +191,8 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
 
     app = FastAPI(title="lemma", lifespan=lifespan)
     app.state.server = server
-    app.add_middleware(APIKeyCheck, api_key=api_key)
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    app.add_middleware(APIKeyCheck, api_key=api_key)  # added last, so it runs first: a stranger gets 401
 
     @app.exception_handler(APIError)
     async def api_error(_: Request, exc: APIError) -> JSONResponse:
