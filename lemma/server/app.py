@@ -2,8 +2,9 @@
 
 /v1/chat/completions and /v1/completions (streamed as server-sent events or whole), /v1/models,
 /health. With an API key, every route but /health checks it first (APIKeyCheck), before a byte of the
-body is read; a body over 32 MiB is refused with 413 (BodyLimit). Malformed requests get an OpenAI-style JSON error with status 400 before anything reaches
-the engine; a client that goes away aborts its request, so its pages return to the pool.
+body is read; a body over 32 MiB is refused with 413 (BodyLimit). Malformed requests get an
+OpenAI-style JSON error with status 400 before anything reaches the engine; a client that goes away
+aborts its request, so its pages return to the pool.
 """
 
 from __future__ import annotations
