@@ -60,13 +60,20 @@ def serve(
     import uvicorn
 
     from lemma.engine.async_engine import AsyncEngine
+    from lemma.engine.policies import policy_from_spec
+    from lemma.engine.runner import MAX_POLICY_STATES
     from lemma.server.app import build_app
 
     served_policy = _policy(policy, budget, pin_prompt, dense_layers)
-    warm = [_policy(spec, budget, pin_prompt, dense_layers) for spec in warm_policy or []]
+    warm = [policy_from_spec(spec) for spec in warm_policy or []]  # read exactly as a request's kv_policy is
+    distinct = len(set(warm) | {served_policy})
+    if distinct > MAX_POLICY_STATES:
+        raise LemmaError(f"--warm-policy: at most {MAX_POLICY_STATES} policies in all stay warm, got {distinct}")
     engine = _engine(model, device, dtype, policy=served_policy, compile=compile,
                      max_batch=max_batch, kv_cache_tokens=kv_cache_tokens, prefill_chunk=prefill_chunk, tensor_parallel=tp,
                      quantize=quantize, prefix_cache=prefix_cache)
+    if warm and not engine.compile:
+        typer.echo("(--warm-policy: nothing to warm, the decode step is not compiled)", err=True)
     if warm and engine.compile:  # requests under different policies share a step: their mixes compile too
         seconds = engine.warm_up(policies=[engine.policy, *warm])
         typer.echo(f"(decode steps of {', '.join(p.describe() for p in warm)} and their mixes ready in {seconds:.1f} s)", err=True)

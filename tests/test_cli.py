@@ -289,6 +289,8 @@ def test_serve_bad_inputs(tiny_dir):
     assert_one_line_error(invoke("serve", "--model", tiny_dir, "--port", "70000"), "--port")
     assert_one_line_error(invoke("serve", "--model", tiny_dir, "--policy", "raas", "--budget", "20"), "budget")
     assert_one_line_error(invoke("serve", "--model", tiny_dir, "--warm-policy", "lru:budget=64"), "unknown policy 'lru'")
+    many = [arg for budget in range(64, 64 + 16 * 8, 16) for arg in ("--warm-policy", f"raas:budget={budget}")]
+    assert_one_line_error(invoke("serve", "--model", tiny_dir, *many), "at most 8 policies in all stay warm, got 9")
 
 
 def test_serve_starts_answers_and_stops(tiny_dir):

@@ -136,6 +136,34 @@ def test_a_callback_that_steps_its_own_engine_gets_an_error_not_a_deadlock(tiny_
     assert "Engine.step was called" in refused[1] and "Engine.logits" in refused[2]
     assert engine.pages.all_free and not engine.has_unfinished()
 
+    # a stream closed early delivers its aborts itself, outside any step: callbacks there are refused too
+    late = []
+    engine.add_request("Once upon a time", SamplingParams(max_tokens=200, ignore_eos=True),
+                       on_output=lambda out: out.finished and late.append(refusal(engine.step)))
+    engine.step()
+    done = threading.Event()
+
+    def close_a_stream():
+        for _ in engine.stream("The quick brown fox", SamplingParams(max_tokens=50, ignore_eos=True)):
+            engine.abort_all()
+            break
+        done.set()
+
+    threading.Thread(target=close_a_stream, daemon=True).start()
+    assert done.wait(60), "deadlocked"
+    assert late and "from inside a step of the same engine" in late[0]
+    assert engine.pages.all_free
+
+
+def refusal(call) -> str:
+    from lemma import LemmaError
+
+    try:
+        call()
+    except LemmaError as exc:
+        return str(exc)
+    return "not refused"
+
 
 def test_max_batch_and_prefill_chunk_are_bounded_by_the_pool_the_model_and_memory(tiny_dir, monkeypatch):
     from lemma import LemmaError
@@ -147,10 +175,10 @@ def test_max_batch_and_prefill_chunk_are_bounded_by_the_pool_the_model_and_memor
     outs = engine.generate(["hi"] * 3, SamplingParams(max_tokens=4, ignore_eos=True))
     assert [o.finish_reason for o in outs] == ["length"] * 3
     monkeypatch.setattr(options, "free_memory", lambda device: 8 * 2**30)  # page tables may take 2 GiB
-    options.check_step_tables(30, 4096, 2048, torch.device("cpu"))  # 1.9 GiB: a 32K-context model, 4096 rows
-    with pytest.raises(LemmaError, match=r"max_batch=8192 needs 3.8 GiB of page tables per KV policy .* "
-                                         r"use max_batch <= 4369 or a smaller kv_cache_tokens"):
-        options.check_step_tables(30, 8192, 2048, torch.device("cpu"))
+    options.check_step_tables(30, 512, 2048, torch.device("cpu"), 8)  # 1.9 GiB: a 32K-context model, 8 policies
+    with pytest.raises(LemmaError, match=r"max_batch=1024 needs 3.8 GiB of page tables for 8 KV policies .* "
+                                         r"use max_batch <= 546 or a smaller kv_cache_tokens"):
+        options.check_step_tables(30, 1024, 2048, torch.device("cpu"), 8)
 
 
 def test_an_int_request_id_is_its_text_in_add_request_and_abort(tiny_dir):

@@ -43,11 +43,9 @@ class BlockingCalls:
                     self.abort(request_id)
                 # apply the aborts now unless a step is running (then that step's successor does); never
                 # wait here: this may run from a generator finalised inside a step
-                if self._step_lock.acquire(blocking=False):
-                    try:
+                with self._stepping_if_free() as free:
+                    if free:
                         self._deliver(self._take_inbox())
-                    finally:
-                        self._step_lock.release()
 
     def _submit_all(self, prompts: list[Prompt], params: list[SamplingParams], box: deque[RequestOutput],
                     prepare: Callable[[int, Sequence], None] | None = None) -> tuple[list[Sequence | None], dict[int, Output]]:

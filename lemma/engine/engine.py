@@ -27,7 +27,7 @@ from lemma.engine.options import check_limits, check_step_tables, pool_pages, re
 from lemma.engine.policies import Dense, Policy, check_policy
 from lemma.engine.pool import PAGE_SIZE, KVPool
 from lemma.engine.prompts import Prompt, prompt_ids
-from lemma.engine.runner import ModelRunner
+from lemma.engine.runner import MAX_POLICY_STATES, ModelRunner
 from lemma.engine.sampler import Sampler, SamplingParams
 from lemma.engine.scheduler import Scheduler, StepPlan
 from lemma.engine.sequence import DECODE, Failed, RequestOutput, Sequence
@@ -165,7 +165,7 @@ class Engine(BlockingCalls):
         max_slots = min(num_pages, self.pool.pages_for(c.max_position_embeddings))
         # every running request holds a page in each layer, so no more than num_pages can ever run at once
         self.max_batch = max_batch = min(max_batch, num_pages)
-        check_step_tables(c.num_layers, max_batch, max_slots, self.device)
+        check_step_tables(c.num_layers, max_batch, max_slots, self.device, MAX_POLICY_STATES)
         self.runner = ModelRunner(self.model, self.pool, self.attention, max_batch, compile, max_slots)
         self.forcing = ChunkedReplay(self.runner)
         self.pages = PageOwner(c.num_layers, num_pages, self.pool.page_size, prefix_cache)
@@ -184,8 +184,9 @@ class Engine(BlockingCalls):
         """Compile (or load from the disk cache, engine/compiled.py) and, on CUDA, capture the decode step
         of every batch bucket up to max_batch (or those holding `batches`) for each of `policies` (default:
         the engine's), so no request pays for it later; with several policies, also the step of every mix
-        of two or more of them (requests under different policies decode in one step, a graph per mix:
-        2^k - k - 1 of them for k policies). progress(policy, bucket) after each single-policy bucket.
+        of two or more of them (requests under different policies decode in one step: 2^k - k - 1 mixes
+        for k policies, one compiled graph each on CPU, one CUDA graph per batch bucket each on CUDA).
+        progress(policy, bucket) after each single-policy bucket.
         Returns the seconds it took; nothing to do (0.0) when the engine does not compile."""
         if not self.compile:
             return 0.0
@@ -196,14 +197,15 @@ class Engine(BlockingCalls):
             if isinstance(batch, bool) or not isinstance(batch, int) or not 1 <= batch <= self.max_batch:
                 raise LemmaError(f"warm_up batches must be integers in 1..max_batch={self.max_batch}, got {batch!r}")
         distinct = sorted(set(policies), key=repr)  # the order a step puts its slices in (engine._run_plan)
-        mixes = [mix for size in range(2, len(distinct) + 1) for mix in itertools.combinations(distinct, size)]
+        mixes = [mix for size in range(2, min(len(distinct), self.max_batch) + 1)  # a mix of k needs k rows
+                 for mix in itertools.combinations(distinct, size)]
         start = time.perf_counter()
         with self._stepping("warm_up"):
             for policy in policies:
                 report = None if progress is None else (lambda bucket, p=policy: progress(p, bucket))
                 self._compiling(self.runner.warm_up, (policy,), batches, report)
-            for mix in mixes if self.max_batch > 1 else []:
-                self._compiling(self.runner.warm_up, mix)
+            for mix in mixes:
+                self._compiling(self.runner.warm_up, mix, batches)
         return time.perf_counter() - start
 
     @staticmethod
@@ -322,6 +324,19 @@ class Engine(BlockingCalls):
                 yield
             finally:
                 self._stepper = None
+
+    @contextmanager
+    def _stepping_if_free(self) -> Iterator[bool]:
+        """Hold the step lock if nobody does (yields True), else yield False at once; never waits."""
+        if not self._step_lock.acquire(blocking=False):
+            yield False
+            return
+        self._stepper = threading.get_ident()  # callbacks delivered under it are refused re-entry too
+        try:
+            yield True
+        finally:
+            self._stepper = None
+            self._step_lock.release()
 
     def _step(self) -> list[RequestOutput]:
         outputs = self._take_inbox()

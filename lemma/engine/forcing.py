@@ -38,7 +38,7 @@ class ChunkedReplay:
     def __init__(self, runner: "ModelRunner"):
         self.runner = runner
 
-    def step(self, groups: dict[Policy, list[Sequence]]) -> list[tuple[Sequence, list[int | None], float]]:
+    def step(self, groups: dict[Policy, list[Sequence]]) -> list[tuple[Sequence, list[int | Failed], float]]:
         """Replay every chunked teacher-forced sequence's next chunk: (sequence, its forced tokens, seconds)."""
         done = []
         for policy, seqs in groups.items():

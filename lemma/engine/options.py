@@ -77,15 +77,17 @@ def pool_pages(kv_cache_tokens: object, page_bytes: int, device: torch.device) -
     return pages
 
 
-def check_step_tables(num_layers: int, max_batch: int, max_slots: int, device: torch.device) -> None:
-    """The page tables of one policy's decode state ([layers, max_batch, max_slots] int64, allocated
-    whole) must take at most a quarter of the free memory, or max_batch is refused before allocating."""
-    need, free = num_layers * max_batch * max_slots * 8, free_memory(device)
+def check_step_tables(num_layers: int, max_batch: int, max_slots: int, device: torch.device, policies: int) -> None:
+    """The page tables of the decode states of `policies` KV policies ([layers, max_batch, max_slots]
+    int64 each, allocated whole) must take at most a quarter of the free memory, or max_batch is refused
+    before allocating."""
+    row = num_layers * max_slots * 8 * policies
+    need, free = max_batch * row, free_memory(device)
     if free is not None and need > free // 4:
-        most = max(1, free // 4 // (num_layers * max_slots * 8))
-        raise LemmaError(f"max_batch={max_batch} needs {need / 2**30:.1f} GiB of page tables per KV policy "
-                         f"({max_slots} pages x {num_layers} layers a row) but only {free / 2**30:.1f} GiB of "
-                         f"memory is free on {device}; use max_batch <= {most} or a smaller kv_cache_tokens")
+        raise LemmaError(f"max_batch={max_batch} needs {need / 2**30:.1f} GiB of page tables for {policies} KV "
+                         f"policies ({max_slots} pages x {num_layers} layers a row each) but only {free / 2**30:.1f} "
+                         f"GiB of memory is free on {device}; use max_batch <= {max(1, free // 4 // row)} or a "
+                         "smaller kv_cache_tokens")
 
 
 def free_memory(device: torch.device) -> int | None:

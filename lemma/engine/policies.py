@@ -63,7 +63,8 @@ class Policy:
     def least_slots(self) -> int:
         """The narrowest page table a decode step under this policy gets: its budget in pages where it has
         one, so the budget-sized choices it makes (top-k, victims) see the same width from the first
-        step and a compiled step never meets a narrower one (engine/compiled.py)."""
+        step; never wider than the step's sequences can hold (runner.prepare), so a huge budget costs a
+        short request nothing."""
         return self.budget_pages
 
     def capacity(self, prompt_len: int, max_tokens: int, layer: int) -> int:

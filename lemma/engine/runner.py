@@ -68,6 +68,9 @@ class ModelRunner:
     def forget_policies(self, keep: set[Policy]) -> None:
         """Past MAX_POLICY_STATES policies, drop the step states (and CUDA graphs) of those not running,
         so per-request policies cannot grow memory without bound."""
+        for policy, state in self.states.items():
+            if state.rows and policy not in keep:  # idle: its rows' sequences are gone (warm_up may capture)
+                state.set_rows([], [])
         if len(self.states) <= MAX_POLICY_STATES:
             return
         for policy in [p for p in self.states if p not in keep]:
@@ -131,8 +134,7 @@ class ModelRunner:
         all rows, attention per group under its policy); return next-token logits [n, V], the groups'
         sequences in order."""
         policies = tuple(policy for policy, _ in groups)
-        # a slice of a mixed step has at least 2 rows, so a compiled mix has one graph whatever its sizes
-        least_rows = 1 if len(groups) == 1 else 2
+        least_rows = 1 if len(groups) == 1 else self.mixed_rows(max(len(seqs) for _, seqs in groups))
         steps = tuple(self.prepare(seqs, policy, least_rows) for policy, seqs in groups)
         trace = self.observer is not None
         if self._graphs is not None and not trace:
@@ -150,6 +152,12 @@ class ModelRunner:
                 for layer, born, valid, mass, evicted in slice_traces:
                     self.observer(layer, born[:n], valid[:n], mass[:n], evicted[:n])
         return self._real_rows(logits, [len(seqs) for _, seqs in groups], steps)
+
+    def mixed_rows(self, most: int) -> int:
+        """The fewest rows each slice of a mixed step gets when its largest slice has `most`: 2, so a
+        compiled mix is one graph whatever its sizes; on CUDA that slice's bucket, so a mix of m
+        policies has one captured graph per bucket, not one per combination of m buckets."""
+        return max(most, 2) if self._graphs is not None else 2
 
     def _real_rows(self, padded: torch.Tensor, counts: list[int], steps: tuple[StepInputs, ...]) -> torch.Tensor:
         """The rows of `padded` (each step's bucket, one after another) that hold a sequence."""
@@ -210,14 +218,13 @@ class ModelRunner:
                 progress: Callable[[int], None] | None = None) -> None:
         """Run one step of every batch bucket (default: all up to max_batch) on padded rows, so a compiled
         step compiles (or loads from the disk cache) now rather than in the middle of a request. Several
-        `policies` warm the step that mixes them (a slice per policy, in this order), at 2 rows a slice:
-        its one graph serves every size. Padded rows write only to the scratch page; no running sequence
+        `policies` warm the step that mixes them (a slice per policy, in this order): on CPU at 2 rows a
+        slice (its one compiled graph serves every size), on CUDA every bucket (all slices in one). Padded rows write only to the scratch page; no running sequence
         is touched. On CUDA each bucket's graph is captured here on the policies' own states (the buffers
         its replays read), so only while no sequence runs under them. progress(bucket) after each."""
-        if len(policies) > 1:
-            buckets = [2]
-        else:
-            buckets = sorted({batch_bucket(b, self.max_batch) for b in (batches or bucket_sizes(self.max_batch))})
+        buckets = sorted({batch_bucket(b, self.max_batch) for b in (batches or bucket_sizes(self.max_batch))})
+        if len(policies) > 1:  # a mix's slices share one bucket of at least 2 rows (mixed_rows)
+            buckets = sorted({max(b, 2) for b in buckets}) if self._graphs is not None else [2]
         if self._graphs is not None:
             states = [self.state_for(policy) for policy in policies]
             if any(state.rows for state in states):  # their sequences' pages are in the tables: they capture
