@@ -254,9 +254,10 @@ def test_compiled_step_calls_the_triton_kernels_as_custom_ops(tiny_dir):
     torch._dynamo.reset()
     counters.clear()
     kwargs = dict(policy=RaaS(budget=32, pin_prompt=False), kv_cache_tokens=1024, max_batch=1, attention="triton")
-    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
-    expected = Engine(tiny_dir, **kwargs).generate(["The quick brown fox"], params)[0]
-    got = Engine(tiny_dir, compile="eager", **kwargs).generate(["The quick brown fox"], params)[0]
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    prompt = list(range(3, 35))  # exactly the budget's 2 pages: the first decode step evicts
+    expected = Engine(tiny_dir, **kwargs).generate([prompt], params)[0]
+    got = Engine(tiny_dir, compile="eager", **kwargs).generate([prompt], params)[0]
     assert got.token_ids == expected.token_ids and got.stats.pages_evicted > 0
     assert not counters["graph_break"] and counters["stats"]["unique_graphs"] == 2  # one bucket: a layer kind, the head
 
