@@ -62,7 +62,7 @@ class DecodeAttention:
 @dataclass(eq=False)
 class SlicedLayer:
     """A layer's attention over consecutive row slices under different policies: q/k/v rows split by the
-    slices' (static) sizes, each slice's DecodeLayer on its own rows, outputs back in row order."""
+    slices' sizes (their tables' rows), each slice's DecodeLayer on its own rows, outputs back in order."""
 
     parts: tuple["DecodeLayer", ...]
 

@@ -6,8 +6,9 @@ the persistent DecodeState (one per policy). It takes pages, tensors and tokens 
 The decode step itself (`decode_step`) is a pure function of fixed-shape tensors: eager, with its decoder
 layers compiled (engine/compiled.py), or, on CUDA, captured once per batch bucket as a CUDA graph and
 replayed. Requests under different policies share one step: the rows of each policy are one slice, padded
-to its own bucket; projections and MLP run over all rows, each layer's attention per slice, so a row's
-policy is a static fact of the graph (the graph of a mix is keyed by its (policy, bucket) slices).
+to a bucket (its own on CPU, the largest slice's on CUDA: `mixed_rows`); projections and MLP run over all
+rows, each layer's attention per slice, so a row's policy is a static fact of the graph (the graph of a
+mix is keyed by its (policy, bucket) slices).
 """
 
 from __future__ import annotations
