@@ -1,17 +1,30 @@
-"""GPU check for the Triton kernels and the engine (issue: kernels). Finishes in a few minutes on one
-H100/H200; `--smoke` runs the same code paths on CPU with toy shapes.
+"""GPU benchmark of the Triton kernels and the engine (issue 39), for one short H100/H200 session; `--smoke`
+runs every code path on CPU with toy shapes (TRITON_INTERPRET=1) to check the script itself.
 
-    python bench/gpu_bench.py --out bench/results/gpu.json            # on the GPU machine
-    TRITON_INTERPRET=1 python bench/gpu_bench.py --smoke               # anywhere, checks the script
+    python bench/gpu_bench.py --out bench/results/gpu.json                       # on the GPU machine
+    python bench/gpu_bench.py --sections decode,concurrency --shapes qwen2.5-7b   # a rerun of some parts
+    TRITON_INTERPRET=1 OMP_NUM_THREADS=1 python bench/gpu_bench.py --smoke --out /tmp/gpu_smoke.json
 
-Measures, on random-init models of Qwen2.5-1.5B and 7B shape in bf16:
-1. paged decode attention (Triton, Dense page table) vs torch SDPA over the same dense cache at 4K/16K/32K:
-   eager wall time per call (host launch cost included) and device time per call (20 calls captured in
-   one CUDA graph and replayed), with the KV bandwidth that device time achieves;
-2. decode tokens/s at batch 1 and 32, eager vs CUDA graphs (compile=True: one graph per bucket);
-3. achieved bandwidth ((weight + KV bytes read) / step time) against a measured device-to-device copy;
-4. KV memory held by Dense vs RaaS-1024 with 16K tokens of context, and their step time there, eager
-   and with CUDA graphs.
+Random-init models of Qwen2.5-1.5B and 7B shape in bf16. Sections (--sections, default all, in this order;
+estimated H100 device seconds for both shapes, cold Triton cache; the real ones are printed and kept
+in the JSON's section_seconds):
+
+1. attention (~30 s): paged decode attention, Triton vs SDPA (and flash-attn where installed) over the
+   same K/V, batch 1 and 32 at 4K/16K/32K: device time per call (CUDA events over a graph of many calls),
+   KV GB/s, Triton's speed relative to SDPA (targets >= 1 at batch 1, >= 0.9 at 32), tile sweep at 16K
+   (bench/gpu_attention.py).
+2. decode (~40 s): start-up (warm_up capturing every bucket), graphed Dense decode at batch 1/8/32 after
+   a 512-token prompt: tokens/s and (weight + KV) GB/s as a percent of the copy measured here, engine
+   wall and device time per step; greedy tokens vs the eager step (bench/gpu_decode.py).
+3. raas_vs_dense (~30 s): Dense vs RaaS-1024 (pin_prompt=False) at batch 1 with graphs after 1K/8K/16K/32K
+   prompts: ms/step, resident KV, ratios (targets: RaaS faster from 8K, <= 1.1x Dense at 1K), and the
+   shortest context again on a pool just big enough (what the full-width step tables cost).
+4. concurrency (~20 s, Qwen2.5-1.5B shape only: the 7B would about double it): long outputs (1024 + 15360
+   tokens) under a pool that holds 4 whole Dense sequences, 64 requests offered, 256 steps timed: running
+   sequences and output tokens/s for RaaS-1024, Dense capped at what fits whole, and Dense with the
+   engine's on-demand admission (bench/gpu_concurrency.py).
+
+The JSON (--out) is rewritten after every section and shape, so a run cut short keeps what it measured.
 """
 
 from __future__ import annotations
@@ -19,200 +32,120 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import tempfile
+import sys
 import time
+import traceback
+from collections.abc import Callable
 from datetime import date
 from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the gpu_* modules, also when imported as bench.gpu_bench
 
-from lemma import Dense, Engine, RaaS, SamplingParams
-from lemma.evaluation import speed
-from lemma.kernels import attention as triton_attention
-from lemma.kernels import reference
-from lemma.models.config import ModelConfig
-from lemma.models.llama import CausalLM
-from lemma.models.tokenizer import Tokenizer
+import torch  # noqa: E402
+import triton  # noqa: E402
 
-SHAPES = {
-    "qwen2.5-1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
-                         num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
-    "qwen2.5-7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-                       num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False),
-    "smoke": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, vocab_size=512, tie_word_embeddings=True),
-}
+import gpu_attention  # noqa: E402
+import gpu_concurrency  # noqa: E402
+import gpu_decode  # noqa: E402
+# graphed_seconds, timed, toy_tokenizer and random_model are also imported from here (gpu_quant, step_overhead)
+from gpu_common import SHAPES, free_memory, graphed_seconds, random_model, timed, toy_tokenizer  # noqa: E402,F401
+from lemma import RaaS  # noqa: E402
+from lemma.models.llama import CausalLM  # noqa: E402
+from lemma.evaluation import speed  # noqa: E402
 
-
-def random_model(shape: str, device: torch.device, dtype: torch.dtype) -> CausalLM:
-    config = ModelConfig.from_dict({"model_type": "qwen2", "rope_theta": 1e6, "max_position_embeddings": 40000, **SHAPES[shape]})
-    with torch.device(device):
-        model = CausalLM(config).to(dtype)
-    for p in model.parameters():
-        torch.nn.init.normal_(p, std=0.02)
-    return model.eval().requires_grad_(False)
+SECTIONS = ("attention", "decode", "raas_vs_dense", "concurrency")
+GPU = dict(shapes=["qwen2.5-1.5b", "qwen2.5-7b"], attention_batches=[1, 32], attention_contexts=[4096, 16384, 32768],
+           sweep_context=16384, repeats=10, decode_batches=[1, 8, 32], decode_prompt=512, decode_steps=64,
+           long_contexts=[1024, 8192, 16384, 32768], long_steps=32, budget=1024, concurrency_shapes=["qwen2.5-1.5b"],
+           long_outputs=gpu_concurrency.LongOutputs(prompt=1024, output=15360, requests=64, dense_fits=4, window=256))
+SMOKE = dict(shapes=["smoke"], attention_batches=[1, 4], attention_contexts=[128, 256], sweep_context=256, repeats=2,
+             decode_batches=[1, 2, 4], decode_prompt=64, decode_steps=8, long_contexts=[64, 128, 256], long_steps=8,
+             budget=64, concurrency_shapes=["smoke"],
+             long_outputs=gpu_concurrency.LongOutputs(prompt=64, output=192, requests=12, dense_fits=2, window=24))
 
 
-def toy_tokenizer() -> Tokenizer:
-    from tokenizers import Tokenizer as HF
-    from tokenizers import models
-
-    folder = Path(tempfile.mkdtemp())
-    HF(models.WordLevel({"<unk>": 0, "x": 1}, unk_token="<unk>")).save(str(folder / "tokenizer.json"))
-    return Tokenizer(folder)
-
-
-def timed(fn, device: torch.device, repeats: int = 20) -> float:
-    """Median seconds of fn()."""
-    fn()
-    samples = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        samples.append(time.perf_counter() - start)
-    return sorted(samples)[len(samples) // 2]
-
-
-def graphed_seconds(fn, calls: int = 20, replays: int = 5) -> float:
-    """Device seconds per fn() call: `calls` calls captured in one CUDA graph, replayed, timed with events
-    (no host launch cost; repeated calls over a cache that fits in L2 read it from there)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm up (Triton compiles, allocator settles) off the capture
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / 1000 / (replays * calls)
-
-
-def kernel_vs_sdpa(config: ModelConfig, context: int, device: torch.device, dtype: torch.dtype) -> dict:
-    pages = -(-context // 16)
-    hkv, hq, d = config.num_kv_heads, config.num_heads, config.head_dim
-    k_cache = torch.randn(pages, hkv, 16, d, device=device, dtype=dtype)
-    v_cache = torch.randn_like(k_cache)
-    q = torch.randn(1, hq, d, device=device, dtype=dtype)
-    ids = torch.arange(pages, device=device)[None, None, :].expand(1, hkv, -1).contiguous()
-    fill = torch.full_like(ids, 16)
-    scale = d ** -0.5
-    ours = timed(lambda: triton_attention.paged_decode_attention(q, k_cache, v_cache, ids, fill, scale), device)
-    k_dense = k_cache.permute(1, 0, 2, 3).reshape(1, hkv, pages * 16, d)
-    v_dense = v_cache.permute(1, 0, 2, 3).reshape(1, hkv, pages * 16, d)
-    theirs = timed(lambda: torch.nn.functional.scaled_dot_product_attention(
-        q[:, :, None, :], k_dense, v_dense, scale=scale, enable_gqa=True), device)
-    out = triton_attention.paged_decode_attention(q, k_cache, v_cache, ids, fill, scale)
-    ref = reference.paged_decode_attention(q, k_cache, v_cache, ids, fill, scale)
-    err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
-    row = {"context": context, "triton_us": 1e6 * ours, "sdpa_us": 1e6 * theirs, "rel_err_vs_twin": err}
-    if device.type == "cuda":
-        kv_bytes = 2 * k_cache.numel() * k_cache.element_size()
-        ours = graphed_seconds(lambda: triton_attention.paged_decode_attention(q, k_cache, v_cache, ids, fill, scale))
-        theirs = graphed_seconds(lambda: torch.nn.functional.scaled_dot_product_attention(
-            q[:, :, None, :], k_dense, v_dense, scale=scale, enable_gqa=True))
-        row.update(triton_device_us=1e6 * ours, sdpa_device_us=1e6 * theirs,
-                   triton_kv_gb_per_s=kv_bytes / ours / 1e9, sdpa_kv_gb_per_s=kv_bytes / theirs / 1e9)
-        row["triton_device_us_by_pages_per_block"] = {  # the tile-size knob (default PAGES_PER_BLOCK)
-            per_block: 1e6 * graphed_seconds(lambda per_block=per_block: triton_attention.paged_decode_attention(
-                q, k_cache, v_cache, ids, fill, scale, pages_per_block=per_block)) for per_block in (1, 2, 4, 8)}
-    return row
-
-
-def graphs_vs_eager(model: CausalLM, batches: list[int], context: int, steps: int) -> list[dict]:
-    """Decode tokens/s of the eager step and of the compiled one (CUDA graphs on GPU), side by side,
-    with greedy tokens compared."""
-    rows = []
-    kv = max(batches) * (context + steps + 64)
-    graphs = True if next(model.parameters()).is_cuda else "eager"  # --smoke on CPU: only the code path
-    engines = {mode: Engine.from_model(model, toy_tokenizer(), kv_cache_tokens=kv, max_batch=max(batches),
-                                       compile=mode == "graphs" and graphs) for mode in ("eager", "graphs")}
-    for policy in (Dense(), RaaS(budget=512, pin_prompt=False)):
-        for batch in batches:
-            prompts = [[1 + (i * 7 + b) % 100 for i in range(context)] for b in range(batch)]
-            row = {"policy": policy.describe(), "batch": batch, "context": context}
-            for mode, engine in engines.items():
-                ms = speed.decode_step_ms(engine, policy, prompts, steps)
-                row[f"{mode}_tok_s"] = 1000 * batch / ms
-            row["graphs_over_eager"] = row["graphs_tok_s"] / row["eager_tok_s"]
-            params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
-            same = [[o.token_ids for o in e.generate(prompts[:2], params)] for e in engines.values()]
-            row["same_tokens"] = same[0] == same[1]
-            print(f"{policy.describe()} batch {batch}: eager {row['eager_tok_s']:.0f} tok/s, graphs "
-                  f"{row['graphs_tok_s']:.0f} tok/s ({row['graphs_over_eager']:.2f}x), same tokens {row['same_tokens']}")
-            rows.append(row)
-    return rows
-
-
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="Toy shapes on CPU, to check the script itself.")
     parser.add_argument("--out", default="bench/results/gpu.json")
+    parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma list of {', '.join(SECTIONS)}")
+    parser.add_argument("--shapes", default=None, help="comma list of model shapes for every section (default: both "
+                        "Qwen2.5 shapes, the concurrency run on the 1.5B only)")
     args = parser.parse_args()
+    args.sections = [s for s in args.sections.split(",") if s]
+    unknown = [s for s in args.sections if s not in SECTIONS]
+    if unknown:
+        parser.error(f"unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")
+    if args.shapes is not None:
+        args.shapes = [s for s in args.shapes.split(",") if s]
+        if not set(args.shapes) <= set(SHAPES):
+            parser.error(f"unknown shape(s) in {args.shapes}; choose from {', '.join(SHAPES)}")
+    return args
+
+
+def run_section(section: str, shape: str, plan: dict, model: Callable[[str], CausalLM], device: torch.device,
+                dtype: torch.dtype, copy: float, raas: RaaS) -> dict | list:
+    if section == "attention":
+        return gpu_attention.run([shape], plan["attention_batches"], plan["attention_contexts"], plan["sweep_context"],
+                                 device, dtype, plan["repeats"])[shape]
+    if section == "decode":
+        value = gpu_decode.decode(model(shape), plan["decode_batches"], plan["decode_prompt"], plan["decode_steps"], copy, raas)
+        gpu_decode.print_decode(shape, value)
+    elif section == "raas_vs_dense":
+        value = gpu_decode.raas_vs_dense(model(shape), plan["long_contexts"], plan["long_steps"], raas)
+        gpu_decode.print_raas_vs_dense(shape, value, raas)
+    else:
+        value = gpu_concurrency.run(model(shape), plan["long_outputs"], raas)
+        gpu_concurrency.print_run(shape, value)
+    return value
+
+
+def main() -> None:
+    args = parse_args()
+    plan = SMOKE if args.smoke else GPU
     device = torch.device("cpu" if args.smoke else "cuda")
     dtype = torch.float32 if args.smoke else torch.bfloat16
-    shapes = ["smoke"] if args.smoke else ["qwen2.5-1.5b", "qwen2.5-7b"]
-    contexts = [256, 512] if args.smoke else [4096, 16384, 32768]
-    long_context, decode_steps = (512, 8) if args.smoke else (16384, 128)
+    shapes = args.shapes or plan["shapes"]
+    raas = RaaS(budget=plan["budget"], pin_prompt=False)
     copy = speed.copy_bandwidth(device, mib=16 if args.smoke else 1024)
-    report = {"date": date.today().isoformat(), "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor(),
-              "torch": torch.__version__, "copy_gb_per_s": copy / 1e9, "models": {}}
-    print(f"device {report['device']}, copy bandwidth {copy / 1e9:.0f} GB/s")
-    for shape in shapes:
-        model = random_model(shape, device, dtype)
-        entry = {"attention": [kernel_vs_sdpa(model.config, c, device, dtype) for c in contexts]}
-        for row in entry["attention"]:
-            print(f"{shape} attention @{row['context']}: eager call triton {row['triton_us']:.0f} us, sdpa "
-                  f"{row['sdpa_us']:.0f} us, rel err {row['rel_err_vs_twin']:.1e}")
-            if "triton_device_us" in row:
-                print(f"{shape} attention @{row['context']}: device time triton {row['triton_device_us']:.1f} us "
-                      f"({row['triton_kv_gb_per_s']:.0f} GB/s of KV), sdpa {row['sdpa_device_us']:.1f} us "
-                      f"({row['sdpa_kv_gb_per_s']:.0f} GB/s); triton by pages per block: "
-                      + ", ".join(f"{k}: {v:.1f} us" for k, v in row["triton_device_us_by_pages_per_block"].items()))
-        engine = Engine.from_model(model, toy_tokenizer(), kv_cache_tokens=long_context + 2 * decode_steps + 64,
-                                   attention="triton", compile=False)
-        prompt = [1] * 64
-        for policy in (Dense(),):
-            row = speed.bench_policy(engine, policy, prompt, decode_steps)
-            row["percent_of_copy_bandwidth"] = 100 * row["achieved_gb_per_s"] * 1e9 / copy
-            entry["decode_batch1_eager"] = row
-            print(f"{shape} decode batch 1 (eager): {1000 / row['ms_per_token']:.1f} tok/s, "
-                  f"{row['achieved_gb_per_s']:.0f} GB/s = {row['percent_of_copy_bandwidth']:.0f}% of copy")
-        entry["graphs_vs_eager"] = graphs_vs_eager(model, [1, 4 if args.smoke else 32], 512 if args.smoke else 1024,
-                                                   decode_steps)
-        long_prompt = [1] * long_context
-        memory = {}
-        graphed = Engine.from_model(model, toy_tokenizer(), kv_cache_tokens=long_context + 2 * decode_steps + 64,
-                                    attention="triton", compile=device.type == "cuda" or "eager")
-        for policy in (Dense(), RaaS(budget=1024, pin_prompt=False)):
-            row = speed.bench_policy(engine, policy, long_prompt, 8)
-            graphs_ms = speed.decode_step_ms(graphed, policy, [long_prompt], 8)
-            memory[policy.describe()] = {"resident_kv_mib": row["resident_kv_mib"], "ms_per_token": row["ms_per_token"],
-                                         "graphs_ms_per_token": graphs_ms}
-            print(f"{shape} {policy.describe()} with {long_context} tokens of context: resident KV "
-                  f"{row['resident_kv_mib']:.0f} MiB, {row['ms_per_token']:.2f} ms/token eager, "
-                  f"{graphs_ms:.2f} ms/token with graphs")
-        del graphed
-        entry["memory_at_long_context"] = memory
-        report["models"][shape] = entry
-        del engine, model
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2))
-    print(f"wrote {args.out}")
+    report = {"date": date.today().isoformat(), "smoke": args.smoke, "torch": torch.__version__, "triton": triton.__version__,
+              "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+              "clock": "cuda events" if device.type == "cuda" else "wall (cpu smoke: the numbers mean nothing)",
+              "copy_gb_per_s": copy / 1e9, "sections": args.sections, "section_seconds": {}, "model_build_seconds": {}}
+    print(f"device {report['device']}, copy bandwidth {copy / 1e9:.0f} GB/s", flush=True)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    models: dict = {}
+    started = time.perf_counter()
+
+    def model(shape: str) -> CausalLM:
+        if shape not in models:  # built once, on first use (its seconds count in that section's too)
+            began = time.perf_counter()
+            models[shape] = random_model(shape, device, dtype)
+            report["model_build_seconds"][shape] = round(time.perf_counter() - began, 1)
+        return models[shape]
+
+    def record(section: str, shape: str, began: float, value: dict) -> None:
+        report.setdefault(section, {})[shape] = value
+        report["section_seconds"][f"{section}/{shape}"] = round(time.perf_counter() - began, 1)
+        report["total_seconds"] = round(time.perf_counter() - started, 1)
+        out.write_text(json.dumps(report, indent=2))
+        print(f"-- {section} {shape}: {report['section_seconds'][f'{section}/{shape}']} s "
+              f"({report['total_seconds']} s so far)", flush=True)
+
+    for section in [s for s in SECTIONS if s in args.sections]:
+        for shape in shapes if section != "concurrency" or args.shapes else plan["concurrency_shapes"]:
+            began = time.perf_counter()
+            try:
+                value = run_section(section, shape, plan, model, device, dtype, copy, raas)
+            except Exception as exc:  # one device session: a failed part must not cost the others
+                if args.smoke:
+                    raise
+                traceback.print_exc()
+                value = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
+                free_memory()
+            record(section, shape, began, value)
+    print(f"wrote {out} ({report.get('total_seconds', 0)} s)")
 
 
 if __name__ == "__main__":

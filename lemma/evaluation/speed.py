@@ -103,6 +103,12 @@ def kv_bytes_per_step(engine: Engine, policy: Policy, context: int) -> int:
     return total
 
 
+def bytes_read_per_step(engine: Engine, policy: Policy, context: int, batch: int = 1) -> int:
+    """Bytes one decode step of `batch` sequences, each at this context, reads: the weights once and
+    every sequence's K/V under `policy` (what achieved bandwidth divides by the step time)."""
+    return weight_bytes_per_step(engine) + batch * kv_bytes_per_step(engine, policy, context)
+
+
 def synchronized_seconds(device: torch.device, fn, *args) -> tuple[Any, float]:
     """fn(*args) and its wall time, with the device's queue drained before and after."""
     if device.type == "cuda":
@@ -134,7 +140,7 @@ def bench_policy(engine: Engine, policy: Policy, prompt_ids: list[int], steps: i
     if out.finish_reason == "error":
         return {"policy": policy.describe(), "context": len(prompt_ids), "error": out.error}
     step = sum(times[2:]) / max(len(times) - 2, 1)  # the first steps warm caches up
-    read = weight_bytes_per_step(engine) + kv_bytes_per_step(engine, policy, len(prompt_ids) + steps // 2)
+    read = bytes_read_per_step(engine, policy, len(prompt_ids) + steps // 2)
     return {"policy": policy.describe(), "context": len(prompt_ids), "ms_per_token": 1000 * step,
             "resident_kv_mib": resident[-1] / 2**20, "peak_kv_mib": out.stats.peak_kv_bytes / 2**20,
             "bytes_read_per_step": read, "achieved_gb_per_s": read / step / 1e9,
