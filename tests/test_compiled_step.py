@@ -266,9 +266,9 @@ WARM_START = """
 import json, sys, time
 import torch
 from torch._dynamo.utils import counters
-from lemma import Engine, RaaS
+from lemma import Dense, Engine
 start = time.perf_counter()
-Engine(sys.argv[1], policy=RaaS(budget=32), kv_cache_tokens=1024, max_batch=2, compile=True)
+Engine(sys.argv[1], policy=Dense(), kv_cache_tokens=1024, max_batch=1, compile=True)
 print(json.dumps({"hits": counters["inductor"]["fxgraph_cache_hit"], "misses": counters["inductor"]["fxgraph_cache_miss"],
                   "seconds": time.perf_counter() - start}))
 """
@@ -286,7 +286,7 @@ def test_a_second_process_loads_the_compiled_step_from_disk(tiny_dir, tmp_path):
         assert done.returncode == 0, done.stderr[-2000:]
         runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
     cold, warm = runs
-    assert cold["misses"] >= 4 and cold["hits"] == 0  # a layer and the head, at batch 1 and batch 2 (dynamic)
+    assert cold["misses"] >= 2 and cold["hits"] == 0  # a layer and the head (batch 1 only: the cheapest cold compile)
     assert warm["misses"] == 0 and warm["hits"] == cold["misses"]
     assert any((tmp_path / "compile").rglob("*.py")) or any((tmp_path / "compile").rglob("*.cpp"))
 
