@@ -32,26 +32,22 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import sys
 import time
 import traceback
 from collections.abc import Callable
 from datetime import date
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the gpu_* modules, also when imported as bench.gpu_bench
+import torch
+import triton
 
-import torch  # noqa: E402
-import triton  # noqa: E402
-
-import gpu_attention  # noqa: E402
-import gpu_concurrency  # noqa: E402
-import gpu_decode  # noqa: E402
-# graphed_seconds, timed, toy_tokenizer and random_model are also imported from here (gpu_quant, step_overhead)
-from gpu_common import SHAPES, free_memory, graphed_seconds, random_model, timed, toy_tokenizer  # noqa: E402,F401
-from lemma import RaaS  # noqa: E402
-from lemma.models.llama import CausalLM  # noqa: E402
-from lemma.evaluation import speed  # noqa: E402
+import gpu_attention  # the gpu_* modules sit beside this script (run as `python bench/gpu_bench.py`)
+import gpu_concurrency
+import gpu_decode
+from gpu_common import SHAPES, free_memory, random_model
+from lemma import RaaS
+from lemma.models.llama import CausalLM
+from lemma.evaluation import speed
 
 SECTIONS = ("attention", "decode", "raas_vs_dense", "concurrency")
 GPU = dict(shapes=["qwen2.5-1.5b", "qwen2.5-7b"], attention_batches=[1, 32], attention_contexts=[4096, 16384, 32768],

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from gpu_bench import graphed_seconds
+from gpu_common import graphed_seconds
 
 SHAPES = {"qkv": (4608, 3584), "o": (3584, 3584), "gate_up": (37888, 3584), "down": (3584, 18944)}
 

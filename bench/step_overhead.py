@@ -87,7 +87,7 @@ def main() -> None:
     parser.add_argument("--policies", default=",".join(POLICIES))
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    from bench.gpu_bench import toy_tokenizer  # the engine needs a tokenizer; a toy one will do
+    from bench.gpu_common import toy_tokenizer  # the engine needs a tokenizer; a toy one will do
 
     can_compile = "compile" in inspect.signature(Engine.from_model).parameters
     rows = []
