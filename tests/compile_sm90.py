@@ -59,12 +59,13 @@ def main(report: bool = False) -> None:
         cache = f"*{dtype}"
         for group, dim in ((1, 64), (7, 128)):
             pointers = {"q_ptr": cache, "k_ptr": cache, "v_ptr": cache, "ids_ptr": "*i64", "fill_ptr": "*i64",
-                        "acc_ptr": "*fp32", "m_ptr": "*fp32", "l_ptr": "*fp32", "lse_ptr": "*fp32"}
-            for mass in (False, True):
+                        "listed_ptr": "*i64", "acc_ptr": "*fp32", "m_ptr": "*fp32", "l_ptr": "*fp32", "lse_ptr": "*fp32"}
+            variants = [(False, False), (True, False)] + ([(False, True), (True, True)] if dtype == "bf16" else [])
+            for mass, listed in variants:  # (with mass, bounded by listed): the engine's decode lists in bf16
                 for per_block in sorted({attention.PAGES_PER_BLOCK} | ({1, 2, 8} if report and group > 1 else set())):
                     constexprs = dict(GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=dim,
                                       BLOCK_D=dim, PAGE=PAGE, PAGES_PER_BLOCK=per_block, UPCAST=False,
-                                      WITH_MASS=mass, IEEE=dtype == "fp32")
+                                      WITH_MASS=mass, IEEE=dtype == "fp32", HAS_LISTED=listed)
                     compile_sm90(attention._decode_attention_kernel, pointers, constexprs, floats=("scale",),
                                  aligned=ATTENTION_ALIGNED, report=report)
                     count += per_block == attention.PAGES_PER_BLOCK
@@ -83,10 +84,11 @@ def main(report: bool = False) -> None:
     compile_sm90(scores._page_scores_kernel, pointers, dict(GROUP=7, BLOCK_G=8, HEAD_DIM=128, BLOCK_D=128,
                                                             BLOCK_S=scores.BLOCK_S), report=report)
     count += 1
-    pointers = {"lse_ptr": "*fp32", "log_total_ptr": "*fp32", "mass_ptr": "*fp32"}
-    compile_sm90(attention._mass_kernel, pointers, dict(GROUP=7, BLOCK_G=16, BLOCK_S=attention.MASS_BLOCK_S),
-                 report=report)
-    count += 1
+    pointers = {"lse_ptr": "*fp32", "log_total_ptr": "*fp32", "mass_ptr": "*fp32", "listed_ptr": "*i64"}
+    for listed in (False, True):
+        compile_sm90(attention._mass_kernel, pointers,
+                     dict(GROUP=7, BLOCK_G=16, BLOCK_S=attention.MASS_BLOCK_S, HAS_LISTED=listed), report=report)
+        count += 1
     for dtype in ("bf16", "fp16"):
         for scales in ("fp16", "fp32"):
             base = {"x_ptr": f"*{dtype}", "s_ptr": f"*{scales}", "out_ptr": f"*{dtype}"}

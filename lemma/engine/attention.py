@@ -109,7 +109,7 @@ class DecodeLayer:
         bound = self.ops.page_scores(q, pool.key_max, pool.key_min, ids) if sparse and policy.needs_bound else None
         attend_ids = self.select(ids, valid, bound, meta, write_slot) if sparse else ids
         want_mass = (sparse and policy.needs_mass) or self.trace
-        out, step_mass = self.attend(q, attend_ids, want_mass)
+        out, step_mass = self.attend(q, attend_ids, want_mass, held=attend_ids is ids)
         if self.trace and attend_ids is ids:  # a trace follows the retained pages, not a selection
             self.trace_out = (meta.born, valid, step_mass, evicted)
         if evicts:
@@ -142,10 +142,15 @@ class DecodeLayer:
             return ids
         return torch.where(valid.gather(2, chosen), ids.gather(2, chosen), -1)
 
-    def attend(self, q: torch.Tensor, ids: torch.Tensor, want_mass: bool):
+    def attend(self, q: torch.Tensor, ids: torch.Tensor, want_mass: bool, held: bool = True):
+        """held: ids are the rows' tables, whose slots are filled front to back, so row b lists at most
+        logical[b] + 1 pages (one per logical page so far): a kernel that skips the tail walks only those
+        of a table as wide as the pool (CUDA's, one graph for every context)."""
         pool = self.pool
         fill = torch.where(ids >= 0, pool.fill[ids.clamp(min=0), pool.heads[None, :, None]], 0)
-        result = self.ops.paged_decode_attention(q, pool.k, pool.v, ids, fill, self.scale, return_mass=want_mass)
+        listed = self.logical + 1 if held and self.ops.skips_tail else None
+        result = self.ops.paged_decode_attention(q, pool.k, pool.v, ids, fill, self.scale, return_mass=want_mass,
+                                                 listed=listed)
         return result if want_mass else (result, None)
 
 

@@ -28,13 +28,15 @@ def resolve_attention(choice: str | None, device: torch.device) -> str:
 
 
 def kernel_ops(choice: str) -> SimpleNamespace:
+    """The decode step's kernels; `skips_tail`: whether attention skips a row's slots past `listed`
+    (worth passing it) rather than masking them."""
     ops = SimpleNamespace(store_decode=reference.store_decode, page_scores=reference.page_scores,
-                          paged_decode_attention=reference.paged_decode_attention)
+                          paged_decode_attention=reference.paged_decode_attention, skips_tail=False)
     if choice == "triton":
         try:
             from lemma.kernels import triton_ops
         except ImportError as exc:
             raise LemmaError(f"attention='triton' needs triton installed ({exc})") from None
         ops = SimpleNamespace(store_decode=triton_ops.store_decode, page_scores=triton_ops.page_scores,
-                              paged_decode_attention=triton_ops.paged_decode_attention)
+                              paged_decode_attention=triton_ops.paged_decode_attention, skips_tail=True)
     return ops

@@ -6,6 +6,10 @@ gathered from several pages: fewer dependent page-id -> K/V round trips and larg
 online softmax in fp32, and writes its partial accumulator; a combine kernel merges the splits into
 the output. With WITH_MASS it also writes each page's log-sum-exp per query head, from which a mass
 kernel derives the per-page attention mass: two launches, three with the mass.
+
+With `listed` [B] (a row's slots at and past listed[b] are empty), the splits share the listed slots
+rather than the table's width: a table as wide as the pool (one captured CUDA graph for every context)
+costs a short sequence what its pages cost, not what the pool's width does.
 """
 
 from __future__ import annotations
@@ -19,15 +23,15 @@ import triton.language as tl
 
 @triton.jit
 def _decode_attention_kernel(
-    q_ptr, k_ptr, v_ptr, ids_ptr, fill_ptr, acc_ptr, m_ptr, l_ptr, lse_ptr,
-    scale, num_slots, pages_per_split, num_kv_heads,
+    q_ptr, k_ptr, v_ptr, ids_ptr, fill_ptr, listed_ptr, acc_ptr, m_ptr, l_ptr, lse_ptr,
+    scale, num_slots, num_kv_heads,
     stride_qb, stride_qh,
     stride_kp, stride_kh, stride_kt,
     stride_vp, stride_vh, stride_vt,
     stride_ib, stride_ih, stride_fb, stride_fh,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     PAGE: tl.constexpr, PAGES_PER_BLOCK: tl.constexpr, UPCAST: tl.constexpr, WITH_MASS: tl.constexpr,
-    IEEE: tl.constexpr,
+    IEEE: tl.constexpr, HAS_LISTED: tl.constexpr,
 ):
     pid = tl.program_id(0)  # sequence * num_kv_heads + kv head
     split = tl.program_id(1)
@@ -48,12 +52,16 @@ def _decode_attention_kernel(
     m_i = tl.full([BLOCK_G], -1.0e30, tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    slots_here = num_slots
+    if HAS_LISTED:
+        slots_here = tl.minimum(tl.load(listed_ptr + b).to(tl.int32), num_slots)
+    pages_per_split = tl.cdiv(slots_here, num_splits)  # this row's share: splits past its pages walk none
 
     for i in range(0, pages_per_split, PAGES_PER_BLOCK):
         slot = split * pages_per_split + i + pj  # one load per page, broadcast to its rows
-        listed = (i + pj < pages_per_split) & (slot < num_slots)
-        page = tl.load(ids_ptr + b * stride_ib + h * stride_ih + slot, mask=listed, other=-1).to(tl.int64)
-        n = tl.load(fill_ptr + b * stride_fb + h * stride_fh + slot, mask=listed, other=0)
+        in_split = (i + pj < pages_per_split) & (slot < slots_here)
+        page = tl.load(ids_ptr + b * stride_ib + h * stride_ih + slot, mask=in_split, other=-1).to(tl.int64)
+        n = tl.load(fill_ptr + b * stride_fb + h * stride_fh + slot, mask=in_split, other=0)
         page = tl.reshape(tl.broadcast_to(page[:, None], (PAGES_PER_BLOCK, PAGE)), (PAGES_PER_BLOCK * PAGE,))
         n = tl.reshape(tl.broadcast_to(n[:, None], (PAGES_PER_BLOCK, PAGE)), (PAGES_PER_BLOCK * PAGE,))
         ok = (page >= 0) & (t < n)
@@ -86,7 +94,7 @@ def _decode_attention_kernel(
             seen = page_max > float("-inf")
             total = tl.sum(tl.exp(paged - tl.where(seen, page_max, 0.0)[:, :, None]), 2)
             lse = tl.where(seen, page_max + tl.log(tl.where(seen, total, 1.0)), float("-inf"))  # [G, pages]
-            stored = g_ok[:, None] & listed[None, :]
+            stored = g_ok[:, None] & in_split[None, :]
             tl.store(lse_ptr + (pid * BLOCK_G + g)[:, None] * num_slots + slot[None, :], lse, mask=stored)
 
     part = pid * num_splits + split  # the group's rows only: the padding rows of BLOCK_G are never read
@@ -138,13 +146,17 @@ def _combine_kernel(
 
 
 @triton.jit
-def _mass_kernel(lse_ptr, log_total_ptr, mass_ptr, num_slots,
-                 GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr):
-    """Per page: its softmax weight summed over its rows (exp(lse - log_total)), averaged over the group."""
+def _mass_kernel(lse_ptr, log_total_ptr, mass_ptr, listed_ptr, num_slots, num_kv_heads,
+                 GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr, HAS_LISTED: tl.constexpr):
+    """Per page: its softmax weight summed over its rows (exp(lse - log_total)), averaged over the group;
+    0 past the row's listed slots (the attention kernel wrote no lse there)."""
     pid = tl.program_id(0)
     s = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
     g = tl.arange(0, BLOCK_G)
-    ok = (g < GROUP)[:, None] & (s < num_slots)[None, :]
+    slots_here = num_slots
+    if HAS_LISTED:
+        slots_here = tl.minimum(tl.load(listed_ptr + pid // num_kv_heads).to(tl.int32), num_slots)
+    ok = (g < GROUP)[:, None] & (s < slots_here)[None, :]
     lse = tl.load(lse_ptr + (pid * BLOCK_G + g)[:, None] * num_slots + s[None, :], mask=ok, other=float("-inf"))
     log_total = tl.load(log_total_ptr + pid * BLOCK_G + g)
     seen = log_total > float("-inf")
@@ -179,7 +191,7 @@ def _splits(programs: int, slots: int, pages_per_split: int | None, device: torc
 
 
 def decode_attention_launch_args(q, k_cache, v_cache, page_ids, fill, pages_per_split=None, return_mass=False,
-                                 pages_per_block=PAGES_PER_BLOCK):
+                                 pages_per_block=PAGES_PER_BLOCK, listed=None):
     """Shapes, buffers and constexprs of one launch (shared by the wrapper and the compile test)."""
     batch, num_heads, dim = q.shape
     num_kv_heads, slots = page_ids.shape[1], page_ids.shape[2]
@@ -196,23 +208,26 @@ def decode_attention_launch_args(q, k_cache, v_cache, page_ids, fill, pages_per_
     lse = torch.empty(programs, block_g, slots, **f32) if return_mass else torch.empty(1, **f32)
     constexprs = dict(GROUP=group, BLOCK_G=block_g, HEAD_DIM=dim, BLOCK_D=block_d, PAGE=k_cache.shape[2],
                       PAGES_PER_BLOCK=pages_per_block, UPCAST=not q.is_cuda,
-                      WITH_MASS=return_mass, IEEE=q.dtype == torch.float32)
+                      WITH_MASS=return_mass, IEEE=q.dtype == torch.float32, HAS_LISTED=listed is not None)
     return (programs, num_splits), per_split, acc, m, l, lse, constexprs
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, page_ids: torch.Tensor,
                            fill: torch.Tensor, scale: float, return_mass: bool = False,
-                           pages_per_split: int | None = None, pages_per_block: int = PAGES_PER_BLOCK):
+                           listed: torch.Tensor | None = None, pages_per_split: int | None = None,
+                           pages_per_block: int = PAGES_PER_BLOCK):
     """Same contract as reference.paged_decode_attention. pages_per_split / pages_per_block (a power of
-    two) are tuning knobs: how many slots one program walks, and how many pages one tile gathers."""
+    two) are tuning knobs: how many slots one program walks at most, and how many pages one tile gathers."""
     batch, num_heads, dim = q.shape
     num_kv_heads, slots = page_ids.shape[1], page_ids.shape[2]
     q, page_ids, fill = q.contiguous(), page_ids.contiguous(), fill.contiguous()
+    listed = None if listed is None else listed.contiguous()
     grid, per_split, acc, m, l, lse, constexprs = decode_attention_launch_args(
-        q, k_cache, v_cache, page_ids, fill, pages_per_split, return_mass, pages_per_block)
+        q, k_cache, v_cache, page_ids, fill, pages_per_split, return_mass, pages_per_block, listed)
+    listed_arg = page_ids if listed is None else listed  # a pointer the kernel never reads without HAS_LISTED
     _decode_attention_kernel[grid](
-        q, k_cache, v_cache, page_ids, fill, acc, m, l, lse,
-        scale, slots, per_split, num_kv_heads,
+        q, k_cache, v_cache, page_ids, fill, listed_arg, acc, m, l, lse,
+        scale, slots, num_kv_heads,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -233,5 +248,6 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     mass = torch.empty(batch, num_kv_heads, slots, dtype=torch.float32, device=q.device)
     if slots:  # a grid of zero programs is not a launch
         _mass_kernel[(programs, triton.cdiv(slots, MASS_BLOCK_S))](
-            lse, log_total, mass, slots, GROUP=group, BLOCK_G=block_g, BLOCK_S=MASS_BLOCK_S)
+            lse, log_total, mass, listed_arg, slots, num_kv_heads,
+            GROUP=group, BLOCK_G=block_g, BLOCK_S=MASS_BLOCK_S, HAS_LISTED=listed is not None)
     return out, mass

@@ -95,15 +95,20 @@ def paged_decode_attention(
     fill: torch.Tensor,
     scale: float,
     return_mass: bool = False,
+    listed: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """One query token per sequence attends the listed pages of its KV head group.
 
     q [B, Hq, D]; page_ids, fill [B, Hkv, S] -> out [B, Hq, D] (q's dtype); with return_mass also the
     attention mass per page [B, Hkv, S] (softmax weights summed over the page, averaged over the
-    group's query heads; 0 for empty slots).
+    group's query heads; 0 for empty slots). listed [B]: row b's slots at and past listed[b] count as
+    empty whatever they hold (a wide table's tail; the Triton kernel skips them).
     """
     batch, num_heads, dim = q.shape
     num_kv_heads, slots = page_ids.shape[1], page_ids.shape[2]
+    if listed is not None:
+        tail = torch.arange(slots, device=page_ids.device) >= listed[:, None, None]
+        page_ids = page_ids.masked_fill(tail, -1)
     page_size = k_cache.shape[2]
     group = num_heads // num_kv_heads
     keys = gather_blocks(k_cache, page_ids, 1).float().view(batch, num_kv_heads, slots * page_size, dim)

@@ -44,20 +44,23 @@ def _(q, key_max, key_min, page_ids):
 
 @torch.library.custom_op("lemma::paged_decode_attention", mutates_args=())
 def _paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, page_ids: torch.Tensor,
-                            fill: torch.Tensor, scale: float, return_mass: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    result = attention.paged_decode_attention(q, k_cache, v_cache, page_ids, fill, scale, return_mass=return_mass)
+                            fill: torch.Tensor, scale: float, return_mass: bool,
+                            listed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    result = attention.paged_decode_attention(q, k_cache, v_cache, page_ids, fill, scale, return_mass=return_mass,
+                                              listed=listed)
     if return_mass:
         return result
     return result, torch.empty(0, dtype=torch.float32, device=q.device)
 
 
 @_paged_decode_attention.register_fake
-def _(q, k_cache, v_cache, page_ids, fill, scale, return_mass):
+def _(q, k_cache, v_cache, page_ids, fill, scale, return_mass, listed):
     mass = torch.empty(page_ids.shape if return_mass else (0,), dtype=torch.float32, device=q.device)
     return torch.empty_like(q), mass
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, page_ids: torch.Tensor,
-                           fill: torch.Tensor, scale: float, return_mass: bool = False):
-    out, mass = _paged_decode_attention(q, k_cache, v_cache, page_ids, fill, scale, return_mass)
+                           fill: torch.Tensor, scale: float, return_mass: bool = False,
+                           listed: torch.Tensor | None = None):
+    out, mass = _paged_decode_attention(q, k_cache, v_cache, page_ids, fill, scale, return_mass, listed)
     return (out, mass) if return_mass else out
