@@ -5,7 +5,11 @@ that reaches, Triton's speed relative to SDPA, and a sweep of the tile size (pag
 
 Pages are a random permutation of the pool (as after churn); SDPA reads the same K/V gathered into a
 dense [B, Hkv, T, D] cache. Where one call's K/V would fit in L2, the graph cycles through enough copies
-(ROTATION_BYTES in all) that every call reads from HBM, as each layer of a real step does."""
+(ROTATION_BYTES in all) that every call reads from HBM, as each layer of a real step does.
+
+`held_in_wide_table`: a row holding `held` tokens in a table as wide as the longest context (a captured
+step's table is its policy's full width): the kernel told how many pages each row lists against the
+same call walking every slot, the cost a graphed step paid for a short context before `listed`."""
 
 from __future__ import annotations
 
@@ -107,9 +111,36 @@ def kernel_vs_sdpa(shape: str, batch: int, context: int, device: torch.device, d
     return row
 
 
+def held_in_wide_table(shape: str, batch: int, held: int, width: int, device: torch.device,
+                       dtype: torch.dtype) -> dict:
+    """Device time of one call over `held` tokens a row in a `width`-token table, with and without `listed`."""
+    config = shape_config(shape)
+    hkv, hq, d = config.num_kv_heads, config.num_heads, config.head_dim
+    pages, slots = -(-held // PAGE), -(-width // PAGE)
+    k = torch.randn(batch * pages, hkv, PAGE, d, device=device, dtype=dtype)
+    v = torch.randn_like(k)
+    ids = torch.full((batch, hkv, slots), -1, device=device, dtype=torch.int64)
+    ids[:, :, :pages] = torch.randperm(batch * pages, device=device).view(batch, 1, pages)
+    fill = torch.where(ids >= 0, PAGE, 0)
+    listed = torch.full((batch,), pages, device=device, dtype=torch.int64)
+    q = torch.randn(batch, hq, d, device=device, dtype=dtype)
+    scale = d ** -0.5
+    bounded = triton_attention.paged_decode_attention(q, k, v, ids, fill, scale, listed=listed)
+    walked = triton_attention.paged_decode_attention(q, k, v, ids, fill, scale)
+    row = {"batch": batch, "held": held, "table_width": width,
+           "rel_diff_listed_vs_walked": ((bounded.float() - walked.float()).norm() / walked.float().norm()).item(),
+           "listed_device_us": 1e6 * device_seconds(
+               lambda: triton_attention.paged_decode_attention(q, k, v, ids, fill, scale, listed=listed), device, 20),
+           "walked_device_us": 1e6 * device_seconds(
+               lambda: triton_attention.paged_decode_attention(q, k, v, ids, fill, scale), device, 20)}
+    row["speedup_from_listed"] = row["walked_device_us"] / row["listed_device_us"]
+    return row
+
+
 def run(shapes: list[str], batches: list[int], contexts: list[int], sweep_context: int, device: torch.device,
-        dtype: torch.dtype, repeats: int) -> dict[str, list[dict]]:
-    """Every (shape, batch, context); the tile sweep at `sweep_context` for each batch."""
+        dtype: torch.dtype, repeats: int, held: int) -> dict[str, dict[str, list[dict]]]:
+    """Every (shape, batch, context) against SDPA, the tile sweep at `sweep_context` for each batch, and
+    per batch `held` tokens in a table as wide as the longest context."""
     report = {}
     for shape in shapes:
         rows = []
@@ -128,5 +159,12 @@ def run(shapes: list[str], batches: list[int], contexts: list[int], sweep_contex
                     print(f"{shape} attention batch {batch} @{context}: triton by pages per block: "
                           + ", ".join(f"{k}: {v:.1f} us" for k, v in row["triton_device_us_by_pages_per_block"].items()),
                           flush=True)
-        report[shape] = rows
+        wide = []
+        for batch in batches:
+            row = held_in_wide_table(shape, batch, held, max(contexts), device, dtype)
+            wide.append(row)
+            print(f"{shape} attention batch {batch}, {held} held in a {max(contexts)}-token table: device "
+                  f"{row['listed_device_us']:.1f} us listed vs {row['walked_device_us']:.1f} us walking every slot "
+                  f"({row['speedup_from_listed']:.2f}x); rel diff {row['rel_diff_listed_vs_walked']:.1e}", flush=True)
+        report[shape] = {"kernel_vs_sdpa": rows, "held_in_wide_table": wide}
     return report

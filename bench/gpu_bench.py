@@ -11,14 +11,14 @@ in the JSON's section_seconds):
 
 1. attention (~30 s): paged decode attention, Triton vs SDPA (and flash-attn where installed) over the
    same K/V, batch 1 and 32 at 4K/16K/32K: device time per call (CUDA events over a graph of many calls),
-   KV GB/s, Triton's speed relative to SDPA (targets >= 1 at batch 1, >= 0.9 at 32), tile sweep at 16K
-   (bench/gpu_attention.py).
+   KV GB/s, Triton's speed relative to SDPA (targets >= 1 at batch 1, >= 0.9 at 32), tile sweep at 16K,
+   and 1K held in a 32K-wide table with vs without the per-row `listed` bound (bench/gpu_attention.py).
 2. decode (~40 s): start-up (warm_up capturing every bucket), graphed Dense decode at batch 1/8/32 after
    a 512-token prompt: tokens/s and (weight + KV) GB/s as a percent of the copy measured here, engine
    wall and device time per step; greedy tokens vs the eager step (bench/gpu_decode.py).
 3. raas_vs_dense (~30 s): Dense vs RaaS-1024 (pin_prompt=False) at batch 1 with graphs after 1K/8K/16K/32K
    prompts: ms/step, resident KV, ratios (targets: RaaS faster from 8K, <= 1.1x Dense at 1K), and the
-   shortest context again on a pool just big enough (what the full-width step tables cost).
+   shortest context again on a pool just big enough (what a wide Dense step table still costs).
 4. concurrency (~20 s, Qwen2.5-1.5B shape only: the 7B would about double it): long outputs (1024 + 15360
    tokens) under a pool that holds 4 whole Dense sequences, 64 requests offered, 256 steps timed: running
    sequences and output tokens/s for RaaS-1024, Dense capped at what fits whole, and Dense with the
@@ -83,7 +83,7 @@ def run_section(section: str, shape: str, plan: dict, model: Callable[[str], Cau
                 dtype: torch.dtype, copy: float, raas: RaaS) -> dict | list:
     if section == "attention":
         return gpu_attention.run([shape], plan["attention_batches"], plan["attention_contexts"], plan["sweep_context"],
-                                 device, dtype, plan["repeats"])[shape]
+                                 device, dtype, plan["repeats"], plan["budget"])[shape]
     if section == "decode":
         value = gpu_decode.decode(model(shape), plan["decode_batches"], plan["decode_prompt"], plan["decode_steps"], copy, raas)
         gpu_decode.print_decode(shape, value)

@@ -9,8 +9,9 @@ bucket; on CPU --smoke runs the compiled step with compile="eager" instead):
   around the graph replays of the same steps). Greedy tokens are checked against the eager step.
 - `raas_vs_dense`: Dense and RaaS-1024 (pin_prompt=False) at batch 1 over long prompts: step time (wall
   and device), resident KV and their ratios. One pool sized for the longest context, so the step tables
-  (full width on CUDA: the pool's pages, capped by the model's context) are what a server's would be;
-  `narrow_tables` repeats the shortest context on a pool just big enough, to show what that width costs.
+  (on CUDA as wide as the policy can hold: RaaS's budget, Dense's pool pages capped by the model's
+  context) are what a server's would be; `narrow_tables` repeats the shortest context on a pool just big
+  enough, to show what a wide Dense table still costs now that the kernel walks only the listed pages.
 """
 
 from __future__ import annotations
@@ -122,17 +123,20 @@ def raas_vs_dense(model: CausalLM, contexts: list[int], steps: int, raas: RaaS) 
         return Engine.from_model(model, toy_tokenizer(), kv_cache_tokens=tokens + steps + 64, max_batch=1,
                                  prefill_chunk=LONG_PREFILL_CHUNK, compile=mode, warm_up=False)
 
+    def table_slots(engine: Engine) -> dict[str, int]:  # what each policy's steps read (CUDA: its table_width)
+        return {p.describe(): engine.runner.state_for(p).tables.shape[-1] for p in policies}
+
     engine = engine_for(max(contexts))
     rows = []
     for context in contexts:
-        row = {"context": context, "table_slots": engine.runner.max_slots,
+        row = {"context": context, "table_slots": table_slots(engine),
                **policy_rows(engine, random_prompts(1, context, vocab, seed=context)[0], steps, policies)}
         ratios(row, dense, name)
         rows.append(row)
     del engine
     free_memory()
     narrow = engine_for(min(contexts))
-    row = {"context": min(contexts), "table_slots": narrow.runner.max_slots,
+    row = {"context": min(contexts), "table_slots": table_slots(narrow),
            **policy_rows(narrow, random_prompts(1, min(contexts), vocab, seed=1)[0], steps, policies)}
     ratios(row, dense, name)
     del narrow
@@ -150,7 +154,8 @@ def print_raas_vs_dense(shape: str, entry: dict, raas: RaaS) -> None:
             device = (f"; device {b['device_ms_per_step']:.2f} vs {a['device_ms_per_step']:.2f} ms "
                       f"({row['raas_over_dense_device_ms']:.2f}x)")
         target = f", target {row['target_ms_ratio']}" if row["target_ms_ratio"] else ""
-        return (f"{shape} {label} @{row['context']} ({row['table_slots']} table slots): {dense} "
+        slots = f"{row['table_slots'][dense]}/{row['table_slots'][name]} table slots"
+        return (f"{shape} {label} @{row['context']} ({slots}): {dense} "
                 f"{b['ms_per_step']:.2f} ms/step, {b['resident_kv_mib']:.1f} MiB KV; {name} {a['ms_per_step']:.2f} ms/step "
                 f"({row['raas_over_dense_ms']:.2f}x{target}), "
                 f"{a['resident_kv_mib']:.1f} MiB KV ({row['raas_over_dense_kv']:.3f}x){device}")

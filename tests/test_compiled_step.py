@@ -206,6 +206,28 @@ def test_state_updates_in_place():
     assert state.step_inputs([1], [0], np.zeros((2, 1), np.int64), np.zeros((2, 1), np.int64), 99).bucket == (1, 8)
 
 
+@pytest.mark.parametrize("policy", [RaaS(budget=96), RaaS(budget=96, pin_prompt=False), StreamingLLM(budget=96),
+                                    H2O(budget=96)], ids=lambda p: p.describe())
+def test_an_evicting_policys_page_tables_are_its_budget_wide(tiny_dir, policy):
+    """On CUDA a policy's decode state is as wide as its sequences can ever hold (the width every step
+    reads): an evicting one's budget, a dense one's (or one with dense layers) the model's context. Long
+    outputs (and, unpinned, a prompt past the budget) fit in it, with the same tokens as the full-width
+    state CPU keeps: a page past the width would not fit the table."""
+    engine = Engine(tiny_dir, policy=policy, kv_cache_tokens=4096, max_batch=2)
+    runner, full = engine.runner, engine.runner.max_slots
+    assert full > 6 and runner.table_width(policy) == 6
+    assert [runner.table_width(p) for p in (Dense(), Quest(budget=48), RaaS(budget=96, dense_layers=1))] == [full] * 3
+    assert runner.state_for(policy).tables.shape[-1] == full
+    params = SamplingParams(temperature=0, max_tokens=150, ignore_eos=True)
+    prompt = "The quick brown fox " * (8 if getattr(policy, "pin_prompt", True) else 30)  # 30: 14 pages
+    wide = engine.generate([prompt, "Name three primes"], params)
+    runner.states[policy] = DecodeState(engine.pool.num_layers, 2, 6, engine.pool.device)  # as on CUDA
+    narrow = engine.generate([prompt, "Name three primes"], params)
+    assert [o.token_ids for o in narrow] == [o.token_ids for o in wide], [o.error for o in narrow]
+    assert [len(o.token_ids) for o in narrow] == [150, 150] and runner.states[policy].tables.shape[-1] == 6
+    assert engine.pages.all_free
+
+
 def test_padded_rows_do_not_disturb_real_ones(tiny_dir):
     """Three sequences in a bucket of four: each equals its own run alone."""
     engine = Engine(tiny_dir, policy=RaaS(budget=32), kv_cache_tokens=4096, max_batch=4)

@@ -256,11 +256,11 @@ def test_invariants_under_random_runs(checked_engine, policies, prompt_lens, max
         written.append(page_ids)
         return store(k_cache, v_cache, k, v, page_ids, *rest)
 
-    def spy_attend(q, k_cache, v_cache, page_ids, fill, scale, return_mass=False):
+    def spy_attend(q, k_cache, v_cache, page_ids, fill, scale, return_mass=False, listed=None):
         current = written[-1]  # the page this layer (and slice) just wrote is always attended
         padded = current == pool.scratch  # a padded row writes the scratch page and attends nothing
         assert ((page_ids == current[..., None]).any(-1) | padded).all()
-        return attend(q, k_cache, v_cache, page_ids, fill, scale, return_mass)
+        return attend(q, k_cache, v_cache, page_ids, fill, scale, return_mass, listed=listed)
 
     def checked_decode(groups):
         logits = decode(groups)

@@ -7,8 +7,8 @@ its own graph; dynamo makes the batch dimension dynamic when the second bucket a
 graph serves every larger bucket. The slot dimension of the page tables is dynamic on CPU
 (`maybe_mark_dynamic`): one graph serves every context length, and attention reads only the pages
 held. The final norm and output head are a second, small compiled graph (`call_head`); the embedding
-and the RoPE tables stay eager. On CUDA the tables are full width instead and the whole step is
-captured as one CUDA graph per batch bucket (engine/graphs.py).
+and the RoPE tables stay eager. On CUDA the tables are instead as wide as the policy can ever need
+(ModelRunner.table_width) and the whole step is captured as one CUDA graph per batch bucket (engine/graphs.py).
 
 Inductor keeps what it compiled (FX graph and AOTAutograd caches) under $LEMMA_HOME/compile/torch-<version>,
 so a second process only pays dynamo's trace of one layer per graph.

@@ -5,10 +5,11 @@
     tables [L, B, S]                 page ids per (layer, row, slot), -1 = empty
 
 The buffers are allocated once, at full size (max_batch rows, `max_slots` slots: the most pages a
-sequence can hold), and never reallocated, so nothing a compiled graph or a captured CUDA graph read
-moves. A step sees views: B is the batch bucket (1, 2, 4, ... up to max_batch); S is the full width on
-CUDA (one captured graph per batch bucket) and the pages actually held on CPU (the compiled step's slot
-dimension is dynamic, engine/compiled.py), so attention there reads only what is held. Padded rows and
+sequence under the state's policy can hold, ModelRunner.table_width), and never reallocated, so
+nothing a compiled graph or a captured CUDA graph read moves. A step sees views: B is the batch bucket
+(1, 2, 4, ... up to max_batch); S is the full width on CUDA (one captured graph per batch bucket; the
+Triton kernel still walks only the pages a row lists) and the pages actually held on CPU (the compiled
+step's slot dimension is dynamic, engine/compiled.py), so attention there reads only what is held. Padded rows and
 empty slots hold -1, and the step sends their writes to the pool's scratch page. The host keeps a numpy
 mirror of every buffer: on CPU the mirror *is* the device buffer; on CUDA changed table entries go to
 the device as one non-blocking copy from pinned memory (the whole block when the batch's membership changed).

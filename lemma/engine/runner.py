@@ -21,7 +21,7 @@ import torch
 
 from lemma.engine.attention import DecodeAttention, PrefillAttention, PrefillSegment
 from lemma.engine.compiled import compile_decode
-from lemma.engine.decode_state import NEW_SLOT, DecodeState, StepInputs, batch_bucket
+from lemma.engine.decode_state import MIN_SLOTS, NEW_SLOT, DecodeState, StepInputs, batch_bucket
 from lemma.engine.graphs import CudaGraphs
 from lemma.engine.pages import prompt_pins
 from lemma.engine.policies import Policy
@@ -82,8 +82,24 @@ class ModelRunner:
     def state_for(self, policy: Policy) -> DecodeState:
         """The persistent decode state of the sequences running under `policy`."""
         if policy not in self.states:
-            self.states[policy] = DecodeState(self.pool.num_layers, self.max_batch, self.max_slots, self.device)
+            self.states[policy] = self._new_state(policy)
         return self.states[policy]
+
+    def _new_state(self, policy: Policy) -> DecodeState:
+        # on CPU a step views only the slots held, so the buffer's width costs nothing; kept wider than any
+        # view, every view has the same strides (a view that is the whole buffer is contiguous, and a
+        # compiled layer would recompile for it)
+        width = self.table_width(policy) if self.device.type == "cuda" else self.max_slots
+        return DecodeState(self.pool.num_layers, self.max_batch, width, self.device)
+
+    def table_width(self, policy: Policy) -> int:
+        """The width of `policy`'s page tables on CUDA: the most pages any of its sequences can hold in a
+        layer after prefill (its budget where every layer evicts, max_slots otherwise). Every CUDA step
+        is this wide (one captured graph per batch bucket), so RaaS-1024 reads a 64-slot table, not a
+        full-context one."""
+        longest = self.max_slots * self.pool.page_size
+        widest = max(policy.capacity(longest, 0, layer) for layer in range(self.pool.num_layers))
+        return min(self.max_slots, max(widest, MIN_SLOTS))
 
     # ---- prefill ------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -231,7 +247,7 @@ class ModelRunner:
             if any(state.rows for state in states):  # their sequences' pages are in the tables: they capture
                 return                                # on their first step
         else:  # a compiled graph binds shapes, not buffers: scratch states leave the real ones alone
-            states = [DecodeState(self.pool.num_layers, self.max_batch, self.max_slots, self.device) for _ in policies]
+            states = [self._new_state(policy) for policy in policies]
         layers = self.pool.num_layers
         with torch.inference_mode():
             for bucket in buckets:
