@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 import transformers
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from conftest import TINY_CONFIGS
@@ -169,7 +169,8 @@ def test_valid_configs_in_both_layouts():
     (edited(VALID_5X, max_position_embeddings=0), "max_position_embeddings: must be a positive integer, got 0"),
     (edited(VALID_5X, max_position_embeddings=None), "max_position_embeddings: must be a positive integer, got None"),
     (edited(VALID_5X, eos_token_id="</s>"), "eos_token_id: must be a token id or a list of token ids, got '</s>'"),
-    (edited(VALID_5X, eos_token_id=[2, 10**6]), "eos_token_id: 1000000 is outside the vocabulary of 400 tokens"),
+    (edited(VALID_5X, eos_token_id=[2, 10**6]), "eos_token_id: 1000000 is outside the vocabulary (vocab_size 400)"),
+    (edited(VALID_5X, vocab_size=1), "eos_token_id: 2 is outside the vocabulary (vocab_size 1)"),  # names both
     (edited(VALID_5X, eos_token_id=[2, None]), "eos_token_id: must be a token id or a list of token ids, got [2, None]"),
     (edited(VALID_5X, eos_token_id=True), "eos_token_id: must be a token id or a list of token ids, got True"),
     (edited(VALID_5X, bos_token_id=-1), "bos_token_id: must be a token id (an integer >= 0), got -1"),
@@ -261,6 +262,7 @@ def assert_usable(config: ModelConfig) -> None:
 
 @settings(max_examples=400, deadline=None)
 @given(base=st.sampled_from([VALID_5X, VALID_4X]), mutations=st.lists(MUTATION, min_size=1, max_size=3))
+@example(base=VALID_5X, mutations=[("vocab_size", None, 1)])  # found by this test: the error named only eos_token_id
 def test_any_mutated_config_is_usable_or_one_line_naming_a_mutated_field(base, mutations):
     raw, names = mutate(base, mutations)
     try:

@@ -167,7 +167,7 @@ class ModelConfig:
         vocab_size = fields.positive_int("vocab_size")
         eos_ids = fields.token_ids("eos_token_id")
         if any(i >= vocab_size for i in eos_ids):  # an EOS the model can never produce: replies never stop
-            raise fields.error("eos_token_id", f"{max(eos_ids)} is outside the vocabulary of {vocab_size} tokens")
+            raise fields.error("eos_token_id", f"{max(eos_ids)} is outside the vocabulary (vocab_size {vocab_size})")
         return cls(
             model_type=model_type,
             vocab_size=vocab_size,
