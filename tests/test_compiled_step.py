@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 import torch
 import torch._dynamo
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch._dynamo.utils import counters
 
 from lemma import H2O, Dense, Engine, Quest, RaaS, SamplingParams, StreamingLLM
@@ -204,6 +206,34 @@ def test_state_updates_in_place():
     step = state.step_inputs([1], [70], np.zeros((2, 1), np.int64), np.zeros((2, 1), np.int64), 6)
     assert step.bucket == (1, 6) and step.tables.data_ptr() == tables.data_ptr()  # wider: a view, not a copy
     assert state.step_inputs([1], [0], np.zeros((2, 1), np.int64), np.zeros((2, 1), np.int64), 99).bucket == (1, 8)
+
+
+OPERATION = st.one_of(
+    st.tuples(st.just("rows"), st.lists(st.integers(0, 7), max_size=5, unique=True)),  # uids, in row order
+    st.tuples(st.just("page"), st.integers(0, 1), st.integers(0, 4), st.integers(0, 5), st.integers(0, 99)),
+    st.tuples(st.just("step"), st.integers(1, 6)))
+
+
+@settings(max_examples=150, deadline=None)
+@given(operations=st.lists(OPERATION, max_size=25))
+def test_a_mirrored_states_device_tables_follow_its_host_mirror(operations):
+    """The device copy of a state's tables (the CUDA path: rows that stay move on the device, only new
+    rows and changed entries cross) equals the host mirror after every step's sync, however
+    membership changes, page writes and steps interleave."""
+    state = DecodeState(num_layers=2, max_batch=5, max_slots=6, device=torch.device("cpu"), mirrored=True)
+    assert state.tables.data_ptr() != torch.from_numpy(state._tables_np).data_ptr()
+    with torch.inference_mode():
+        for operation in operations:
+            if operation[0] == "rows":
+                uids = operation[1]
+                state.set_rows(uids, [[[10 * uid + i for i in range(uid % 4)], [10 * uid + 7]] for uid in uids])
+            elif operation[0] == "page" and operation[2] < len(state.rows):
+                state.set_page(*operation[1:])
+            elif operation[0] == "step":
+                n = max(len(state.rows), 1)
+                zeros = np.zeros((2, n), np.int64)
+                state.step_inputs([1] * n, [0] * n, zeros, zeros, operation[1])
+                assert torch.equal(state.tables, torch.from_numpy(state._tables_np))
 
 
 @pytest.mark.parametrize("policy", [RaaS(budget=96), RaaS(budget=96, pin_prompt=False), StreamingLLM(budget=96),
