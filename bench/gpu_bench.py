@@ -23,6 +23,9 @@ in the JSON's section_seconds):
    tokens) under a pool that holds 4 whole Dense sequences, 64 requests offered, 256 steps timed: running
    sequences and output tokens/s for RaaS-1024, Dense capped at what fits whole, and Dense with the
    engine's on-demand admission (bench/gpu_concurrency.py).
+5. fused (~60-90 s, Qwen2.5-1.5B shape only; last, as inductor's cold compile is the least predictable
+   cost): Dense vs RaaS-1024 at 1K with compile="inductor" (layers fused, then captured), against the
+   graphs-only ratio of section 3 (bench/gpu_decode.py `fused`).
 
 The JSON (--out) is rewritten after every section and shape, so a run cut short keeps what it measured.
 """
@@ -49,14 +52,15 @@ from lemma import RaaS
 from lemma.models.llama import CausalLM
 from lemma.evaluation import speed
 
-SECTIONS = ("attention", "decode", "raas_vs_dense", "concurrency")
+SECTIONS = ("attention", "decode", "raas_vs_dense", "concurrency", "fused")
+ONE_SHAPE_SECTIONS = {"concurrency", "fused"}  # the 1.5B shape only, unless --shapes says otherwise
 GPU = dict(shapes=["qwen2.5-1.5b", "qwen2.5-7b"], attention_batches=[1, 32], attention_contexts=[4096, 16384, 32768],
            sweep_context=16384, repeats=10, decode_batches=[1, 8, 32], decode_prompt=512, decode_steps=64,
-           long_contexts=[1024, 8192, 16384, 32768], long_steps=32, budget=1024, concurrency_shapes=["qwen2.5-1.5b"],
+           long_contexts=[1024, 8192, 16384, 32768], long_steps=32, budget=1024, one_shape=["qwen2.5-1.5b"],
            long_outputs=gpu_concurrency.LongOutputs(prompt=1024, output=15360, requests=64, dense_fits=4, window=256))
 SMOKE = dict(shapes=["smoke"], attention_batches=[1, 4], attention_contexts=[128, 256], sweep_context=256, repeats=2,
              decode_batches=[1, 2, 4], decode_prompt=64, decode_steps=8, long_contexts=[64, 128, 256], long_steps=8,
-             budget=64, concurrency_shapes=["smoke"],
+             budget=64, one_shape=["smoke"],
              long_outputs=gpu_concurrency.LongOutputs(prompt=64, output=192, requests=12, dense_fits=2, window=24))
 
 
@@ -90,6 +94,9 @@ def run_section(section: str, shape: str, plan: dict, model: Callable[[str], Cau
     elif section == "raas_vs_dense":
         value = gpu_decode.raas_vs_dense(model(shape), plan["long_contexts"], plan["long_steps"], raas)
         gpu_decode.print_raas_vs_dense(shape, value, raas)
+    elif section == "fused":
+        value = gpu_decode.fused(model(shape), min(plan["long_contexts"]), plan["long_steps"], raas)
+        gpu_decode.print_fused(shape, value, raas)
     else:
         value = gpu_concurrency.run(model(shape), plan["long_outputs"], raas)
         gpu_concurrency.print_run(shape, value)
@@ -130,7 +137,7 @@ def main() -> None:
               f"({report['total_seconds']} s so far)", flush=True)
 
     for section in [s for s in SECTIONS if s in args.sections]:
-        for shape in shapes if section != "concurrency" or args.shapes else plan["concurrency_shapes"]:
+        for shape in plan["one_shape"] if section in ONE_SHAPE_SECTIONS and not args.shapes else shapes:
             began = time.perf_counter()
             try:
                 value = run_section(section, shape, plan, model, device, dtype, copy, raas)

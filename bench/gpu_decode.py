@@ -12,6 +12,10 @@ bucket; on CPU --smoke runs the compiled step with compile="eager" instead):
   (on CUDA as wide as the policy can hold: RaaS's budget, Dense's pool pages capped by the model's
   context) are what a server's would be; `narrow_tables` repeats the shortest context on a pool just big
   enough, to show what a wide Dense table still costs now that the kernel walks only the listed pages.
+- `fused`: the same comparison at one context with `compile="inductor"` (the layers fused by inductor,
+  then captured): RaaS's bookkeeping is ~2x Dense's kernel count per layer (bench/step_overhead.py
+  --modes ops), which a graph replays one launch at a time and inductor fuses; plus each policy's
+  compile seconds.
 """
 
 from __future__ import annotations
@@ -142,6 +146,33 @@ def raas_vs_dense(model: CausalLM, contexts: list[int], steps: int, raas: RaaS) 
     del narrow
     free_memory()
     return {"rows": rows, "narrow_tables": row}
+
+
+def fused(model: CausalLM, context: int, steps: int, raas: RaaS) -> dict:
+    """Dense vs `raas` at batch 1 after `context` tokens, the step compiled with inductor and captured."""
+    device, vocab = model.model.embed_tokens.weight.device, model.config.vocab_size
+    mode = "inductor" if device.type == "cuda" else "aot_eager"  # the CPU smoke checks the path, not inductor
+    engine = Engine.from_model(model, toy_tokenizer(), kv_cache_tokens=context + steps + 64, max_batch=1,
+                               prefill_chunk=LONG_PREFILL_CHUNK, compile=mode, warm_up=False)
+    compile_s = {p.describe(): engine.warm_up(policies=[p]) for p in (Dense(), raas)}
+    row = {"context": context, "compile": mode, "compile_s": compile_s,
+           **policy_rows(engine, random_prompts(1, context, vocab, seed=context)[0], steps, [Dense(), raas])}
+    ratios(row, Dense().describe(), raas.describe())
+    del engine
+    free_memory()
+    return row
+
+
+def print_fused(shape: str, row: dict, raas: RaaS) -> None:
+    dense, name = Dense().describe(), raas.describe()
+    a, b = row[name], row[dense]
+    device = ""
+    if "raas_over_dense_device_ms" in row:
+        device = (f"; device {b['device_ms_per_step']:.2f} vs {a['device_ms_per_step']:.2f} ms "
+                  f"({row['raas_over_dense_device_ms']:.2f}x)")
+    print(f"{shape} raas vs dense, {row['compile']} + graphs @{row['context']}: {dense} {b['ms_per_step']:.2f} ms/step, "
+          f"{name} {a['ms_per_step']:.2f} ms/step ({row['raas_over_dense_ms']:.2f}x, target {row['target_ms_ratio']})"
+          f"{device}; compile " + ", ".join(f"{k} {v:.0f} s" for k, v in row["compile_s"].items()), flush=True)
 
 
 def print_raas_vs_dense(shape: str, entry: dict, raas: RaaS) -> None:

@@ -286,6 +286,20 @@ def test_cuda_graphs_replay_each_bucket_and_equal_eager(tiny_dir, policy):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("policy", [Dense(), RaaS(budget=64)], ids=lambda p: p.describe())
+def test_cuda_graphs_of_an_inductor_step_equal_eager(tiny_dir, policy):
+    """compile="inductor" on CUDA fuses the layers with inductor, then captures them: the first step of a
+    bucket compiles, the capture records it, and greedy tokens equal eager's."""
+    kwargs = dict(policy=policy, kv_cache_tokens=4096, max_batch=2, device="cuda", dtype="float32")
+    expected = Engine(tiny_dir, compile=False, **kwargs).generate(PROMPTS, PARAMS)
+    engine = Engine(tiny_dir, compile="inductor", **kwargs)
+    assert sorted(engine.runner._graphs.graphs) == [((policy, 1),), ((policy, 2),)]
+    assert [o.token_ids for o in engine.generate(PROMPTS, PARAMS)] == [o.token_ids for o in expected]
+    assert engine.pages.all_free
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_graphs_of_a_mixed_step_equal_eager(tiny_dir):
     """On CUDA a step mixing policies is one captured graph per ((policy, bucket), ...) mix: warmed up at
     2 rows a slice, captured on first use for other sizes, and the same greedy tokens as eager."""
