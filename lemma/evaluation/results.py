@@ -142,7 +142,11 @@ class ResultsFile:
             end = f.seek(0, os.SEEK_END)
             if end and os.pread(f.fileno(), 1, end - 1) != b"\n":  # a whole last record without its newline
                 data = b"\n" + data
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+            try:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            except OSError:  # a full disk mid-write: no half record stays for a later append to bury
+                os.ftruncate(f.fileno(), end)
+                raise
         self.records += records
