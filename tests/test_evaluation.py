@@ -243,26 +243,33 @@ def test_only_a_torn_last_line_is_dropped_and_appending_resumes_after_it(tmp_pat
     assert path.read_bytes() == good + jsonl(FID_FAILED)
 
 
-def test_an_append_the_disk_cuts_short_leaves_the_file_as_it_was(tmp_path, monkeypatch):
-    """A full disk mid-append: one line naming the file, the file as before (no torn record that the
-    next append would bury mid-file), and the next append after space is freed lands whole."""
+@pytest.mark.parametrize("fails", ["write", "fsync"])
+def test_an_append_the_disk_cuts_short_leaves_the_file_as_it_was(tmp_path, monkeypatch, fails):
+    """A full disk mid-append (part of the records written, then ENOSPC from the write or the fsync):
+    one line naming the file, the file as before (no torn record that the next append would bury
+    mid-file, nothing written later when the file closes), and the next append lands whole."""
     import errno
 
     path = tmp_path / "r.jsonl"
     good = jsonl(ACC) + json.dumps(TRACE).encode()  # a last record without its newline: the append adds one
     path.write_bytes(good)
     results = ResultsFile(path)
-    real_fsync = os.fsync
+    real = getattr(os, fails)
+    calls = []
 
-    def disk_full(fd: int) -> None:
-        os.ftruncate(fd, os.fstat(fd).st_size - 7)  # only part of the records reached the disk
+    def disk_full(fd: int, *data) -> int:
+        calls.append(fd)
+        if fails == "write" and len(calls) == 1:
+            return real(fd, data[0][:9])  # only part of the records reached the disk
+        if fails == "fsync":
+            os.ftruncate(fd, os.fstat(fd).st_size - 7)
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(os, "fsync", disk_full)
+    monkeypatch.setattr(os, fails, disk_full)
     with pytest.raises(LemmaError, match=r"cannot write results file .*r\.jsonl: No space left on device"):
         results.append([FID, FID_FAILED])
+    monkeypatch.setattr(os, fails, real)
     assert path.read_bytes() == good and results.records == [ACC, TRACE]
-    monkeypatch.setattr(os, "fsync", real_fsync)
     results.append([FID])
     assert ResultsFile(path).records == [ACC, TRACE, FID]
 

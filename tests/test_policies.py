@@ -265,6 +265,11 @@ def test_invariants_under_random_runs(checked_engine, policies, prompt_lens, max
     def checked_decode(groups):
         logits = decode(groups)
         seqs = [seq for _, group in groups for seq in group]
+        for policy, group in groups:  # tables fill front to back: the Triton kernel walks logical + 1 slots
+            state = engine.runner.states[policy]
+            for s in group:
+                logical = (s.num_tokens - 1) // PAGE  # the page this step wrote
+                assert (state.tables[:, state.rows.index(s.uid), logical + 1 :] == -1).all(), "a page past listed"
         for layer in range(pool.num_layers):
             held = [p for s in seqs for p in s.pages[layer]]
             for s in seqs:

@@ -137,14 +137,16 @@ class ResultsFile:
         if self.run is not None:
             records = [{**r, "run": self.run} for r in records]
         data = "".join(json.dumps(r) + "\n" for r in records).encode()
-        with writing(self.path, self.label), open(self.path, "a+b") as f:
+        # unbuffered: bytes a failed write left in a buffer would land, torn, when the file closes
+        with writing(self.path, self.label), open(self.path, "a+b", buffering=0) as f:
             fcntl.flock(f, fcntl.LOCK_EX)
             end = f.seek(0, os.SEEK_END)
             if end and os.pread(f.fileno(), 1, end - 1) != b"\n":  # a whole last record without its newline
                 data = b"\n" + data
             try:
-                f.write(data)
-                f.flush()
+                written = 0
+                while written < len(data):
+                    written += os.write(f.fileno(), data[written:])
                 os.fsync(f.fileno())
             except OSError:  # a full disk mid-write: no half record stays for a later append to bury
                 os.ftruncate(f.fileno(), end)
