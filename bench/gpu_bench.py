@@ -23,8 +23,8 @@ in the JSON's section_seconds):
    tokens) under a pool that holds 4 whole Dense sequences, 64 requests offered, 256 steps timed: running
    sequences and output tokens/s for RaaS-1024, Dense capped at what fits whole, and Dense with the
    engine's on-demand admission (bench/gpu_concurrency.py).
-5. fused (~60-90 s, Qwen2.5-1.5B shape only; last, as inductor's cold compile is the least predictable
-   cost): Dense vs RaaS-1024 at 1K with compile="inductor" (layers fused, then captured), against the
+5. fused (~60-90 s, Qwen2.5-1.5B shape only; `bench/gpu_check.sh fused` runs it as a second, optional
+   call, since inductor's cold compile is the least predictable cost): Dense vs RaaS-1024 at 1K with compile="inductor" (layers fused, then captured), against the
    graphs-only ratio of section 3 (bench/gpu_decode.py `fused`).
 
 The JSON (--out) is rewritten after every section and shape, so a run cut short keeps what it measured.
