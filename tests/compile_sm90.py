@@ -69,11 +69,14 @@ def main(report: bool = False) -> None:
                     compile_sm90(attention._decode_attention_kernel, pointers, constexprs, floats=("scale",),
                                  aligned=ATTENTION_ALIGNED, report=report)
                     count += per_block == attention.PAGES_PER_BLOCK
-        pointers = {"acc_ptr": "*fp32", "m_ptr": "*fp32", "l_ptr": "*fp32", "out_ptr": cache, "log_total_ptr": "*fp32"}
-        compile_sm90(attention._combine_kernel, pointers, dict(GROUP=7, BLOCK_G=16, HEAD_DIM=128, BLOCK_D=128,
-                                                               CHUNK_D=attention.COMBINE_CHUNK_D,
-                                                               SPLITS=attention.COMBINE_SPLITS), report=report)
-        count += 1
+        pointers = {"acc_ptr": "*fp32", "m_ptr": "*fp32", "l_ptr": "*fp32", "out_ptr": cache, "log_total_ptr": "*fp32",
+                    "listed_ptr": "*i64"}
+        for listed in (False, True) if dtype == "bf16" else (False,):
+            compile_sm90(attention._combine_kernel, pointers,
+                         dict(GROUP=7, BLOCK_G=16, HEAD_DIM=128, BLOCK_D=128, CHUNK_D=attention.COMBINE_CHUNK_D,
+                              SPLITS=attention.COMBINE_SPLITS, PAGES_PER_BLOCK=attention.PAGES_PER_BLOCK,
+                              HAS_LISTED=listed), report=report)
+            count += 1
         pointers = {"k_ptr": cache, "v_ptr": cache, "kc_ptr": cache, "vc_ptr": cache, "ids_ptr": "*i64",
                     "off_ptr": "*i64", "kmax_ptr": "*fp32", "kmin_ptr": "*fp32", "fill_ptr": "*i32"}
         for bounds in (False, True):

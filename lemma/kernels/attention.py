@@ -8,8 +8,9 @@ the output. With WITH_MASS it also writes each page's log-sum-exp per query head
 kernel derives the per-page attention mass: two launches, three with the mass.
 
 With `listed` [B] (a row's slots at and past listed[b] are empty), the splits share the listed slots
-rather than the table's width: a table as wide as the pool (one captured CUDA graph for every context)
-costs a short sequence what its pages cost, not what the pool's width does.
+rather than the table's width, at least one tile each, and the combine reads only the splits used: a
+table as wide as the pool (one captured CUDA graph for every context) costs a short sequence what its
+pages cost, not what the pool's width does.
 """
 
 from __future__ import annotations
@@ -19,6 +20,19 @@ from functools import lru_cache
 import torch
 import triton
 import triton.language as tl
+
+
+@triton.jit
+def _row_split(listed_ptr, b, num_slots, num_splits, PAGES_PER_BLOCK: tl.constexpr, HAS_LISTED: tl.constexpr):
+    """(slots row b lists, pages each of its splits walks, splits that walk any). With `listed` a row's
+    splits share its own slots, at least one tile each, so a short row in a wide table fills a few
+    splits whole rather than every split with a mostly masked tile (and the combine reads only those)."""
+    if HAS_LISTED:
+        slots_here = tl.minimum(tl.load(listed_ptr + b).to(tl.int32), num_slots)
+        pages_per_split = tl.maximum(tl.cdiv(slots_here, num_splits), PAGES_PER_BLOCK)
+        return slots_here, pages_per_split, tl.cdiv(slots_here, pages_per_split)
+    else:
+        return num_slots, tl.cdiv(num_slots, num_splits), num_splits
 
 
 @triton.jit
@@ -52,10 +66,8 @@ def _decode_attention_kernel(
     m_i = tl.full([BLOCK_G], -1.0e30, tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    slots_here = num_slots
-    if HAS_LISTED:
-        slots_here = tl.minimum(tl.load(listed_ptr + b).to(tl.int32), num_slots)
-    pages_per_split = tl.cdiv(slots_here, num_splits)  # this row's share: splits past its pages walk none
+    # this row's share: splits past its pages walk none
+    slots_here, pages_per_split, _ = _row_split(listed_ptr, b, num_slots, num_splits, PAGES_PER_BLOCK, HAS_LISTED)
 
     for i in range(0, pages_per_split, PAGES_PER_BLOCK):
         slot = split * pages_per_split + i + pj  # one load per page, broadcast to its rows
@@ -105,31 +117,33 @@ def _decode_attention_kernel(
 
 @triton.jit
 def _combine_kernel(
-    acc_ptr, m_ptr, l_ptr, out_ptr, log_total_ptr, num_splits, num_kv_heads, stride_ob, stride_oh,
+    acc_ptr, m_ptr, l_ptr, out_ptr, log_total_ptr, listed_ptr, num_slots, num_splits, num_kv_heads,
+    stride_ob, stride_oh,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    CHUNK_D: tl.constexpr, SPLITS: tl.constexpr,
+    CHUNK_D: tl.constexpr, SPLITS: tl.constexpr, PAGES_PER_BLOCK: tl.constexpr, HAS_LISTED: tl.constexpr,
 ):
     """Merge one (sequence, KV head)'s splits for CHUNK_D of the head dim, SPLITS at a time:
     out = sum_s w_s acc_s / sum_s w_s l_s with w_s = exp(m_s - max_s m_s). The chunk-0 program also
-    writes the log of the softmax denominator (for the mass)."""
+    writes the log of the softmax denominator (for the mass). Only the splits that walked any page."""
     pid = tl.program_id(0)
     chunk = tl.program_id(1)
     b = pid // num_kv_heads
     h = pid % num_kv_heads
+    _, _, used = _row_split(listed_ptr, b, num_slots, num_splits, PAGES_PER_BLOCK, HAS_LISTED)
     g = tl.arange(0, BLOCK_G)
     sp = tl.arange(0, SPLITS)
     d = chunk * CHUNK_D + tl.arange(0, CHUNK_D)
     first = pid * num_splits
     real = (g < GROUP)[None, :]  # masked cells read m = -1e30 (a split's floor), l = 0, acc = 0: no weight
     top = tl.full([BLOCK_G], -1.0e30, tl.float32)
-    for s0 in range(0, num_splits, SPLITS):
+    for s0 in range(0, used, SPLITS):
         rows = (first + s0 + sp)[:, None] * BLOCK_G + g[None, :]  # [SPLITS, BLOCK_G]
-        m = tl.load(m_ptr + rows, mask=(s0 + sp < num_splits)[:, None] & real, other=-1.0e30)
+        m = tl.load(m_ptr + rows, mask=(s0 + sp < used)[:, None] & real, other=-1.0e30)
         top = tl.maximum(top, tl.max(m, 0))
     total = tl.zeros([BLOCK_G], tl.float32)
     out = tl.zeros([BLOCK_G, CHUNK_D], tl.float32)
-    for s0 in range(0, num_splits, SPLITS):
-        ok = (s0 + sp < num_splits)[:, None] & real
+    for s0 in range(0, used, SPLITS):
+        ok = (s0 + sp < used)[:, None] & real
         rows = (first + s0 + sp)[:, None] * BLOCK_G + g[None, :]
         weight = tl.exp(tl.load(m_ptr + rows, mask=ok, other=-1.0e30) - top[None, :])
         total += tl.sum(tl.load(l_ptr + rows, mask=ok, other=0.0) * weight, 0)
@@ -217,7 +231,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            listed: torch.Tensor | None = None, pages_per_split: int | None = None,
                            pages_per_block: int = PAGES_PER_BLOCK):
     """Same contract as reference.paged_decode_attention. pages_per_split / pages_per_block (a power of
-    two) are tuning knobs: how many slots one program walks at most, and how many pages one tile gathers."""
+    two) are tuning knobs: how many slots one program walks at most (with `listed`, at least one tile),
+    and how many pages one tile gathers."""
     batch, num_heads, dim = q.shape
     num_kv_heads, slots = page_ids.shape[1], page_ids.shape[2]
     q, page_ids, fill = q.contiguous(), page_ids.contiguous(), fill.contiguous()
@@ -241,8 +256,9 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     log_total = torch.empty(programs, block_g, dtype=torch.float32, device=q.device)
     chunk_d = combine_chunk(block_d, q.device)
     _combine_kernel[(programs, block_d // chunk_d)](
-        acc, m, l, out, log_total, num_splits, num_kv_heads, out.stride(0), out.stride(1),
-        GROUP=group, BLOCK_G=block_g, HEAD_DIM=dim, BLOCK_D=block_d, CHUNK_D=chunk_d, SPLITS=COMBINE_SPLITS)
+        acc, m, l, out, log_total, listed_arg, slots, num_splits, num_kv_heads, out.stride(0), out.stride(1),
+        GROUP=group, BLOCK_G=block_g, HEAD_DIM=dim, BLOCK_D=block_d, CHUNK_D=chunk_d, SPLITS=COMBINE_SPLITS,
+        PAGES_PER_BLOCK=constexprs["PAGES_PER_BLOCK"], HAS_LISTED=listed is not None)
     if not return_mass:
         return out
     mass = torch.empty(batch, num_kv_heads, slots, dtype=torch.float32, device=q.device)
