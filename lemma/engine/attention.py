@@ -40,15 +40,18 @@ class DecodeAttention:
                  steps: tuple[StepInputs, ...], trace: bool = False):
         self.pool, self.policies, self.ops, self.scale, self.trace = pool, policies, ops, scale, trace
         self.steps = steps
-        page = pool.page_size  # per slice: the logical page each row writes and the row within it
-        self.places = [(step.positions // page, step.positions % page) for step in steps]
+        # per slice: the logical page each row writes, the row within it and, for a kernel that skips a
+        # table's tail, the slots each row can list (tables fill front to back): once a step, not a layer
+        logicals = [step.positions // pool.page_size for step in steps]
+        self.places = [(logical, step.positions % pool.page_size, logical + 1 if ops.skips_tail else None)
+                       for logical, step in zip(logicals, steps)]
         self.layers: list[list[DecodeLayer]] = []
 
     def layer(self, index: int) -> "DecodeLayer | SlicedLayer":
         parts = [DecodeLayer(self.pool.layers[index], policy, policy.sparse(index), self.ops, self.scale,
                              step.tables[index], step.modes[index], step.new_slots[index], step.positions,
-                             logical, offsets, self.trace)
-                 for policy, step, (logical, offsets) in zip(self.policies, self.steps, self.places)]
+                             *place, self.trace)
+                 for policy, step, place in zip(self.policies, self.steps, self.places)]
         self.layers.append(parts)
         return parts[0] if len(parts) == 1 else SlicedLayer(tuple(parts))
 
@@ -87,6 +90,7 @@ class DecodeLayer:
     positions: torch.Tensor  # [B]
     logical: torch.Tensor  # [B] the logical page each row writes
     offsets: torch.Tensor  # [B] the row within it
+    listed: torch.Tensor | None  # [B] logical + 1: the most slots a row's table lists (None: not used)
     trace: bool = False
     trace_out: tuple | None = None
 
@@ -119,7 +123,8 @@ class DecodeLayer:
 
     def row_inputs(self) -> tuple[torch.Tensor, ...]:
         """Its inputs with one entry per batch row (dimension 0)."""
-        return self.tables, self.modes, self.new_slots, self.positions, self.logical, self.offsets
+        rows = self.tables, self.modes, self.new_slots, self.positions, self.logical, self.offsets
+        return rows if self.listed is None else (*rows, self.listed)
 
     # ---- phases ----------------------------------------------------------------------------------------
     def slots(self, tracked: bool):
@@ -148,9 +153,8 @@ class DecodeLayer:
         of a table as wide as the pool (CUDA's, one graph for every context)."""
         pool = self.pool
         fill = torch.where(ids >= 0, pool.fill[ids.clamp(min=0), pool.heads[None, :, None]], 0)
-        listed = self.logical + 1 if held and self.ops.skips_tail else None
         result = self.ops.paged_decode_attention(q, pool.k, pool.v, ids, fill, self.scale, return_mass=want_mass,
-                                                 listed=listed)
+                                                 listed=self.listed if held else None)
         return result if want_mass else (result, None)
 
 

@@ -4,13 +4,12 @@
     modes, new_slots [L, B]          what the step does to each (layer, row): CONTINUE, NEW_SLOT, EVICT
     tables [L, B, S]                 page ids per (layer, row, slot), -1 = empty
 
-The buffers are allocated once, at full size (max_batch rows, `max_slots` slots: the most pages a
-sequence under the state's policy can hold, ModelRunner.table_width), and never reallocated, so
-nothing a compiled graph or a captured CUDA graph read moves. A step sees views: B is the batch bucket
-(1, 2, 4, ... up to max_batch); S is the full width on CUDA (one captured graph per batch bucket; the
-Triton kernel still walks only the pages a row lists) and the pages actually held on CPU (the compiled
-step's slot dimension is dynamic, engine/compiled.py), so attention there reads only what is held. Padded rows and
-empty slots hold -1, and the step sends their writes to the pool's scratch page. The host keeps a numpy
+The buffers are allocated once, at full size (max_batch rows, `max_slots` slots: on CUDA the most
+pages a sequence under the state's policy can hold, ModelRunner.table_width), and never reallocated,
+so nothing a compiled graph or a captured CUDA graph read moves. A step sees views: B is the batch
+bucket (1, 2, 4, ... up to max_batch); S is the full width on CUDA (one captured graph per batch
+bucket; the Triton kernel still walks only the pages a row lists) and the pages actually held on CPU
+(the compiled step's slot dimension is dynamic, engine/compiled.py). Padded rows and empty slots hold -1, and the step sends their writes to the pool's scratch page. The host keeps a numpy
 mirror of every buffer: on CPU the mirror *is* the device buffer; on CUDA changed table entries go to
 the device as one non-blocking copy from pinned memory. When the batch's membership changes, the rows
 that stay move on the device (one gather) and only the rows of new sequences cross from the host, so a
@@ -65,9 +64,10 @@ class DecodeState:
         self._inputs_np, self.inputs = self._buffer((2 + 2 * num_layers, max_batch), 0)
         self._tables_np, self.tables = self._buffer((num_layers, max_batch, max_slots), -1)
         self.rows: list[int] = []  # sequence uid of each row, in order
-        # device side (mirrored only): which device row holds each row's entries (-1: only the host has
-        # them), how many leading device rows may hold entries, and changed entries (flat indices)
-        self._device_rows: list[int] = []
+        # device side (mirrored only): since the last sync, which device row holds each row's entries
+        # (-1: only the host has them; None: every row is where it was), how many leading device rows
+        # may hold entries, and changed entries (flat indices)
+        self._device_rows: list[int] | None = None
         self._device_used = 0
         self._dirty: list[int] = []
 
@@ -101,8 +101,8 @@ class DecodeState:
         if not self.on_host:
             # entries changed since the last sync are numbered by the old rows: those rows come from the host
             stale = set(np.unravel_index(np.asarray(self._dirty, dtype=np.int64), self._tables_np.shape)[1].tolist())
-            self._device_rows = [self._device_rows[old[uid]] if uid in old and old[uid] not in stale else -1
-                                 for uid in uids]
+            where = range(len(self.rows)) if self._device_rows is None else self._device_rows
+            self._device_rows = [where[old[uid]] if uid in old and old[uid] not in stale else -1 for uid in uids]
             self._dirty = []
         self.rows = list(uids)
 
@@ -136,7 +136,7 @@ class DecodeState:
         if self.on_host:
             return
         rows, tables = len(self.rows), self.tables
-        if self._device_rows != list(range(rows)):
+        if self._device_rows is not None:
             moves = [(row, source) for row, source in enumerate(self._device_rows) if source not in (-1, row)]
             if moves:
                 to_rows, from_rows = self._to_device(np.asarray(moves, dtype=np.int64).T)
@@ -146,7 +146,7 @@ class DecodeState:
                 tables[:, self._to_device(np.asarray(fresh))] = self._to_device(self._tables_np[:, fresh])
         if self._device_used > rows:
             tables[:, rows : self._device_used] = -1
-        self._device_rows, self._device_used = list(range(rows)), rows
+        self._device_rows, self._device_used = None, rows
         if self._dirty:
             index = np.asarray(self._dirty, dtype=np.int64)
             entries = self._to_device(np.stack([index, self._tables_np.reshape(-1)[index]]))
