@@ -8,6 +8,8 @@ The engine warms up (compiles) at start; a first generation warms caches up, the
 
     OMP_NUM_THREADS=1 python bench/step_overhead.py --out bench/results/step_overhead.json
     OMP_NUM_THREADS=1 python bench/step_overhead.py --modes ops
+    TRITON_INTERPRET=1 OMP_NUM_THREADS=1 python -m bench.step_overhead --modes ops --attention triton --steps 12
+        (the GPU step's ops: the attention and store are Triton kernels, the bookkeeping around them aten)
 """
 
 from __future__ import annotations
@@ -85,6 +87,8 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=390)
     parser.add_argument("--modes", default="eager,compiled", help="comma list of eager, compiled, ops")
     parser.add_argument("--policies", default=",".join(POLICIES))
+    parser.add_argument("--attention", default=None, choices=["torch", "triton"],
+                        help="attention kernels (default: the engine's; triton on CPU needs TRITON_INTERPRET=1)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     from bench.gpu_common import toy_tokenizer  # the engine needs a tokenizer; a toy one will do
@@ -98,7 +102,8 @@ def main() -> None:
                 continue
             extra = {"compile": True} if mode == "compiled" else {}
             engine = Engine.from_model(overhead_model(args.batch), toy_tokenizer(), policy=POLICIES[name],
-                                       kv_cache_tokens=64 * 1024, max_batch=max(args.batch, 1), **extra)
+                                       kv_cache_tokens=64 * 1024, max_batch=max(args.batch, 1), attention=args.attention,
+                                       **extra)
             if mode == "ops":  # the eager step's dispatch count, not its time
                 row["eager_aten_calls"] = aten_calls_per_step(engine, args.batch, args.prompt, args.steps)
                 row["aten_calls_per_layer"] = row["eager_aten_calls"] / SHAPE["num_hidden_layers"]
@@ -113,7 +118,7 @@ def main() -> None:
     if args.out:
         report = {"date": date.today().isoformat(), "machine": platform.processor() or platform.machine(),
                   "threads": torch.get_num_threads(), "torch": torch.__version__, "shape": SHAPE,
-                  "batch": args.batch, "steps": args.steps, "rows": rows}
+                  "batch": args.batch, "steps": args.steps, "attention": args.attention, "rows": rows}
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=2))
 
